@@ -1,0 +1,240 @@
+//! The local protocol between libft (in the application) and watchd.
+//!
+//! One message is one datagram on the Unix datagram socket named by `FT_SOCKET`. The encoding
+//! is a fixed little-endian layout so that a heartbeat is encoded without allocation and decoded
+//! without trusting anything: decoding never panics and rejects every malformed input. The sender
+//! is never named inside a message; watchd learns it from the kernel (`SCM_CREDENTIALS`).
+//!
+//! ```text
+//! offset 0  1  2        3     4 ...
+//!        'F''T' version  kind  body (per kind)
+//! kind 1 Register      body: empty
+//! kind 2 Heartbeat     body: tid u32, timeout_ms u32
+//! kind 3 HeartbeatEnd  body: tid u32
+//! kind 4 Ready         body: empty
+//! kind 5 Status        body: UTF-8 text, at most MAX_STATUS_LEN bytes
+//! kind 6 Unregister    body: empty
+//! ```
+
+/// The first two bytes of every datagram.
+pub const MAGIC: [u8; 2] = *b"FT";
+/// The protocol version this library speaks.
+pub const VERSION: u8 = 1;
+/// The largest datagram either side produces or accepts.
+pub const MAX_DATAGRAM: usize = 1024;
+/// The longest status text that fits in one datagram.
+pub const MAX_STATUS_LEN: usize = MAX_DATAGRAM - HEADER_LEN;
+/// The environment variable naming watchd's application socket.
+pub const ENV_SOCKET: &str = "FT_SOCKET";
+/// The environment variable naming the service the process runs as.
+pub const ENV_SERVICE: &str = "FT_SERVICE";
+
+const HEADER_LEN: usize = 4;
+
+/// A message from an application to watchd.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AppMessage {
+    /// The process uses libft: watchd starts honouring its heartbeats (`ft_reg_watch`).
+    Register,
+    /// Thread `tid` is inside a monitored region and promises its next heartbeat (or the end of
+    /// the region) within `timeout_ms` (`ft_hbeat`).
+    Heartbeat {
+        /// Application-chosen thread id.
+        tid: u32,
+        /// Time until the next heartbeat is due, in milliseconds.
+        timeout_ms: u32,
+    },
+    /// Thread `tid` left its monitored region (`ft_hbeat_end`).
+    HeartbeatEnd {
+        /// Application-chosen thread id.
+        tid: u32,
+    },
+    /// The service finished starting up (`ft_ready`).
+    Ready,
+    /// A free-form status line shown by `ftctl status`.
+    Status(String),
+    /// The process stops using libft; its heartbeat regions are dropped (`ft_del_watch`).
+    Unregister,
+}
+
+/// Why a datagram was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// datagram shorter than its header or its body
+    #[error("datagram too short")]
+    Truncated,
+    /// datagram longer than MAX_DATAGRAM or than its kind allows
+    #[error("datagram too long")]
+    Oversized,
+    /// datagram does not start with the ftkit magic
+    #[error("not an ftkit datagram (bad magic)")]
+    BadMagic,
+    /// datagram speaks a protocol version this side does not know
+    #[error("unsupported protocol version {0}")]
+    BadVersion(u8),
+    /// datagram kind is unknown
+    #[error("unknown message kind {0}")]
+    BadKind(u8),
+    /// status text is not UTF-8
+    #[error("status text is not UTF-8")]
+    BadText,
+}
+
+const KIND_REGISTER: u8 = 1;
+const KIND_HEARTBEAT: u8 = 2;
+const KIND_HEARTBEAT_END: u8 = 3;
+const KIND_READY: u8 = 4;
+const KIND_STATUS: u8 = 5;
+const KIND_UNREGISTER: u8 = 6;
+
+impl AppMessage {
+    /// Encodes into `buf` and returns the number of bytes used. Status texts longer than
+    /// [`MAX_STATUS_LEN`] are cut at a character boundary.
+    pub fn encode(&self, buf: &mut [u8; MAX_DATAGRAM]) -> usize {
+        buf[0..2].copy_from_slice(&MAGIC);
+        buf[2] = VERSION;
+        match self {
+            AppMessage::Register => {
+                buf[3] = KIND_REGISTER;
+                HEADER_LEN
+            }
+            AppMessage::Heartbeat { tid, timeout_ms } => {
+                buf[3] = KIND_HEARTBEAT;
+                buf[4..8].copy_from_slice(&tid.to_le_bytes());
+                buf[8..12].copy_from_slice(&timeout_ms.to_le_bytes());
+                HEADER_LEN + 8
+            }
+            AppMessage::HeartbeatEnd { tid } => {
+                buf[3] = KIND_HEARTBEAT_END;
+                buf[4..8].copy_from_slice(&tid.to_le_bytes());
+                HEADER_LEN + 4
+            }
+            AppMessage::Ready => {
+                buf[3] = KIND_READY;
+                HEADER_LEN
+            }
+            AppMessage::Status(text) => {
+                buf[3] = KIND_STATUS;
+                let mut end = text.len().min(MAX_STATUS_LEN);
+                while !text.is_char_boundary(end) {
+                    end -= 1;
+                }
+                buf[HEADER_LEN..HEADER_LEN + end].copy_from_slice(&text.as_bytes()[..end]);
+                HEADER_LEN + end
+            }
+            AppMessage::Unregister => {
+                buf[3] = KIND_UNREGISTER;
+                HEADER_LEN
+            }
+        }
+    }
+
+    /// Decodes one datagram. Never panics, whatever the input.
+    pub fn decode(datagram: &[u8]) -> Result<AppMessage, DecodeError> {
+        if datagram.len() > MAX_DATAGRAM {
+            return Err(DecodeError::Oversized);
+        }
+        if datagram.len() < HEADER_LEN {
+            return Err(DecodeError::Truncated);
+        }
+        if datagram[0..2] != MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        if datagram[2] != VERSION {
+            return Err(DecodeError::BadVersion(datagram[2]));
+        }
+        let body = &datagram[HEADER_LEN..];
+        let fixed = |len: usize| -> Result<&[u8], DecodeError> {
+            match body.len().cmp(&len) {
+                std::cmp::Ordering::Less => Err(DecodeError::Truncated),
+                std::cmp::Ordering::Greater => Err(DecodeError::Oversized),
+                std::cmp::Ordering::Equal => Ok(body),
+            }
+        };
+        let u32_at = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        match datagram[3] {
+            KIND_REGISTER => fixed(0).map(|_| AppMessage::Register),
+            KIND_HEARTBEAT => {
+                let b = fixed(8)?;
+                Ok(AppMessage::Heartbeat { tid: u32_at(b, 0), timeout_ms: u32_at(b, 4) })
+            }
+            KIND_HEARTBEAT_END => {
+                let b = fixed(4)?;
+                Ok(AppMessage::HeartbeatEnd { tid: u32_at(b, 0) })
+            }
+            KIND_READY => fixed(0).map(|_| AppMessage::Ready),
+            KIND_STATUS => std::str::from_utf8(body)
+                .map(|s| AppMessage::Status(s.to_owned()))
+                .map_err(|_| DecodeError::BadText),
+            KIND_UNREGISTER => fixed(0).map(|_| AppMessage::Unregister),
+            other => Err(DecodeError::BadKind(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn roundtrip(m: AppMessage) {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let n = m.encode(&mut buf);
+        assert_eq!(AppMessage::decode(&buf[..n]), Ok(m));
+    }
+
+    #[test]
+    fn every_kind_roundtrips() {
+        roundtrip(AppMessage::Register);
+        roundtrip(AppMessage::Heartbeat { tid: 7, timeout_ms: 1500 });
+        roundtrip(AppMessage::Heartbeat { tid: u32::MAX, timeout_ms: u32::MAX });
+        roundtrip(AppMessage::HeartbeatEnd { tid: 3 });
+        roundtrip(AppMessage::Ready);
+        roundtrip(AppMessage::Status("serving 12 clients".into()));
+        roundtrip(AppMessage::Unregister);
+    }
+
+    #[test]
+    fn long_status_is_cut_at_a_char_boundary() {
+        let text = "é".repeat(MAX_DATAGRAM);
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let n = AppMessage::Status(text).encode(&mut buf);
+        assert!(n <= MAX_DATAGRAM);
+        match AppMessage::decode(&buf[..n]) {
+            Ok(AppMessage::Status(s)) => assert!(s.len() <= MAX_STATUS_LEN && s.chars().all(|c| c == 'é')),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_datagrams_are_refused() {
+        assert_eq!(AppMessage::decode(b""), Err(DecodeError::Truncated));
+        assert_eq!(AppMessage::decode(b"FT\x01"), Err(DecodeError::Truncated));
+        assert_eq!(AppMessage::decode(b"XX\x01\x01"), Err(DecodeError::BadMagic));
+        assert_eq!(AppMessage::decode(b"FT\x09\x01"), Err(DecodeError::BadVersion(9)));
+        assert_eq!(AppMessage::decode(b"FT\x01\x63"), Err(DecodeError::BadKind(0x63)));
+        assert_eq!(AppMessage::decode(b"FT\x01\x02\x01\x00"), Err(DecodeError::Truncated));
+        assert_eq!(AppMessage::decode(b"FT\x01\x01extra"), Err(DecodeError::Oversized));
+        assert_eq!(AppMessage::decode(b"FT\x01\x05\xff\xfe"), Err(DecodeError::BadText));
+        assert_eq!(AppMessage::decode(&[0u8; MAX_DATAGRAM + 1]), Err(DecodeError::Oversized));
+    }
+
+    #[test]
+    fn random_bytes_never_panic() {
+        // A small xorshift generator keeps this test free of dependencies and deterministic.
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut buf = [0u8; 64];
+        for _ in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = usize::try_from(x % 64).expect("< 64");
+            for (i, b) in buf.iter_mut().enumerate().take(len) {
+                *b = (x >> (i % 8 * 8)) as u8 ^ u8::try_from(i).expect("< 64");
+            }
+            if len >= 3 && x % 3 == 0 {
+                buf[0..3].copy_from_slice(b"FT\x01");
+            }
+            let _ = AppMessage::decode(&buf[..len]);
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! The control protocol between `ftctl` and watchd.
+//!
+//! A Unix stream socket (`<data_dir>/control.sock`), one JSON object per line each way: the
+//! client writes one [`Request`]; watchd answers with one [`Response`] line, or, for
+//! `events --follow`, with a line per event until the client hangs up. Only root and watchd's own
+//! user may connect (checked with `SO_PEERCRED`). Lines longer than [`MAX_REQUEST_LINE`] are
+//! refused.
+
+use serde::{Deserialize, Serialize};
+
+use crate::machine::{EventKind, View};
+
+/// The socket's file name inside the data directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
+/// The longest request line watchd reads.
+pub const MAX_REQUEST_LINE: usize = 64 * 1024;
+
+/// What ftctl asks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Every service's state and the listener's counters.
+    Status,
+    /// Start a stopped or failed service.
+    Start {
+        /// Service name.
+        service: String,
+    },
+    /// Stop a service (SIGTERM, then SIGKILL after its grace).
+    Stop {
+        /// Service name.
+        service: String,
+    },
+    /// Restart a service (not counted against its budget).
+    Restart {
+        /// Service name.
+        service: String,
+    },
+    /// Recent events; with `follow`, then every new one.
+    Events {
+        /// Keep the connection and stream new events.
+        follow: bool,
+        /// Only the last `last` events (all kept ones when absent).
+        last: Option<usize>,
+    },
+    /// The tail of a service's captured stdout/stderr.
+    Logs {
+        /// Service name.
+        service: String,
+        /// At most this many bytes from the end.
+        max_bytes: Option<u64>,
+    },
+    /// Re-read the configuration file and apply it.
+    Reload,
+}
+
+/// What watchd answers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Response {
+    /// The request was carried out.
+    Ok {
+        /// What was done.
+        message: String,
+    },
+    /// The answer to `status`.
+    Status(StatusReport),
+    /// One event (`events` sends one line per event, then `end` unless following).
+    Event(EventRecord),
+    /// The end of a finite event listing.
+    End,
+    /// The answer to `logs`.
+    Logs {
+        /// The log text (lossy UTF-8).
+        text: String,
+    },
+    /// A valid negative answer: the service does not exist.
+    NotFound {
+        /// What was not found.
+        what: String,
+    },
+    /// The request failed.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// The answer to `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// This node's name.
+    pub node: String,
+    /// watchd's pid.
+    pub watchd_pid: u32,
+    /// The configuration file in force.
+    pub config: String,
+    /// Per service.
+    pub services: Vec<ServiceStatus>,
+    /// Datagrams on the application sockets.
+    pub listener: ListenerCounters,
+}
+
+/// One service in `status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    /// Its name.
+    pub name: String,
+    /// Whether cgroup v2 confines it.
+    pub cgroup: bool,
+    /// What the state machine shows.
+    #[serde(flatten)]
+    pub view: View,
+}
+
+/// Counters of the application sockets (`FT_SOCKET`, `NOTIFY_SOCKET`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerCounters {
+    /// Accepted messages.
+    pub accepted: u64,
+    /// Dropped: not a valid message.
+    pub garbage: u64,
+    /// Dropped: larger than the protocol allows.
+    pub oversized: u64,
+    /// Dropped: no kernel credentials, or the sender is not a process of a supervised service.
+    pub rejected_sender: u64,
+}
+
+/// One event as ftctl shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Increasing number (per watchd run).
+    pub seq: u64,
+    /// Milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// The service, when the event is about one.
+    pub service: Option<String>,
+    /// What happened.
+    pub kind: EventKind,
+    /// Details.
+    pub detail: String,
+}
