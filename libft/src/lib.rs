@@ -5,4 +5,8 @@
 //! never pulls in an async runtime, an actor framework or a database, and it never blocks or
 //! aborts the application when watchd is unreachable.
 
+pub mod capi;
 pub mod proto;
+pub mod watch;
+
+pub use watch::{Error, Region, Watch, current_tid};

@@ -151,12 +151,16 @@ impl AppMessage {
                 std::cmp::Ordering::Equal => Ok(body),
             }
         };
-        let u32_at = |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let u32_at =
+            |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
         match datagram[3] {
             KIND_REGISTER => fixed(0).map(|_| AppMessage::Register),
             KIND_HEARTBEAT => {
                 let b = fixed(8)?;
-                Ok(AppMessage::Heartbeat { tid: u32_at(b, 0), timeout_ms: u32_at(b, 4) })
+                Ok(AppMessage::Heartbeat {
+                    tid: u32_at(b, 0),
+                    timeout_ms: u32_at(b, 4),
+                })
             }
             KIND_HEARTBEAT_END => {
                 let b = fixed(4)?;
@@ -185,8 +189,14 @@ mod tests {
     #[test]
     fn every_kind_roundtrips() {
         roundtrip(AppMessage::Register);
-        roundtrip(AppMessage::Heartbeat { tid: 7, timeout_ms: 1500 });
-        roundtrip(AppMessage::Heartbeat { tid: u32::MAX, timeout_ms: u32::MAX });
+        roundtrip(AppMessage::Heartbeat {
+            tid: 7,
+            timeout_ms: 1500,
+        });
+        roundtrip(AppMessage::Heartbeat {
+            tid: u32::MAX,
+            timeout_ms: u32::MAX,
+        });
         roundtrip(AppMessage::HeartbeatEnd { tid: 3 });
         roundtrip(AppMessage::Ready);
         roundtrip(AppMessage::Status("serving 12 clients".into()));
@@ -200,7 +210,9 @@ mod tests {
         let n = AppMessage::Status(text).encode(&mut buf);
         assert!(n <= MAX_DATAGRAM);
         match AppMessage::decode(&buf[..n]) {
-            Ok(AppMessage::Status(s)) => assert!(s.len() <= MAX_STATUS_LEN && s.chars().all(|c| c == 'é')),
+            Ok(AppMessage::Status(s)) => {
+                assert!(s.len() <= MAX_STATUS_LEN && s.chars().all(|c| c == 'é'))
+            }
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -209,13 +221,34 @@ mod tests {
     fn malformed_datagrams_are_refused() {
         assert_eq!(AppMessage::decode(b""), Err(DecodeError::Truncated));
         assert_eq!(AppMessage::decode(b"FT\x01"), Err(DecodeError::Truncated));
-        assert_eq!(AppMessage::decode(b"XX\x01\x01"), Err(DecodeError::BadMagic));
-        assert_eq!(AppMessage::decode(b"FT\x09\x01"), Err(DecodeError::BadVersion(9)));
-        assert_eq!(AppMessage::decode(b"FT\x01\x63"), Err(DecodeError::BadKind(0x63)));
-        assert_eq!(AppMessage::decode(b"FT\x01\x02\x01\x00"), Err(DecodeError::Truncated));
-        assert_eq!(AppMessage::decode(b"FT\x01\x01extra"), Err(DecodeError::Oversized));
-        assert_eq!(AppMessage::decode(b"FT\x01\x05\xff\xfe"), Err(DecodeError::BadText));
-        assert_eq!(AppMessage::decode(&[0u8; MAX_DATAGRAM + 1]), Err(DecodeError::Oversized));
+        assert_eq!(
+            AppMessage::decode(b"XX\x01\x01"),
+            Err(DecodeError::BadMagic)
+        );
+        assert_eq!(
+            AppMessage::decode(b"FT\x09\x01"),
+            Err(DecodeError::BadVersion(9))
+        );
+        assert_eq!(
+            AppMessage::decode(b"FT\x01\x63"),
+            Err(DecodeError::BadKind(0x63))
+        );
+        assert_eq!(
+            AppMessage::decode(b"FT\x01\x02\x01\x00"),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(
+            AppMessage::decode(b"FT\x01\x01extra"),
+            Err(DecodeError::Oversized)
+        );
+        assert_eq!(
+            AppMessage::decode(b"FT\x01\x05\xff\xfe"),
+            Err(DecodeError::BadText)
+        );
+        assert_eq!(
+            AppMessage::decode(&[0u8; MAX_DATAGRAM + 1]),
+            Err(DecodeError::Oversized)
+        );
     }
 
     #[test]
@@ -229,9 +262,9 @@ mod tests {
             x ^= x << 17;
             let len = usize::try_from(x % 64).expect("< 64");
             for (i, b) in buf.iter_mut().enumerate().take(len) {
-                *b = (x >> (i % 8 * 8)) as u8 ^ u8::try_from(i).expect("< 64");
+                *b = (x >> (i % 8 * 8)).to_le_bytes()[0] ^ u8::try_from(i).expect("< 64");
             }
-            if len >= 3 && x % 3 == 0 {
+            if len >= 3 && x.is_multiple_of(3) {
                 buf[0..3].copy_from_slice(b"FT\x01");
             }
             let _ = AppMessage::decode(&buf[..len]);

@@ -52,6 +52,12 @@ pub enum Request {
     },
     /// Re-read the configuration file and apply it.
     Reload,
+    /// Test hook (refused unless watchd runs with `WATCHD_TEST_HOOKS=1`): make the service's
+    /// supervisor actor panic, to show that the actor is restarted and the service untouched.
+    InjectPanic {
+        /// Service name.
+        service: String,
+    },
 }
 
 /// What watchd answers.

@@ -193,7 +193,11 @@ pub struct ReadyConfig {
 
 impl Default for ReadyConfig {
     fn default() -> Self {
-        ReadyConfig { notify: false, timeout: DEFAULT_READY_TIMEOUT, delay: Duration::ZERO }
+        ReadyConfig {
+            notify: false,
+            timeout: DEFAULT_READY_TIMEOUT,
+            delay: Duration::ZERO,
+        }
     }
 }
 
@@ -208,7 +212,9 @@ pub struct StopConfig {
 
 impl Default for StopConfig {
     fn default() -> Self {
-        StopConfig { grace: DEFAULT_STOP_GRACE }
+        StopConfig {
+            grace: DEFAULT_STOP_GRACE,
+        }
     }
 }
 
@@ -283,7 +289,10 @@ pub struct HangConfig {
 
 impl Default for HangConfig {
     fn default() -> Self {
-        HangConfig { heartbeat: true, watchdog: None }
+        HangConfig {
+            heartbeat: true,
+            watchdog: None,
+        }
     }
 }
 
@@ -351,7 +360,11 @@ pub struct RejuvenateConfig {
 
 impl Default for RejuvenateConfig {
     fn default() -> Self {
-        RejuvenateConfig { max_rss: None, every: None, check_every: DEFAULT_RSS_CHECK }
+        RejuvenateConfig {
+            max_rss: None,
+            every: None,
+            check_every: DEFAULT_RSS_CHECK,
+        }
     }
 }
 
@@ -376,7 +389,9 @@ impl ByteSize {
             "gib" => 1 << 30,
             other => return Err(format!("unknown size unit `{other}` in `{s}`")),
         };
-        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("`{s}` is too large"))
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("`{s}` is too large"))
     }
 }
 
@@ -404,26 +419,55 @@ impl Config {
             field: None,
             message: format!("cannot read: {e}"),
         })?;
-        Config::parse(path, &text)
+        let mut config = Config::parse(path, &text)?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let base = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_owned());
+        config.resolve_paths(&base);
+        Ok(config)
+    }
+
+    /// Makes relative paths relative to `base` (the configuration file's directory): the data
+    /// directory, working directories, and commands that contain a `/`. Bare command names are
+    /// left for a `PATH` lookup.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        if self.watchd.data_dir.is_relative() {
+            self.watchd.data_dir = base.join(&self.watchd.data_dir);
+        }
+        for s in &mut self.services {
+            if s.command.contains('/') && Path::new(&s.command).is_relative() {
+                s.command = base.join(&s.command).display().to_string();
+            }
+            if let Some(cwd) = &mut s.cwd {
+                if cwd.is_relative() {
+                    *cwd = base.join(&*cwd);
+                }
+            }
+        }
     }
 
     /// Parses and validates configuration text; `path` is only used in error messages.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| line_of(text, s.start));
+            let field = field_of_message(e.message()).or_else(|| e.span().and_then(|s| key_before(text, s.start)));
             ConfigError {
                 file: path.to_owned(),
                 line,
-                field: field_of_message(e.message()),
+                field,
                 message: e.message().trim().to_owned(),
             }
         })?;
-        config.validate().map_err(|(offset, field, message)| ConfigError {
-            file: path.to_owned(),
-            line: offset.map(|o| line_of(text, o)),
-            field: Some(field),
-            message,
-        })?;
+        config
+            .validate()
+            .map_err(|(offset, field, message)| ConfigError {
+                file: path.to_owned(),
+                line: offset.map(|o| line_of(text, o)),
+                field: Some(field),
+                message,
+            })?;
         Ok(config)
     }
 
@@ -437,24 +481,36 @@ impl Config {
             let name = s.name();
             if name.is_empty()
                 || name.len() > 64
-                || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
                 || name.starts_with('.')
             {
                 return Err((
                     at,
                     field("name"),
-                    format!("`{name}` is not a valid service name (1-64 of A-Z a-z 0-9 - _ ., not starting with .)"),
+                    format!(
+                        "`{name}` is not a valid service name (1-64 of A-Z a-z 0-9 - _ ., not starting with .)"
+                    ),
                 ));
             }
             if !seen.insert(name.to_owned()) {
-                return Err((at, field("name"), format!("service `{name}` is defined twice")));
+                return Err((
+                    at,
+                    field("name"),
+                    format!("service `{name}` is defined twice"),
+                ));
             }
             if s.command.is_empty() {
                 return Err((at, field("command"), "must not be empty".into()));
             }
             let r = &s.restart;
             if !(r.backoff_factor >= 1.0 && r.backoff_factor.is_finite()) {
-                return Err((at, field("restart.backoff_factor"), "must be a number ≥ 1".into()));
+                return Err((
+                    at,
+                    field("restart.backoff_factor"),
+                    "must be a number ≥ 1".into(),
+                ));
             }
             if !(0.0..1.0).contains(&r.jitter) {
                 return Err((at, field("restart.jitter"), "must be in [0, 1)".into()));
@@ -469,13 +525,23 @@ impl Config {
             if r.window.is_zero() {
                 return Err((at, field("restart.window"), "must be longer than 0s".into()));
             }
-            if s.hang.watchdog.is_some_and(|w| w < Duration::from_millis(10)) {
+            if s.hang
+                .watchdog
+                .is_some_and(|w| w < Duration::from_millis(10))
+            {
                 return Err((at, field("hang.watchdog"), "must be at least 10ms".into()));
             }
             if s.rejuvenate.check_every < Duration::from_millis(10) {
-                return Err((at, field("rejuvenate.check_every"), "must be at least 10ms".into()));
+                return Err((
+                    at,
+                    field("rejuvenate.check_every"),
+                    "must be at least 10ms".into(),
+                ));
             }
-            if s.rejuvenate.every.is_some_and(|e| e < Duration::from_secs(1)) {
+            if s.rejuvenate
+                .every
+                .is_some_and(|e| e < Duration::from_secs(1))
+            {
                 return Err((at, field("rejuvenate.every"), "must be at least 1s".into()));
             }
             for (j, p) in s.probes.iter().enumerate() {
@@ -484,21 +550,35 @@ impl Config {
                 let (needed, present) = match p.kind.get_ref() {
                     ProbeKind::Tcp => ("address", p.address.is_some()),
                     ProbeKind::Http => ("url", p.url.is_some()),
-                    ProbeKind::Exec => ("command", p.command.as_ref().is_some_and(|c| !c.is_empty())),
+                    ProbeKind::Exec => {
+                        ("command", p.command.as_ref().is_some_and(|c| !c.is_empty()))
+                    }
                 };
                 if !present {
-                    return Err((pat, pfield(needed), format!("a {:?} probe needs `{needed}`", p.kind.get_ref()).to_lowercase()));
+                    return Err((
+                        pat,
+                        pfield(needed),
+                        format!("a {:?} probe needs `{needed}`", p.kind.get_ref()).to_lowercase(),
+                    ));
                 }
                 if let Some(url) = &p.url {
                     if crate::probe::parse_http_url(url).is_none() {
-                        return Err((pat, pfield("url"), format!("`{url}` is not an http://host:port/path URL")));
+                        return Err((
+                            pat,
+                            pfield("url"),
+                            format!("`{url}` is not an http://host:port/path URL"),
+                        ));
                     }
                 }
                 if p.failures == 0 {
                     return Err((pat, pfield("failures"), "must be at least 1".into()));
                 }
                 if p.period.is_zero() || p.timeout.is_zero() {
-                    return Err((pat, pfield("period"), "period and timeout must be longer than 0s".into()));
+                    return Err((
+                        pat,
+                        pfield("period"),
+                        "period and timeout must be longer than 0s".into(),
+                    ));
                 }
             }
         }
@@ -522,7 +602,22 @@ impl Config {
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
-    text.as_bytes().iter().take(offset).filter(|&&b| b == b'\n').count() + 1
+    text.as_bytes()
+        .iter()
+        .take(offset)
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// The key whose value starts at `offset` (`key = value`), when the text shows one.
+fn key_before(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset)?.trim_end().strip_suffix('=')?.trim_end();
+    let start = before
+        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' || c == '"'))
+        .map_or(0, |i| i + 1);
+    let key = before[start..].trim_matches('"');
+    (!key.is_empty()).then(|| key.to_owned())
 }
 
 /// serde messages quote the field in backticks: "unknown field `x`", "missing field `y`".
@@ -592,7 +687,8 @@ failures = 2
 
     #[test]
     fn unknown_field_names_line_and_field() {
-        let e = parse("[[service]]\nname = \"a\"\ncommand = \"x\"\nrestrat = {}\n").expect_err("bad");
+        let e =
+            parse("[[service]]\nname = \"a\"\ncommand = \"x\"\nrestrat = {}\n").expect_err("bad");
         assert_eq!(e.line, Some(4), "{e}");
         assert_eq!(e.field.as_deref(), Some("restrat"), "{e}");
         let shown = e.to_string();
@@ -611,7 +707,10 @@ failures = 2
         let cases = [
             ("restart = { policy = \"sometimes\" }", "policy"),
             ("restart = { jitter = 1.5 }", "service[0].restart.jitter"),
-            ("restart = { backoff_factor = 0.5 }", "service[0].restart.backoff_factor"),
+            (
+                "restart = { backoff_factor = 0.5 }",
+                "service[0].restart.backoff_factor",
+            ),
             ("stop = { grace = \"soon\" }", "grace"),
             ("rejuvenate = { max_rss = \"12 parsecs\" }", "max_rss"),
         ];
@@ -639,8 +738,10 @@ failures = 2
 
     #[test]
     fn probe_needs_its_target() {
-        let e = parse("[[service]]\nname = \"a\"\ncommand = \"x\"\n[[service.probe]]\nkind = \"tcp\"\n")
-            .expect_err("no address");
+        let e = parse(
+            "[[service]]\nname = \"a\"\ncommand = \"x\"\n[[service.probe]]\nkind = \"tcp\"\n",
+        )
+        .expect_err("no address");
         assert_eq!(e.field.as_deref(), Some("service[0].probe[0].address"));
         assert_eq!(e.line, Some(5));
         let e = parse("[[service]]\nname = \"a\"\ncommand = \"x\"\n[[service.probe]]\nkind = \"http\"\nurl = \"ftp://x\"\n")
@@ -650,9 +751,25 @@ failures = 2
 
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        for text in ["[[service]", "\u{0}\u{1}", "service = 3", "[watchd]\ndata_dir = 5", "= ="] {
+        for text in [
+            "[[service]",
+            "\u{0}\u{1}",
+            "service = 3",
+            "[watchd]\ndata_dir = 5",
+            "= =",
+        ] {
             assert!(parse(text).is_err(), "{text:?}");
         }
+    }
+
+    #[test]
+    fn relative_paths_follow_the_config_file() {
+        let mut c = parse("[watchd]\ndata_dir = \"data\"\n[[service]]\nname = \"a\"\ncommand = \"../bin/a\"\ncwd = \"w\"\n[[service]]\nname = \"b\"\ncommand = \"sleep\"\n").expect("valid");
+        c.resolve_paths(Path::new("/etc/ft"));
+        assert_eq!(c.watchd.data_dir, PathBuf::from("/etc/ft/data"));
+        assert_eq!(c.services[0].command, "/etc/ft/../bin/a");
+        assert_eq!(c.services[0].cwd.as_deref(), Some(Path::new("/etc/ft/w")));
+        assert_eq!(c.services[1].command, "sleep");
     }
 
     #[test]

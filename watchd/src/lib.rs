@@ -5,5 +5,9 @@
 
 pub mod api;
 pub mod config;
+pub mod ctl;
+pub mod events;
+pub mod listener;
 pub mod machine;
 pub mod probe;
+pub mod registry;

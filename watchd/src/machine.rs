@@ -417,9 +417,9 @@ impl ServiceMachine {
     /// The main pid, when a process is alive.
     pub fn pid(&self) -> Option<u32> {
         match self.phase {
-            Phase::Starting { pid, .. } | Phase::Running { pid, .. } | Phase::Stopping { pid, .. } => {
-                Some(pid)
-            }
+            Phase::Starting { pid, .. }
+            | Phase::Running { pid, .. }
+            | Phase::Stopping { pid, .. } => Some(pid),
             _ => None,
         }
     }
@@ -435,7 +435,9 @@ impl ServiceMachine {
         let mut consider = |t: Instant| next = Some(next.map_or(t, |n| n.min(t)));
         match &self.phase {
             Phase::BackingOff { until } => consider(*until),
-            Phase::Stopping { kill_at: Some(t), .. } => consider(*t),
+            Phase::Stopping {
+                kill_at: Some(t), ..
+            } => consider(*t),
             Phase::Starting { since, .. } => {
                 consider(*since + self.ready_wait());
                 self.consider_hang_deadlines(&mut consider);
@@ -464,7 +466,11 @@ impl ServiceMachine {
     }
 
     fn ready_wait(&self) -> Duration {
-        if self.rules.ready_notify { self.rules.ready_timeout } else { self.rules.ready_delay }
+        if self.rules.ready_notify {
+            self.rules.ready_timeout
+        } else {
+            self.rules.ready_delay
+        }
     }
 
     /// Feeds one input and returns what to do.
@@ -479,7 +485,12 @@ impl ServiceMachine {
                 if matches!(self.phase, Phase::Spawning { .. }) {
                     report(&mut out, EventKind::SpawnFailed, error.clone());
                     self.last_exit = None;
-                    if matches!(self.phase, Phase::Spawning { stop_requested: true }) {
+                    if matches!(
+                        self.phase,
+                        Phase::Spawning {
+                            stop_requested: true
+                        }
+                    ) {
                         self.phase = Phase::Stopped;
                     } else {
                         self.after_failure(now, format!("cannot start: {error}"), true, &mut out);
@@ -518,11 +529,14 @@ impl ServiceMachine {
                     self.watchdog_deadline = Some(now + w);
                 }
             }
-            Input::WatchdogTrigger => self.hang(now, "service reported WATCHDOG=trigger".into(), &mut out),
+            Input::WatchdogTrigger => {
+                self.hang(now, "service reported WATCHDOG=trigger".into(), &mut out)
+            }
             Input::Status(text) => self.status_text = Some(text),
             Input::Probe { index, ok, detail } => self.on_probe(now, index, ok, detail, &mut out),
             Input::Rss { bytes } => {
-                if let (Some(limit), Phase::Running { pid, .. }) = (self.rules.max_rss, &self.phase) {
+                if let (Some(limit), Phase::Running { pid, .. }) = (self.rules.max_rss, &self.phase)
+                {
                     if bytes > limit {
                         let pid = *pid;
                         report(
@@ -545,10 +559,14 @@ impl ServiceMachine {
                 // An operator's start is a fresh start: the budget and backoff begin again.
                 self.restart_times.clear();
                 self.consecutive_failures = 0;
-                self.phase = Phase::Spawning { stop_requested: false };
+                self.phase = Phase::Spawning {
+                    stop_requested: false,
+                };
                 out.push(Action::Spawn);
             }
-            Phase::Spawning { ref mut stop_requested } => *stop_requested = false,
+            Phase::Spawning {
+                ref mut stop_requested,
+            } => *stop_requested = false,
             Phase::Stopping { ref mut then, .. } => *then = AfterStop::Restart,
             Phase::Starting { .. } | Phase::Running { .. } => {}
         }
@@ -564,7 +582,11 @@ impl ServiceMachine {
                     *then = AfterStop::Stay;
                 }
             }
-            Phase::Spawning { .. } => self.phase = Phase::Spawning { stop_requested: true },
+            Phase::Spawning { .. } => {
+                self.phase = Phase::Spawning {
+                    stop_requested: true,
+                }
+            }
             Phase::BackingOff { .. } | Phase::Failed { .. } => {
                 self.phase = Phase::Stopped;
                 report(out, EventKind::Stopped, "stopped by request".into());
@@ -585,7 +607,10 @@ impl ServiceMachine {
     fn on_spawned(&mut self, now: Instant, pid: u32, out: &mut Vec<Action>) {
         let Phase::Spawning { stop_requested } = self.phase else {
             // A spawn we no longer want: make sure it does not outlive us.
-            out.push(Action::Signal { pid, signal: TreeSignal::Kill });
+            out.push(Action::Signal {
+                pid,
+                signal: TreeSignal::Kill,
+            });
             return;
         };
         self.reset_process_state(now);
@@ -595,7 +620,11 @@ impl ServiceMachine {
             self.begin_stop(now, pid, AfterStop::Stay, TreeSignal::Term, out);
         } else if !self.rules.ready_notify && self.rules.ready_delay.is_zero() {
             self.phase = Phase::Running { pid, since: now };
-            report(out, EventKind::Ready, format!("pid {pid} (no readiness notification configured)"));
+            report(
+                out,
+                EventKind::Ready,
+                format!("pid {pid} (no readiness notification configured)"),
+            );
         }
     }
 
@@ -616,14 +645,25 @@ impl ServiceMachine {
         self.watchdog_deadline = None;
         report(out, EventKind::Exited, format!("pid {pid}: {status}"));
         match std::mem::replace(&mut self.phase, Phase::Stopped) {
-            Phase::Stopping { then: AfterStop::Stay, .. } => {
+            Phase::Stopping {
+                then: AfterStop::Stay,
+                ..
+            } => {
                 report(out, EventKind::Stopped, "stopped by request".into());
             }
-            Phase::Stopping { then: AfterStop::Restart, .. } => {
-                self.phase = Phase::Spawning { stop_requested: false };
+            Phase::Stopping {
+                then: AfterStop::Restart,
+                ..
+            } => {
+                self.phase = Phase::Spawning {
+                    stop_requested: false,
+                };
                 out.push(Action::Spawn);
             }
-            Phase::Stopping { then: AfterStop::Fail { reason }, .. } => {
+            Phase::Stopping {
+                then: AfterStop::Fail { reason },
+                ..
+            } => {
                 self.after_failure(now, reason, true, out);
             }
             _ => {
@@ -640,7 +680,11 @@ impl ServiceMachine {
                     report(out, EventKind::Failed, reason.clone());
                     self.phase = Phase::Failed { reason };
                 } else {
-                    report(out, EventKind::Stopped, "exited cleanly; not restarted".into());
+                    report(
+                        out,
+                        EventKind::Stopped,
+                        "exited cleanly; not restarted".into(),
+                    );
                 }
             }
         }
@@ -648,7 +692,11 @@ impl ServiceMachine {
 
     /// The process is gone and must come back: apply budget and backoff.
     fn after_failure(&mut self, now: Instant, reason: String, counts: bool, out: &mut Vec<Action>) {
-        while self.restart_times.front().is_some_and(|t| now.duration_since(*t) >= self.rules.window) {
+        while self
+            .restart_times
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= self.rules.window)
+        {
             self.restart_times.pop_front();
         }
         if self.restart_times.len() >= self.rules.max_restarts as usize {
@@ -658,7 +706,9 @@ impl ServiceMachine {
                 humantime::format_duration(self.rules.window)
             );
             report(out, EventKind::Failed, why.clone());
-            out.push(Action::Escalate { reason: why.clone() });
+            out.push(Action::Escalate {
+                reason: why.clone(),
+            });
             self.phase = Phase::Failed { reason: why };
             return;
         }
@@ -669,13 +719,18 @@ impl ServiceMachine {
         self.restart_times.push_back(now);
         self.restarts_total = self.restarts_total.saturating_add(1);
         if delay.is_zero() {
-            self.phase = Phase::Spawning { stop_requested: false };
+            self.phase = Phase::Spawning {
+                stop_requested: false,
+            };
             out.push(Action::Spawn);
         } else {
             report(
                 out,
                 EventKind::RestartScheduled,
-                format!("{reason}; restarting in {}", humantime::format_duration(round_ms(delay))),
+                format!(
+                    "{reason}; restarting in {}",
+                    humantime::format_duration(round_ms(delay))
+                ),
             );
             self.phase = Phase::BackingOff { until: now + delay };
         }
@@ -690,7 +745,10 @@ impl ServiceMachine {
             (false, k) => k,
         };
         let base = self.rules.backoff_initial.as_secs_f64()
-            * self.rules.backoff_factor.powi(i32::try_from(step.min(64)).unwrap_or(64));
+            * self
+                .rules
+                .backoff_factor
+                .powi(i32::try_from(step.min(64)).unwrap_or(64));
         let capped = base.min(self.rules.backoff_max.as_secs_f64());
         let jittered = capped * (1.0 + self.rules.jitter * (2.0 * self.next_unit() - 1.0));
         Duration::from_secs_f64(jittered.clamp(0.0, self.rules.backoff_max.as_secs_f64()))
@@ -705,10 +763,21 @@ impl ServiceMachine {
         (x >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    fn begin_stop(&mut self, now: Instant, pid: u32, then: AfterStop, sig: TreeSignal, out: &mut Vec<Action>) {
+    fn begin_stop(
+        &mut self,
+        now: Instant,
+        pid: u32,
+        then: AfterStop,
+        sig: TreeSignal,
+        out: &mut Vec<Action>,
+    ) {
         let kill_at = match sig {
             TreeSignal::Term => {
-                report(out, EventKind::Stopping, format!("SIGTERM to pid {pid} and its tree"));
+                report(
+                    out,
+                    EventKind::Stopping,
+                    format!("SIGTERM to pid {pid} and its tree"),
+                );
                 Some(now + self.rules.stop_grace)
             }
             TreeSignal::Kill => None,
@@ -726,16 +795,32 @@ impl ServiceMachine {
         self.heartbeats.clear();
         self.watchdog_deadline = None;
         // A hung process may not act on SIGTERM (it may even be stopped): kill the tree.
-        self.begin_stop(now, pid, AfterStop::Fail { reason: format!("hang: {reason}") }, TreeSignal::Kill, out);
+        self.begin_stop(
+            now,
+            pid,
+            AfterStop::Fail {
+                reason: format!("hang: {reason}"),
+            },
+            TreeSignal::Kill,
+            out,
+        );
     }
 
-    fn on_probe(&mut self, now: Instant, index: usize, ok: bool, detail: String, out: &mut Vec<Action>) {
+    fn on_probe(
+        &mut self,
+        now: Instant,
+        index: usize,
+        ok: bool,
+        detail: String,
+        out: &mut Vec<Action>,
+    ) {
         if !self.is_running() {
             return;
         }
-        let (Some(count), Some(&threshold)) =
-            (self.probe_fail_counts.get_mut(index), self.rules.probe_failures.get(index))
-        else {
+        let (Some(count), Some(&threshold)) = (
+            self.probe_fail_counts.get_mut(index),
+            self.rules.probe_failures.get(index),
+        ) else {
             return;
         };
         if ok {
@@ -745,22 +830,47 @@ impl ServiceMachine {
         *count += 1;
         let n = *count;
         if n >= threshold {
-            self.hang(now, format!("probe {index} failed {n} times in a row: {detail}"), out);
+            self.hang(
+                now,
+                format!("probe {index} failed {n} times in a row: {detail}"),
+                out,
+            );
         } else {
-            report(out, EventKind::ProbeFailed, format!("probe {index} ({n}/{threshold}): {detail}"));
+            report(
+                out,
+                EventKind::ProbeFailed,
+                format!("probe {index} ({n}/{threshold}): {detail}"),
+            );
         }
     }
 
     fn on_tick(&mut self, now: Instant, out: &mut Vec<Action>) {
         match self.phase.clone() {
             Phase::BackingOff { until } if now >= until => {
-                self.phase = Phase::Spawning { stop_requested: false };
+                self.phase = Phase::Spawning {
+                    stop_requested: false,
+                };
                 out.push(Action::Spawn);
             }
-            Phase::Stopping { pid, then, kill_at: Some(t) } if now >= t => {
-                report(out, EventKind::Killed, format!("grace ran out: SIGKILL to pid {pid} and its tree"));
-                out.push(Action::Signal { pid, signal: TreeSignal::Kill });
-                self.phase = Phase::Stopping { pid, then, kill_at: None };
+            Phase::Stopping {
+                pid,
+                then,
+                kill_at: Some(t),
+            } if now >= t => {
+                report(
+                    out,
+                    EventKind::Killed,
+                    format!("grace ran out: SIGKILL to pid {pid} and its tree"),
+                );
+                out.push(Action::Signal {
+                    pid,
+                    signal: TreeSignal::Kill,
+                });
+                self.phase = Phase::Stopping {
+                    pid,
+                    then,
+                    kill_at: None,
+                };
             }
             Phase::Starting { pid, since } => {
                 if now >= since + self.ready_wait() {
@@ -770,7 +880,11 @@ impl ServiceMachine {
                         return;
                     }
                     self.phase = Phase::Running { pid, since };
-                    report(out, EventKind::Ready, format!("pid {pid} running for its ready delay"));
+                    report(
+                        out,
+                        EventKind::Ready,
+                        format!("pid {pid} running for its ready delay"),
+                    );
                 }
                 self.check_hang_deadlines(now, out);
             }
@@ -781,7 +895,11 @@ impl ServiceMachine {
                 if let Some(every) = self.rules.rejuvenate_every {
                     if now >= since + every {
                         let every = humantime::format_duration(every);
-                        report(out, EventKind::Rejuvenate, format!("scheduled restart after {every}"));
+                        report(
+                            out,
+                            EventKind::Rejuvenate,
+                            format!("scheduled restart after {every}"),
+                        );
                         self.begin_stop(now, pid, AfterStop::Restart, TreeSignal::Term, out);
                         return;
                     }
@@ -796,7 +914,10 @@ impl ServiceMachine {
         if let Some((&tid, &deadline)) = self.heartbeats.iter().min_by_key(|(_, d)| **d) {
             if now >= deadline {
                 let late = round_ms(now - deadline);
-                let reason = format!("thread {tid} missed its heartbeat deadline (late by {})", humantime::format_duration(late));
+                let reason = format!(
+                    "thread {tid} missed its heartbeat deadline (late by {})",
+                    humantime::format_duration(late)
+                );
                 self.hang(now, reason, out);
                 return;
             }
@@ -817,7 +938,12 @@ impl ServiceMachine {
             Phase::Starting { since, .. } => ("starting", Some(now - *since), None, None),
             Phase::Running { since, .. } => ("running", Some(now - *since), None, None),
             Phase::Stopping { .. } => ("stopping", None, None, None),
-            Phase::BackingOff { until } => ("backoff", None, None, Some(until.saturating_duration_since(now))),
+            Phase::BackingOff { until } => (
+                "backoff",
+                None,
+                None,
+                Some(until.saturating_duration_since(now)),
+            ),
             Phase::Failed { reason } => ("failed", None, Some(reason.clone()), None),
         };
         let window_start = now.checked_sub(self.rules.window);
@@ -827,7 +953,10 @@ impl ServiceMachine {
             uptime_ms: uptime.map(millis),
             restarts: self.restarts_total,
             restarts_in_window: u32::try_from(
-                self.restart_times.iter().filter(|t| window_start.is_none_or(|w| **t > w)).count(),
+                self.restart_times
+                    .iter()
+                    .filter(|t| window_start.is_none_or(|w| **t > w))
+                    .count(),
             )
             .unwrap_or(u32::MAX),
             consecutive_failures: self.consecutive_failures,
@@ -839,7 +968,11 @@ impl ServiceMachine {
                 .heartbeats
                 .iter()
                 .map(|(tid, d)| {
-                    let ms = if *d >= now { millis(*d - now).cast_signed() } else { -millis(now - *d).cast_signed() };
+                    let ms = if *d >= now {
+                        millis(*d - now).cast_signed()
+                    } else {
+                        -millis(now - *d).cast_signed()
+                    };
                     (*tid, ms)
                 })
                 .collect(),
