@@ -440,11 +440,10 @@ impl Config {
             if s.command.contains('/') && Path::new(&s.command).is_relative() {
                 s.command = base.join(&s.command).display().to_string();
             }
-            if let Some(cwd) = &mut s.cwd {
-                if cwd.is_relative() {
+            if let Some(cwd) = &mut s.cwd
+                && cwd.is_relative() {
                     *cwd = base.join(&*cwd);
                 }
-            }
         }
     }
 
@@ -452,7 +451,8 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let config: Config = toml::from_str(text).map_err(|e| {
             let line = e.span().map(|s| line_of(text, s.start));
-            let field = field_of_message(e.message()).or_else(|| e.span().and_then(|s| key_before(text, s.start)));
+            let field = field_of_message(e.message())
+                .or_else(|| e.span().and_then(|s| key_before(text, s.start)));
             ConfigError {
                 file: path.to_owned(),
                 line,
@@ -561,15 +561,14 @@ impl Config {
                         format!("a {:?} probe needs `{needed}`", p.kind.get_ref()).to_lowercase(),
                     ));
                 }
-                if let Some(url) = &p.url {
-                    if crate::probe::parse_http_url(url).is_none() {
+                if let Some(url) = &p.url
+                    && crate::probe::parse_http_url(url).is_none() {
                         return Err((
                             pat,
                             pfield("url"),
                             format!("`{url}` is not an http://host:port/path URL"),
                         ));
                     }
-                }
                 if p.failures == 0 {
                     return Err((pat, pfield("failures"), "must be at least 1".into()));
                 }
@@ -614,7 +613,9 @@ fn line_of(text: &str, offset: usize) -> usize {
 fn key_before(text: &str, offset: usize) -> Option<String> {
     let before = text.get(..offset)?.trim_end().strip_suffix('=')?.trim_end();
     let start = before
-        .rfind(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' || c == '"'))
+        .rfind(|c: char| {
+            !(c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.' || c == '"')
+        })
         .map_or(0, |i| i + 1);
     let key = before[start..].trim_matches('"');
     (!key.is_empty()).then(|| key.to_owned())

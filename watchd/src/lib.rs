@@ -4,10 +4,16 @@
 //! around them are thin adapters. See ARCHITECTURE.md for the picture.
 
 pub mod api;
+pub mod cgroup;
 pub mod config;
+pub mod control;
 pub mod ctl;
+pub mod daemon;
 pub mod events;
 pub mod listener;
+pub mod logs;
 pub mod machine;
 pub mod probe;
+pub mod process;
 pub mod registry;
+pub mod supervisor;

@@ -31,13 +31,15 @@ pub const NOTIFY_SOCKET_FILE: &str = "notify.sock";
 pub const MAX_NOTIFY_DATAGRAM: usize = 4096;
 /// Kernel receive buffer asked for, so bursts of heartbeats are absorbed.
 const RECEIVE_BUFFER_BYTES: usize = 4 << 20;
+/// How long a datagram from an unknown direct child of watchd waits for its spawn to be recorded.
+const FRESH_CHILD_WAIT: Duration = Duration::from_millis(50);
 /// How far up the parent chain a sender is looked for.
 const MAX_ANCESTRY: usize = 32;
 
 /// Where a message is delivered: implemented by the service actors' directory.
 pub trait Deliver: Send + Sync + 'static {
-    /// Delivers `input` from process `pid` to `service`.
-    fn deliver(&self, service: &str, pid: u32, input: Input);
+    /// Delivers `input` from process `pid` to `service`; false when there is no such service.
+    fn deliver(&self, service: &str, pid: u32, input: Input) -> bool;
 }
 
 /// Which processes belong to which service.
@@ -103,14 +105,26 @@ impl Directory {
         let path = text.lines().find_map(|l| l.strip_prefix("0::"))?;
         let rest = path.strip_prefix(prefix)?.strip_prefix('/')?;
         let service = rest.split('/').next()?;
-        let known = self
-            .pids
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        known
-            .values()
-            .any(|s| s == service)
-            .then(|| service.to_owned())
+        (!service.is_empty()).then(|| service.to_owned())
+    }
+
+    /// [`resolve`](Self::resolve), waiting briefly when the sender is a direct child of watchd
+    /// that is not known yet: a service just spawned may speak before its spawn is recorded.
+    fn resolve_fresh(&self, pid: u32) -> Option<String> {
+        if let Some(s) = self.resolve(pid) {
+            return Some(s);
+        }
+        if parent_of(pid) != Some(std::process::id()) {
+            return None;
+        }
+        let deadline = std::time::Instant::now() + FRESH_CHILD_WAIT;
+        while std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+            if let Some(s) = self.resolve(pid) {
+                return Some(s);
+            }
+        }
+        None
     }
 }
 
@@ -246,18 +260,22 @@ fn serve(
                 }
             },
         };
-        let Some(service) = pid.filter(|p| *p > 0).and_then(|p| directory.resolve(p)) else {
+        let service = pid
+            .filter(|p| *p > 0)
+            .and_then(|p| directory.resolve_fresh(p));
+        let pid = pid.unwrap_or(0);
+        let delivered = service.is_some_and(|service| {
+            // An sd_notify datagram of only unknown keys is still a valid message.
+            inputs.into_iter().all(|input| deliver.deliver(&service, pid, input))
+        });
+        if delivered {
+            counters.accepted.fetch_add(1, Ordering::Relaxed);
+        } else {
             counters.rejected_sender.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(
                 pid,
                 "datagram from a process that is not a supervised service; dropped"
             );
-            continue;
-        };
-        counters.accepted.fetch_add(1, Ordering::Relaxed);
-        let pid = pid.unwrap_or(0);
-        for input in inputs {
-            deliver.deliver(&service, pid, input);
         }
     }
 }
@@ -311,11 +329,12 @@ mod tests {
     #[derive(Default)]
     struct Sink(Mutex<Vec<(String, u32, Input)>>);
     impl Deliver for Sink {
-        fn deliver(&self, service: &str, pid: u32, input: Input) {
+        fn deliver(&self, service: &str, pid: u32, input: Input) -> bool {
             self.0
                 .lock()
                 .expect("lock")
                 .push((service.to_owned(), pid, input));
+            true
         }
     }
 

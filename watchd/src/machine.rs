@@ -380,6 +380,8 @@ pub struct ServiceMachine {
     heartbeats: BTreeMap<u32, Instant>,
     watchdog_deadline: Option<Instant>,
     probe_fail_counts: Vec<u32>,
+    /// READY arrived while the process was being spawned.
+    early_ready: bool,
     rng: u64,
 }
 
@@ -399,6 +401,7 @@ impl ServiceMachine {
             heartbeats: BTreeMap::new(),
             watchdog_deadline: None,
             probe_fail_counts: vec![0; probes],
+            early_ready: false,
             rng: seed | 1,
         }
     }
@@ -422,6 +425,11 @@ impl ServiceMachine {
             | Phase::Stopping { pid, .. } => Some(pid),
             _ => None,
         }
+    }
+
+    /// Whether a process of the service exists or is being spawned (and may already speak).
+    fn process_expected(&self) -> bool {
+        self.pid().is_some() || matches!(self.phase, Phase::Spawning { stop_requested: false })
     }
 
     /// Whether probes and RSS sampling should run now.
@@ -509,13 +517,16 @@ impl ServiceMachine {
                 self.heartbeats.clear();
             }
             Input::Ready => {
+                if matches!(self.phase, Phase::Spawning { .. }) {
+                    self.early_ready = true;
+                }
                 if let Phase::Starting { pid, since } = self.phase {
                     self.phase = Phase::Running { pid, since };
                     report(&mut out, EventKind::Ready, format!("pid {pid} said READY"));
                 }
             }
             Input::Heartbeat { tid, timeout } => {
-                if self.rules.heartbeat && self.pid().is_some() {
+                if self.rules.heartbeat && self.process_expected() {
                     self.registered = true;
                     let timeout = timeout.min(MAX_HEARTBEAT_TIMEOUT);
                     self.heartbeats.insert(tid, now + timeout);
@@ -525,7 +536,7 @@ impl ServiceMachine {
                 self.heartbeats.remove(&tid);
             }
             Input::Watchdog => {
-                if let (Some(w), Some(_)) = (self.rules.watchdog, self.pid()) {
+                if let (Some(w), true) = (self.rules.watchdog, self.process_expected()) {
                     self.watchdog_deadline = Some(now + w);
                 }
             }
@@ -536,8 +547,7 @@ impl ServiceMachine {
             Input::Probe { index, ok, detail } => self.on_probe(now, index, ok, detail, &mut out),
             Input::Rss { bytes } => {
                 if let (Some(limit), Phase::Running { pid, .. }) = (self.rules.max_rss, &self.phase)
-                {
-                    if bytes > limit {
+                    && bytes > limit {
                         let pid = *pid;
                         report(
                             &mut out,
@@ -546,23 +556,19 @@ impl ServiceMachine {
                         );
                         self.begin_stop(now, pid, AfterStop::Restart, TreeSignal::Term, &mut out);
                     }
-                }
             }
             Input::Tick => self.on_tick(now, &mut out),
         }
         out
     }
 
-    fn on_start(&mut self, _now: Instant, out: &mut Vec<Action>) {
+    fn on_start(&mut self, now: Instant, out: &mut Vec<Action>) {
         match self.phase {
             Phase::Stopped | Phase::Failed { .. } | Phase::BackingOff { .. } => {
                 // An operator's start is a fresh start: the budget and backoff begin again.
                 self.restart_times.clear();
                 self.consecutive_failures = 0;
-                self.phase = Phase::Spawning {
-                    stop_requested: false,
-                };
-                out.push(Action::Spawn);
+                self.begin_spawn(now, out);
             }
             Phase::Spawning {
                 ref mut stop_requested,
@@ -613,11 +619,14 @@ impl ServiceMachine {
             });
             return;
         };
-        self.reset_process_state(now);
+        self.watchdog_deadline = self.rules.watchdog.map(|w| now + w);
         report(out, EventKind::Spawned, format!("pid {pid}"));
         self.phase = Phase::Starting { pid, since: now };
         if stop_requested {
             self.begin_stop(now, pid, AfterStop::Stay, TreeSignal::Term, out);
+        } else if self.rules.ready_notify && self.early_ready {
+            self.phase = Phase::Running { pid, since: now };
+            report(out, EventKind::Ready, format!("pid {pid} said READY"));
         } else if !self.rules.ready_notify && self.rules.ready_delay.is_zero() {
             self.phase = Phase::Running { pid, since: now };
             report(
@@ -626,6 +635,15 @@ impl ServiceMachine {
                 format!("pid {pid} (no readiness notification configured)"),
             );
         }
+    }
+
+    /// Asks for a spawn. What the new process says before the executor reports it spawned
+    /// (READY, heartbeats, status) is kept: it may speak before its spawn is seen.
+    fn begin_spawn(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.reset_process_state(now);
+        self.early_ready = false;
+        self.phase = Phase::Spawning { stop_requested: false };
+        out.push(Action::Spawn);
     }
 
     fn reset_process_state(&mut self, now: Instant) {
@@ -655,10 +673,7 @@ impl ServiceMachine {
                 then: AfterStop::Restart,
                 ..
             } => {
-                self.phase = Phase::Spawning {
-                    stop_requested: false,
-                };
-                out.push(Action::Spawn);
+                self.begin_spawn(now, out);
             }
             Phase::Stopping {
                 then: AfterStop::Fail { reason },
@@ -719,10 +734,7 @@ impl ServiceMachine {
         self.restart_times.push_back(now);
         self.restarts_total = self.restarts_total.saturating_add(1);
         if delay.is_zero() {
-            self.phase = Phase::Spawning {
-                stop_requested: false,
-            };
-            out.push(Action::Spawn);
+            self.begin_spawn(now, out);
         } else {
             report(
                 out,
@@ -847,10 +859,7 @@ impl ServiceMachine {
     fn on_tick(&mut self, now: Instant, out: &mut Vec<Action>) {
         match self.phase.clone() {
             Phase::BackingOff { until } if now >= until => {
-                self.phase = Phase::Spawning {
-                    stop_requested: false,
-                };
-                out.push(Action::Spawn);
+                self.begin_spawn(now, out);
             }
             Phase::Stopping {
                 pid,
@@ -892,8 +901,8 @@ impl ServiceMachine {
                 if self.consecutive_failures > 0 && now >= since + self.rules.stable_after {
                     self.consecutive_failures = 0;
                 }
-                if let Some(every) = self.rules.rejuvenate_every {
-                    if now >= since + every {
+                if let Some(every) = self.rules.rejuvenate_every
+                    && now >= since + every {
                         let every = humantime::format_duration(every);
                         report(
                             out,
@@ -903,7 +912,6 @@ impl ServiceMachine {
                         self.begin_stop(now, pid, AfterStop::Restart, TreeSignal::Term, out);
                         return;
                     }
-                }
                 self.check_hang_deadlines(now, out);
             }
             _ => {}
@@ -911,8 +919,8 @@ impl ServiceMachine {
     }
 
     fn check_hang_deadlines(&mut self, now: Instant, out: &mut Vec<Action>) {
-        if let Some((&tid, &deadline)) = self.heartbeats.iter().min_by_key(|(_, d)| **d) {
-            if now >= deadline {
+        if let Some((&tid, &deadline)) = self.heartbeats.iter().min_by_key(|(_, d)| **d)
+            && now >= deadline {
                 let late = round_ms(now - deadline);
                 let reason = format!(
                     "thread {tid} missed its heartbeat deadline (late by {})",
@@ -921,13 +929,11 @@ impl ServiceMachine {
                 self.hang(now, reason, out);
                 return;
             }
-        }
-        if let Some(deadline) = self.watchdog_deadline {
-            if now >= deadline {
+        if let Some(deadline) = self.watchdog_deadline
+            && now >= deadline {
                 let w = humantime::format_duration(self.rules.watchdog.unwrap_or_default());
                 self.hang(now, format!("no WATCHDOG=1 within {w}"), out);
             }
-        }
     }
 
     /// What `ftctl status` shows.

@@ -1,0 +1,890 @@
+//! The actors: one [`ServiceSupervisor`] per service under one [`Root`] (ractor).
+//!
+//! They are thin adapters: they feed the service's [`ServiceMachine`] with inputs (pidfd exits,
+//! heartbeats, probe results, timer ticks, operator requests) and carry out its actions (spawn,
+//! signal the tree, record events, escalate). Rules never live here. Blocking work (fork/exec,
+//! registry fsync, log rotation) runs off the actors' event loops. A panic in a service actor is
+//! caught by ractor; the root restarts the actor, which re-adopts the running process by pidfd
+//! instead of touching it.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::task::JoinHandle;
+
+use crate::api::{Response, ServiceStatus};
+use crate::cgroup::{Cgroup, CgroupRoot};
+use crate::config::{Config, ServiceConfig};
+use crate::events::Events;
+use crate::listener::{Counters, Deliver, Directory};
+use crate::machine::{Action, EventKind, ExitStatus, Input, Rules, ServiceMachine, TreeSignal};
+use crate::registry::{Record, Registry};
+use crate::{logs, probe, process};
+
+/// How long the escalation hook may run before it is killed.
+pub const HOOK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What every actor shares: the daemon's fixed facts and its hubs.
+#[derive(Debug)]
+pub struct Shared {
+    /// This node's name (`FT_NODE`).
+    pub node: String,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The configuration file, for reloads.
+    pub config_path: PathBuf,
+    /// Event hub.
+    pub events: Arc<Events>,
+    /// Durable registry of running processes.
+    pub registry: Registry,
+    /// pid → service, for the listener.
+    pub directory: Arc<Directory>,
+    /// Listener counters, for status.
+    pub counters: Arc<Counters>,
+    /// watchd's cgroup, when services get their own.
+    pub cgroups: Option<CgroupRoot>,
+    /// libft's socket path (`FT_SOCKET`).
+    pub ft_socket: PathBuf,
+    /// sd_notify socket path (`NOTIFY_SOCKET`).
+    pub notify_socket: PathBuf,
+    /// Accept test-only control requests (fault injection).
+    pub test_hooks: bool,
+    /// The live service actors, by name, in configuration order of insertion.
+    pub actors: RwLock<BTreeMap<String, ActorRef<ServiceMsg>>>,
+    /// Configuration order of the services, for listings.
+    pub order: RwLock<Vec<String>>,
+    /// The process each service's actor watches; survives an actor's restart.
+    live: Mutex<HashMap<String, Live>>,
+}
+
+#[derive(Debug)]
+struct Live {
+    pid: u32,
+    start_time: u64,
+    waiter: tokio::task::AbortHandle,
+}
+
+impl Shared {
+    /// Builds the shared state.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        node: String,
+        data_dir: PathBuf,
+        config_path: PathBuf,
+        events: Arc<Events>,
+        registry: Registry,
+        directory: Arc<Directory>,
+        counters: Arc<Counters>,
+        cgroups: Option<CgroupRoot>,
+        ft_socket: PathBuf,
+        notify_socket: PathBuf,
+        test_hooks: bool,
+    ) -> Shared {
+        Shared {
+            node,
+            data_dir,
+            config_path,
+            events,
+            registry,
+            directory,
+            counters,
+            cgroups,
+            ft_socket,
+            notify_socket,
+            test_hooks,
+            actors: RwLock::default(),
+            order: RwLock::default(),
+            live: Mutex::default(),
+        }
+    }
+
+    /// The actor of `service`.
+    pub fn actor(&self, service: &str) -> Option<ActorRef<ServiceMsg>> {
+        self.actors
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(service)
+            .cloned()
+    }
+
+    /// Every service actor, in configuration order.
+    pub fn actors_in_order(&self) -> Vec<(String, ActorRef<ServiceMsg>)> {
+        let order = self
+            .order
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let actors = self
+            .actors
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        order
+            .into_iter()
+            .filter_map(|n| actors.get(&n).map(|a| (n, a.clone())))
+            .collect()
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, Live>> {
+        self.live
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Deliver for Shared {
+    fn deliver(&self, service: &str, _pid: u32, input: Input) -> bool {
+        let actors = self
+            .actors
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        actors
+            .get(service)
+            .is_some_and(|a| a.cast(ServiceMsg::Input(input)).is_ok())
+    }
+}
+
+/// Messages to a service's actor.
+#[derive(Debug)]
+pub enum ServiceMsg {
+    /// First message: adopt a live process or start (per `autostart`).
+    Boot {
+        /// Start the service when no process of it is alive.
+        start: bool,
+    },
+    /// An input for the state machine (operator request, heartbeat, sd_notify, ...).
+    Input(Input),
+    /// The result of a spawn that ran off the event loop.
+    SpawnDone(Result<process::Spawned, String>),
+    /// The main process ended.
+    Exited {
+        /// Which.
+        pid: u32,
+        /// How.
+        status: ExitStatus,
+    },
+    /// A timer fired.
+    Tick,
+    /// A probe finished.
+    Probe {
+        /// Which probe.
+        index: usize,
+        /// Its outcome.
+        outcome: probe::ProbeOutcome,
+    },
+    /// Report the service's state.
+    Status(RpcReplyPort<ServiceStatus>),
+    /// Apply a changed configuration.
+    Reconfigure(Box<ServiceConfig>),
+    /// Stop the service and then the actor (the service was removed from the configuration).
+    Remove,
+    /// Test hook: panic inside the handler.
+    InjectPanic,
+}
+
+/// One service's supervisor actor.
+#[derive(Debug)]
+pub struct ServiceSupervisor;
+
+/// Its state.
+#[derive(Debug)]
+pub struct ServiceState {
+    shared: Arc<Shared>,
+    config: ServiceConfig,
+    machine: ServiceMachine,
+    cgroup: Option<Cgroup>,
+    armed: Option<tokio::time::Instant>,
+    probes: Vec<JoinHandle<()>>,
+    rss: Option<JoinHandle<()>>,
+    removing: bool,
+}
+
+/// What a service actor starts from.
+#[derive(Debug)]
+pub struct ServiceArgs {
+    /// The shared state.
+    pub shared: Arc<Shared>,
+    /// Its configuration.
+    pub config: ServiceConfig,
+}
+
+impl Actor for ServiceSupervisor {
+    type Msg = ServiceMsg;
+    type State = ServiceState;
+    type Arguments = ServiceArgs;
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<ServiceMsg>,
+        args: ServiceArgs,
+    ) -> Result<ServiceState, ActorProcessingErr> {
+        let name = args.config.name().to_owned();
+        let cgroup = match &args.shared.cgroups {
+            Some(root) => match root.service(&name) {
+                Ok(cg) => Some(cg),
+                Err(e) => {
+                    tracing::warn!(service = %name, error = %e, "no cgroup for service; using its process group");
+                    None
+                }
+            },
+            None => None,
+        };
+        let seed = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(7);
+        let seed =
+            u64::try_from(seed & u128::from(u64::MAX)).unwrap_or(7) ^ u64::from(std::process::id());
+        Ok(ServiceState {
+            machine: ServiceMachine::new(Rules::from_config(&args.config), seed),
+            shared: args.shared,
+            config: args.config,
+            cgroup,
+            armed: None,
+            probes: Vec::new(),
+            rss: None,
+            removing: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ServiceMsg>,
+        msg: ServiceMsg,
+        st: &mut ServiceState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ServiceMsg::Boot { start } => boot(&myself, st, start),
+            ServiceMsg::Input(input) => drive(&myself, st, input),
+            ServiceMsg::SpawnDone(Ok(spawned)) => {
+                let pid = spawned.pid;
+                watch_process(&myself, st, pid, spawned.start_time, spawned.pidfd);
+                drive(&myself, st, Input::Spawned { pid });
+            }
+            ServiceMsg::SpawnDone(Err(error)) => drive(&myself, st, Input::SpawnFailed { error }),
+            ServiceMsg::Exited { pid, status } => {
+                forget_process(st, pid);
+                drive(&myself, st, Input::Exited { pid, status });
+            }
+            ServiceMsg::Tick => {
+                st.armed = None;
+                drive(&myself, st, Input::Tick);
+            }
+            ServiceMsg::Probe { index, outcome } => {
+                drive(
+                    &myself,
+                    st,
+                    Input::Probe {
+                        index,
+                        ok: outcome.ok,
+                        detail: outcome.detail,
+                    },
+                );
+            }
+            ServiceMsg::Status(reply) => {
+                let _ = reply.send(ServiceStatus {
+                    name: st.config.name().to_owned(),
+                    cgroup: st.cgroup.is_some(),
+                    view: st.machine.view(std::time::Instant::now()),
+                });
+            }
+            ServiceMsg::Reconfigure(config) => reconfigure(&myself, st, *config),
+            ServiceMsg::Remove => {
+                st.removing = true;
+                drive(&myself, st, Input::Stop);
+            }
+            ServiceMsg::InjectPanic => {
+                if st.shared.test_hooks {
+                    panic!(
+                        "test hook: injected panic in the supervisor of {}",
+                        st.config.name()
+                    );
+                }
+            }
+        }
+        if st.removing && st.machine.pid().is_none() {
+            stop_tasks(st);
+            myself.stop(Some("removed".into()));
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<ServiceMsg>,
+        st: &mut ServiceState,
+    ) -> Result<(), ActorProcessingErr> {
+        stop_tasks(st);
+        Ok(())
+    }
+}
+
+/// Adopts the process this service already has (after an actor or watchd restart), else
+/// clears leftovers and starts it when asked.
+fn boot(myself: &ActorRef<ServiceMsg>, st: &mut ServiceState, start: bool) {
+    let name = st.config.name().to_owned();
+    // An actor restart finds the process in memory; a watchd restart finds it in the registry.
+    let known = st.shared.live().remove(&name).map(|l| {
+        l.waiter.abort();
+        (l.pid, l.start_time)
+    });
+    let recorded = known.or_else(|| {
+        st.shared.registry.all().ok().and_then(|all| {
+            all.into_iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, r)| (r.pid, r.start_time))
+        })
+    });
+    if let Some((pid, start_time)) = recorded {
+        match process::adopt(pid, start_time) {
+            Ok(Some(pidfd)) => {
+                watch_process(myself, st, pid, start_time, pidfd);
+                drive(myself, st, Input::Adopted { pid });
+                return;
+            }
+            Ok(None) => {
+                st.shared.registry.remove(&name);
+                st.shared.events.emit(
+                    Some(&name),
+                    EventKind::Exited,
+                    format!("recorded pid {pid} is gone"),
+                );
+            }
+            Err(e) => {
+                tracing::warn!(service = %name, pid, error = %e, "cannot adopt recorded process")
+            }
+        }
+    }
+    // Whatever is left in the service's cgroup belongs to no watched process: clear it so
+    // two instances never run at once.
+    if let Some(cg) = &st.cgroup
+        && !cg.is_empty() {
+            st.shared.events.emit(
+                Some(&name),
+                EventKind::Killed,
+                "killed leftover processes in the service's cgroup",
+            );
+            let _ = cg.kill();
+        }
+    if start {
+        drive(myself, st, Input::Start);
+    }
+}
+
+fn watch_process(
+    myself: &ActorRef<ServiceMsg>,
+    st: &mut ServiceState,
+    pid: u32,
+    start_time: u64,
+    pidfd: OwnedFd,
+) {
+    let name = st.config.name().to_owned();
+    st.shared.directory.insert(pid, &name);
+    let record = Record {
+        pid,
+        start_time,
+        cgroup: st.cgroup.as_ref().map(|c| c.path().to_owned()),
+        spawned_unix_ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0),
+    };
+    st.shared.registry.put(&name, record);
+    let me = myself.clone();
+    let cgroup = st.cgroup.clone();
+    let waiter = tokio::spawn(async move {
+        // Like systemd's control-group kill mode: nothing of the old tree outlives its main
+        // process, so a restart never runs beside leftovers.
+        let status = process::wait_exit_killing_tree(pidfd, pid, cgroup).await;
+        let _ = me.cast(ServiceMsg::Exited { pid, status });
+    });
+    if let Some(old) = st.shared.live().insert(
+        name,
+        Live {
+            pid,
+            start_time,
+            waiter: waiter.abort_handle(),
+        },
+    ) {
+        old.waiter.abort();
+    }
+}
+
+fn forget_process(st: &mut ServiceState, pid: u32) {
+    st.shared.directory.remove(pid);
+    let name = st.config.name();
+    let mut live = st.shared.live();
+    if live.get(name).is_some_and(|l| l.pid == pid) {
+        live.remove(name);
+        st.shared.registry.remove(name);
+    }
+}
+
+/// Feeds one input to the machine, carries out its actions, then keeps tasks and the timer in
+/// line with the new phase.
+fn drive(myself: &ActorRef<ServiceMsg>, st: &mut ServiceState, input: Input) {
+    let now = std::time::Instant::now();
+    let actions = st.machine.step(now, input);
+    for action in actions {
+        act(myself, st, action);
+    }
+    reconcile_tasks(myself, st);
+    arm_timer(myself, st);
+}
+
+fn act(myself: &ActorRef<ServiceMsg>, st: &mut ServiceState, action: Action) {
+    let name = st.config.name().to_owned();
+    match action {
+        Action::Spawn => {
+            let spec = spawn_spec(st);
+            let me = myself.clone();
+            let directory = st.shared.directory.clone();
+            tokio::task::spawn_blocking(move || {
+                let result = process::spawn(&spec).map_err(|e| e.to_string());
+                let pid = result.as_ref().ok().map(|s| s.pid);
+                let _ = me.cast(ServiceMsg::SpawnDone(result));
+                // Published to the listener only now, so that anything the child says (READY
+                // may come at once) queues behind SpawnDone in the actor's mailbox. Until
+                // then the listener holds the child's datagrams for a moment.
+                if let Some(pid) = pid {
+                    directory.insert(pid, &spec.service);
+                }
+            });
+        }
+        Action::Signal { pid, signal } => {
+            if let Err(e) = process::signal_tree(pid, st.cgroup.as_ref(), signal) {
+                tracing::warn!(service = %name, pid, error = %e, "signalling the process tree failed");
+            }
+        }
+        Action::Report(e) => st.shared.events.emit(Some(&name), e.kind, e.detail),
+        Action::Escalate { reason } => escalate(st, reason),
+    }
+}
+
+fn spawn_spec(st: &ServiceState) -> process::SpawnSpec {
+    let c = &st.config;
+    let name = c.name().to_owned();
+    let sh = &st.shared;
+    let ckpt_dir = sh.data_dir.join("ckpt").join(&name);
+    let _ = std::fs::create_dir_all(&ckpt_dir);
+    let mut env = vec![
+        (
+            ft::proto::ENV_SOCKET.to_owned(),
+            sh.ft_socket.display().to_string(),
+        ),
+        (ft::proto::ENV_SERVICE.to_owned(), name.clone()),
+        (
+            "NOTIFY_SOCKET".to_owned(),
+            sh.notify_socket.display().to_string(),
+        ),
+        ("FT_NODE".to_owned(), sh.node.clone()),
+        ("FT_ROLE".to_owned(), "primary".to_owned()),
+        ("FT_CKPT_DIR".to_owned(), ckpt_dir.display().to_string()),
+    ];
+    if let Some(w) = c.hang.watchdog {
+        env.push(("WATCHDOG_USEC".to_owned(), w.as_micros().to_string()));
+    }
+    env.extend(c.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    process::SpawnSpec {
+        service: name.clone(),
+        command: c.command.clone(),
+        args: c.args.clone(),
+        env,
+        cwd: c.cwd.clone(),
+        user: c.user.clone(),
+        log_path: logs::log_path(&sh.data_dir, &name),
+        cgroup: st.cgroup.clone(),
+    }
+}
+
+fn escalate(st: &ServiceState, reason: String) {
+    let name = st.config.name().to_owned();
+    let events = st.shared.events.clone();
+    let Some((program, args)) = st.config.on_escalate.split_first() else {
+        events.emit(
+            Some(&name),
+            EventKind::Escalated,
+            format!("{reason} (no hook configured)"),
+        );
+        return;
+    };
+    events.emit(
+        Some(&name),
+        EventKind::Escalated,
+        format!("{reason}; running hook {program}"),
+    );
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args)
+        .env("FT_SERVICE", &name)
+        .env("FT_NODE", &st.shared.node)
+        .env("FT_EVENT", "escalate")
+        .env("FT_REASON", &reason)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    tokio::spawn(async move {
+        let outcome = match cmd.spawn() {
+            Ok(mut child) => match tokio::time::timeout(HOOK_TIMEOUT, child.wait()).await {
+                Ok(Ok(s)) if s.success() => return,
+                Ok(Ok(s)) => format!("escalation hook exited with {s}"),
+                Ok(Err(e)) => format!("escalation hook: {e}"),
+                Err(_) => format!(
+                    "escalation hook ran longer than {}s and was killed",
+                    HOOK_TIMEOUT.as_secs()
+                ),
+            },
+            Err(e) => format!("cannot run escalation hook: {e}"),
+        };
+        events.emit(Some(&name), EventKind::HookFailed, outcome);
+    });
+}
+
+fn reconcile_tasks(myself: &ActorRef<ServiceMsg>, st: &mut ServiceState) {
+    let running = st.machine.is_running();
+    if running && st.probes.is_empty() && !st.config.probes.is_empty() {
+        for (index, cfg) in st.config.probes.iter().enumerate() {
+            let cfg = cfg.clone();
+            let me = myself.clone();
+            st.probes.push(tokio::spawn(async move {
+                tokio::time::sleep(cfg.initial_delay).await;
+                loop {
+                    let started = tokio::time::Instant::now();
+                    let outcome = probe::check(&cfg).await;
+                    if me.cast(ServiceMsg::Probe { index, outcome }).is_err() {
+                        return;
+                    }
+                    tokio::time::sleep_until(started + cfg.period).await;
+                }
+            }));
+        }
+    }
+    if let (true, None, Some(_)) = (running, &st.rss, st.config.rejuvenate.max_rss) {
+        let me = myself.clone();
+        let pid = st.machine.pid();
+        let cgroup = st.cgroup.clone();
+        let every = st.config.rejuvenate.check_every;
+        st.rss = Some(tokio::spawn(async move {
+            let Some(pid) = pid else { return };
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let cg = cgroup.clone();
+                let Ok(bytes) =
+                    tokio::task::spawn_blocking(move || process::tree_rss(pid, cg.as_ref())).await
+                else {
+                    return;
+                };
+                if me.cast(ServiceMsg::Input(Input::Rss { bytes })).is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    if !running {
+        stop_tasks(st);
+    }
+}
+
+fn stop_tasks(st: &mut ServiceState) {
+    for p in st.probes.drain(..) {
+        p.abort();
+    }
+    if let Some(r) = st.rss.take() {
+        r.abort();
+    }
+}
+
+/// Keeps one timer armed for the machine's next deadline. A later deadline does not re-arm: the
+/// early tick finds nothing due and arms again, which keeps heartbeats free of timer churn.
+fn arm_timer(myself: &ActorRef<ServiceMsg>, st: &mut ServiceState) {
+    let Some(deadline) = st.machine.next_deadline() else {
+        return;
+    };
+    let deadline = tokio::time::Instant::from_std(deadline);
+    if st.armed.is_some_and(|a| a <= deadline) {
+        return;
+    }
+    st.armed = Some(deadline);
+    let me = myself.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep_until(deadline).await;
+        let _ = me.cast(ServiceMsg::Tick);
+    });
+}
+
+fn reconfigure(myself: &ActorRef<ServiceMsg>, st: &mut ServiceState, config: ServiceConfig) {
+    let old = std::mem::replace(&mut st.config, config);
+    st.machine.set_rules(Rules::from_config(&st.config));
+    stop_tasks(st);
+    let c = &st.config;
+    let process_changed = old.command != c.command
+        || old.args != c.args
+        || old.env != c.env
+        || old.cwd != c.cwd
+        || old.user != c.user
+        || old.hang.watchdog != c.hang.watchdog;
+    if process_changed && st.machine.pid().is_some() {
+        drive(myself, st, Input::Restart);
+    } else {
+        reconcile_tasks(myself, st);
+        arm_timer(myself, st);
+    }
+}
+
+/// Messages to the root.
+#[derive(Debug)]
+pub enum RootMsg {
+    /// Re-read the configuration file and apply it.
+    Reload(RpcReplyPort<Response>),
+}
+
+/// The root supervisor: owns the configuration and the service actors.
+#[derive(Debug)]
+pub struct Root;
+
+/// The root's state.
+#[derive(Debug)]
+pub struct RootState {
+    shared: Arc<Shared>,
+    config: Config,
+    children: HashMap<ActorId, String>,
+    removing: HashSet<String>,
+}
+
+/// What the root starts from.
+#[derive(Debug)]
+pub struct RootArgs {
+    /// Shared state.
+    pub shared: Arc<Shared>,
+    /// The configuration in force.
+    pub config: Config,
+}
+
+impl Actor for Root {
+    type Msg = RootMsg;
+    type State = RootState;
+    type Arguments = RootArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<RootMsg>,
+        args: RootArgs,
+    ) -> Result<RootState, ActorProcessingErr> {
+        let mut st = RootState {
+            shared: args.shared,
+            config: args.config,
+            children: HashMap::new(),
+            removing: HashSet::new(),
+        };
+        *st.shared
+            .order
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = st
+            .config
+            .services
+            .iter()
+            .map(|s| s.name().to_owned())
+            .collect();
+        stop_unconfigured(&st);
+        for svc in st.config.services.clone() {
+            let start = svc.autostart;
+            spawn_service(&myself, &mut st, svc, start).await?;
+        }
+        Ok(st)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<RootMsg>,
+        msg: RootMsg,
+        st: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            RootMsg::Reload(reply) => {
+                let response = reload(&myself, st).await;
+                let _ = reply.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<RootMsg>,
+        evt: SupervisionEvent,
+        st: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, failure) = match evt {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, Some(err.to_string())),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (
+                cell,
+                reason
+                    .filter(|r| r != "removed")
+                    .map(|r| format!("terminated: {r}")),
+            ),
+            _ => return Ok(()),
+        };
+        let Some(name) = st.children.remove(&cell.get_id()) else {
+            return Ok(());
+        };
+        {
+            let mut actors = st
+                .shared
+                .actors
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if actors
+                .get(&name)
+                .is_some_and(|a| a.get_id() == cell.get_id())
+            {
+                actors.remove(&name);
+            }
+        }
+        if st.removing.remove(&name) {
+            if let Some(root) = &st.shared.cgroups
+                && let Ok(cg) = root.service(&name) {
+                    let _ = cg.remove();
+                }
+            return Ok(());
+        }
+        let why = failure.unwrap_or_else(|| "stopped unexpectedly".into());
+        st.shared.events.emit(
+            Some(&name),
+            EventKind::ActorRestarted,
+            format!("supervisor actor failed ({why}); restarted, service untouched"),
+        );
+        if let Some(cfg) = st.config.service(&name).cloned() {
+            let start = cfg.autostart;
+            spawn_service(&myself, st, cfg, start).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn spawn_service(
+    myself: &ActorRef<RootMsg>,
+    st: &mut RootState,
+    config: ServiceConfig,
+    start: bool,
+) -> Result<(), ActorProcessingErr> {
+    let name = config.name().to_owned();
+    let args = ServiceArgs {
+        shared: st.shared.clone(),
+        config,
+    };
+    let (actor, _) = Actor::spawn_linked(None, ServiceSupervisor, args, myself.get_cell()).await?;
+    st.children.insert(actor.get_id(), name.clone());
+    st.shared
+        .actors
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .insert(name, actor.clone());
+    actor.cast(ServiceMsg::Boot { start })?;
+    Ok(())
+}
+
+/// Processes recorded for services that are no longer configured are stopped.
+fn stop_unconfigured(st: &RootState) {
+    let Ok(records) = st.shared.registry.all() else {
+        return;
+    };
+    for (name, rec) in records {
+        if st.config.service(&name).is_some() {
+            continue;
+        }
+        st.shared.registry.remove(&name);
+        let cgroup = rec.cgroup.map(Cgroup::open);
+        if let Ok(Some(_pidfd)) = process::adopt(rec.pid, rec.start_time) {
+            st.shared.events.emit(
+                Some(&name),
+                EventKind::Removed,
+                format!(
+                    "pid {} belongs to a service no longer configured; killed",
+                    rec.pid
+                ),
+            );
+            let _ = process::signal_tree(rec.pid, cgroup.as_ref(), TreeSignal::Kill);
+        }
+    }
+}
+
+async fn reload(myself: &ActorRef<RootMsg>, st: &mut RootState) -> Response {
+    let path = st.shared.config_path.clone();
+    let new = match Config::load(&path) {
+        Ok(c) => c,
+        Err(e) => {
+            let message = format!("new configuration refused, the running one is kept: {e}");
+            st.shared
+                .events
+                .emit(None, EventKind::ReloadRefused, message.clone());
+            return Response::Error { message };
+        }
+    };
+    if new.watchd != st.config.watchd {
+        let message =
+            "new configuration refused: [watchd] settings change only with a restart of watchd"
+                .to_owned();
+        st.shared
+            .events
+            .emit(None, EventKind::ReloadRefused, message.clone());
+        return Response::Error { message };
+    }
+    let (mut added, mut removed, mut changed) = (Vec::new(), Vec::new(), Vec::new());
+    for old in &st.config.services {
+        if new.service(old.name()).is_none() {
+            removed.push(old.name().to_owned());
+            if let Some(actor) = st.shared.actor(old.name()) {
+                st.removing.insert(old.name().to_owned());
+                let _ = actor.cast(ServiceMsg::Remove);
+            }
+        }
+    }
+    for svc in &new.services {
+        match st.config.service(svc.name()) {
+            None => added.push(svc.clone()),
+            Some(old) if old != svc => {
+                changed.push(svc.name().to_owned());
+                if let Some(actor) = st.shared.actor(svc.name()) {
+                    let _ = actor.cast(ServiceMsg::Reconfigure(Box::new(svc.clone())));
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    *st.shared
+        .order
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+        new.services.iter().map(|s| s.name().to_owned()).collect();
+    let added_names: Vec<String> = added.iter().map(|s| s.name().to_owned()).collect();
+    st.config = new;
+    for svc in added {
+        let start = svc.autostart;
+        if let Err(e) = spawn_service(myself, st, svc, start).await {
+            tracing::error!(error = %e, "cannot start a supervisor for an added service");
+        }
+    }
+    for n in &added_names {
+        st.shared
+            .events
+            .emit(Some(n), EventKind::Added, "added by reload");
+    }
+    for n in &removed {
+        st.shared
+            .events
+            .emit(Some(n), EventKind::Removed, "removed by reload; stopping");
+    }
+    let message = format!(
+        "reloaded: added [{}], removed [{}], changed [{}]",
+        added_names.join(", "),
+        removed.join(", "),
+        changed.join(", ")
+    );
+    st.shared
+        .events
+        .emit(None, EventKind::Reloaded, message.clone());
+    Response::Ok { message }
+}
