@@ -132,7 +132,7 @@ pub async fn run(config_path: PathBuf, config: Config, options: Options) -> anyh
     tokio::spawn(rotate_logs(shared.clone(), log_max, log_keep));
     shared.events.emit(
         None,
-        crate::machine::EventKind::Reloaded,
+        crate::machine::EventKind::Started,
         format!("watchd {} started on node {node}", std::process::id()),
     );
     tracing::info!(data_dir = %data_dir.display(), control = %control_path.display(), "watchd running");
@@ -174,9 +174,10 @@ async fn shutdown(shared: &Shared, bound: Duration) {
             if let Ok(ractor::rpc::CallResult::Success(s)) = a
                 .call(ServiceMsg::Status, Some(Duration::from_secs(1)))
                 .await
-                && s.view.pid.is_some() {
-                    alive += 1;
-                }
+                && s.view.pid.is_some()
+            {
+                alive += 1;
+            }
         }
         if alive == 0 {
             return;

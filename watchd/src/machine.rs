@@ -187,6 +187,8 @@ pub enum EventKind {
     Adopted,
     /// A probe failed once (below its threshold).
     ProbeFailed,
+    /// watchd started (watchd-wide).
+    Started,
     /// The configuration was reloaded (watchd-wide).
     Reloaded,
     /// A new configuration was refused; the running one is kept (watchd-wide).
@@ -429,7 +431,13 @@ impl ServiceMachine {
 
     /// Whether a process of the service exists or is being spawned (and may already speak).
     fn process_expected(&self) -> bool {
-        self.pid().is_some() || matches!(self.phase, Phase::Spawning { stop_requested: false })
+        self.pid().is_some()
+            || matches!(
+                self.phase,
+                Phase::Spawning {
+                    stop_requested: false
+                }
+            )
     }
 
     /// Whether probes and RSS sampling should run now.
@@ -547,15 +555,16 @@ impl ServiceMachine {
             Input::Probe { index, ok, detail } => self.on_probe(now, index, ok, detail, &mut out),
             Input::Rss { bytes } => {
                 if let (Some(limit), Phase::Running { pid, .. }) = (self.rules.max_rss, &self.phase)
-                    && bytes > limit {
-                        let pid = *pid;
-                        report(
-                            &mut out,
-                            EventKind::Rejuvenate,
-                            format!("resident memory {bytes} bytes passed the limit of {limit}"),
-                        );
-                        self.begin_stop(now, pid, AfterStop::Restart, TreeSignal::Term, &mut out);
-                    }
+                    && bytes > limit
+                {
+                    let pid = *pid;
+                    report(
+                        &mut out,
+                        EventKind::Rejuvenate,
+                        format!("resident memory {bytes} bytes passed the limit of {limit}"),
+                    );
+                    self.begin_stop(now, pid, AfterStop::Restart, TreeSignal::Term, &mut out);
+                }
             }
             Input::Tick => self.on_tick(now, &mut out),
         }
@@ -642,7 +651,9 @@ impl ServiceMachine {
     fn begin_spawn(&mut self, now: Instant, out: &mut Vec<Action>) {
         self.reset_process_state(now);
         self.early_ready = false;
-        self.phase = Phase::Spawning { stop_requested: false };
+        self.phase = Phase::Spawning {
+            stop_requested: false,
+        };
         out.push(Action::Spawn);
     }
 
@@ -902,16 +913,17 @@ impl ServiceMachine {
                     self.consecutive_failures = 0;
                 }
                 if let Some(every) = self.rules.rejuvenate_every
-                    && now >= since + every {
-                        let every = humantime::format_duration(every);
-                        report(
-                            out,
-                            EventKind::Rejuvenate,
-                            format!("scheduled restart after {every}"),
-                        );
-                        self.begin_stop(now, pid, AfterStop::Restart, TreeSignal::Term, out);
-                        return;
-                    }
+                    && now >= since + every
+                {
+                    let every = humantime::format_duration(every);
+                    report(
+                        out,
+                        EventKind::Rejuvenate,
+                        format!("scheduled restart after {every}"),
+                    );
+                    self.begin_stop(now, pid, AfterStop::Restart, TreeSignal::Term, out);
+                    return;
+                }
                 self.check_hang_deadlines(now, out);
             }
             _ => {}
@@ -920,20 +932,22 @@ impl ServiceMachine {
 
     fn check_hang_deadlines(&mut self, now: Instant, out: &mut Vec<Action>) {
         if let Some((&tid, &deadline)) = self.heartbeats.iter().min_by_key(|(_, d)| **d)
-            && now >= deadline {
-                let late = round_ms(now - deadline);
-                let reason = format!(
-                    "thread {tid} missed its heartbeat deadline (late by {})",
-                    humantime::format_duration(late)
-                );
-                self.hang(now, reason, out);
-                return;
-            }
+            && now >= deadline
+        {
+            let late = round_ms(now - deadline);
+            let reason = format!(
+                "thread {tid} missed its heartbeat deadline (late by {})",
+                humantime::format_duration(late)
+            );
+            self.hang(now, reason, out);
+            return;
+        }
         if let Some(deadline) = self.watchdog_deadline
-            && now >= deadline {
-                let w = humantime::format_duration(self.rules.watchdog.unwrap_or_default());
-                self.hang(now, format!("no WATCHDOG=1 within {w}"), out);
-            }
+            && now >= deadline
+        {
+            let w = humantime::format_duration(self.rules.watchdog.unwrap_or_default());
+            self.hang(now, format!("no WATCHDOG=1 within {w}"), out);
+        }
     }
 
     /// What `ftctl status` shows.
