@@ -441,9 +441,10 @@ impl Config {
                 s.command = base.join(&s.command).display().to_string();
             }
             if let Some(cwd) = &mut s.cwd
-                && cwd.is_relative() {
-                    *cwd = base.join(&*cwd);
-                }
+                && cwd.is_relative()
+            {
+                *cwd = base.join(&*cwd);
+            }
         }
     }
 
@@ -562,13 +563,14 @@ impl Config {
                     ));
                 }
                 if let Some(url) = &p.url
-                    && crate::probe::parse_http_url(url).is_none() {
-                        return Err((
-                            pat,
-                            pfield("url"),
-                            format!("`{url}` is not an http://host:port/path URL"),
-                        ));
-                    }
+                    && crate::probe::parse_http_url(url).is_none()
+                {
+                    return Err((
+                        pat,
+                        pfield("url"),
+                        format!("`{url}` is not an http://host:port/path URL"),
+                    ));
+                }
                 if p.failures == 0 {
                     return Err((pat, pfield("failures"), "must be at least 1".into()));
                 }

@@ -266,7 +266,9 @@ fn serve(
         let pid = pid.unwrap_or(0);
         let delivered = service.is_some_and(|service| {
             // An sd_notify datagram of only unknown keys is still a valid message.
-            inputs.into_iter().all(|input| deliver.deliver(&service, pid, input))
+            inputs
+                .into_iter()
+                .all(|input| deliver.deliver(&service, pid, input))
         });
         if delivered {
             counters.accepted.fetch_add(1, Ordering::Relaxed);

@@ -361,14 +361,15 @@ fn boot(myself: &ActorRef<ServiceMsg>, st: &mut ServiceState, start: bool) {
     // Whatever is left in the service's cgroup belongs to no watched process: clear it so
     // two instances never run at once.
     if let Some(cg) = &st.cgroup
-        && !cg.is_empty() {
-            st.shared.events.emit(
-                Some(&name),
-                EventKind::Killed,
-                "killed leftover processes in the service's cgroup",
-            );
-            let _ = cg.kill();
-        }
+        && !cg.is_empty()
+    {
+        st.shared.events.emit(
+            Some(&name),
+            EventKind::Killed,
+            "killed leftover processes in the service's cgroup",
+        );
+        let _ = cg.kill();
+    }
     if start {
         drive(myself, st, Input::Start);
     }
@@ -745,9 +746,10 @@ impl Actor for Root {
         }
         if st.removing.remove(&name) {
             if let Some(root) = &st.shared.cgroups
-                && let Ok(cg) = root.service(&name) {
-                    let _ = cg.remove();
-                }
+                && let Ok(cg) = root.service(&name)
+            {
+                let _ = cg.remove();
+            }
             return Ok(());
         }
         let why = failure.unwrap_or_else(|| "stopped unexpectedly".into());

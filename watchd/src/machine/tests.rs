@@ -707,7 +707,13 @@ fn what_a_new_process_says_before_its_spawn_is_seen_is_kept() {
     assert_eq!(m.step(t0, Input::Start), vec![Action::Spawn]);
     // The child speaks before the executor reports the spawn.
     let _ = m.step(t0, Input::Register);
-    let _ = m.step(t0, Input::Heartbeat { tid: 9, timeout: ms(300) });
+    let _ = m.step(
+        t0,
+        Input::Heartbeat {
+            tid: 9,
+            timeout: ms(300),
+        },
+    );
     let _ = m.step(t0, Input::Ready);
     let _ = m.step(t0 + ms(1), Input::Spawned { pid: 77 });
     let v = m.view(t0 + ms(1));
@@ -715,5 +721,11 @@ fn what_a_new_process_says_before_its_spawn_is_seen_is_kept() {
     assert_eq!(v.heartbeats.len(), 1);
     // And its heartbeat deadline is enforced.
     let acts = m.step(t0 + ms(300), Input::Tick);
-    assert!(acts.contains(&Action::Signal { pid: 77, signal: TreeSignal::Kill }), "{acts:?}");
+    assert!(
+        acts.contains(&Action::Signal {
+            pid: 77,
+            signal: TreeSignal::Kill
+        }),
+        "{acts:?}"
+    );
 }
