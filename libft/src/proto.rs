@@ -14,6 +14,15 @@
 //! kind 4 Ready         body: empty
 //! kind 5 Status        body: UTF-8 text, at most MAX_STATUS_LEN bytes
 //! kind 6 Unregister    body: empty
+//! kind 7 Checkpointed  body: stream u32, seq u64, bytes u64, pause_us u32
+//! ```
+//!
+//! watchd answers on the same socket pair ([`WatchdMessage`], kinds from 0x81). libft's socket
+//! is connected to watchd's, and the kernel delivers to a connected datagram socket only what its
+//! peer sends, so nothing but watchd can send these to an application.
+//!
+//! ```text
+//! kind 0x81 CheckpointNow  body: stream u32
 //! ```
 
 /// The first two bytes of every datagram.
@@ -55,6 +64,92 @@ pub enum AppMessage {
     Status(String),
     /// The process stops using libft; its heartbeat regions are dropped (`ft_del_watch`).
     Unregister,
+    /// A checkpoint was committed (shown by `ftctl status`).
+    Checkpointed {
+        /// The checkpoint stream (`t_checkpoint(id)`).
+        stream: u32,
+        /// Its sequence number.
+        seq: u64,
+        /// Image size in bytes.
+        bytes: u64,
+        /// How long the application was paused to take it, in microseconds.
+        pause_us: u32,
+    },
+}
+
+/// A message from watchd to an application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WatchdMessage {
+    /// Take a checkpoint of `stream` at the next safe point (`ftctl checkpoint`).
+    CheckpointNow {
+        /// The checkpoint stream.
+        stream: u32,
+    },
+}
+
+const KIND_CHECKPOINT_NOW: u8 = 0x81;
+
+impl WatchdMessage {
+    /// Encodes into `buf` and returns the number of bytes used.
+    pub fn encode(&self, buf: &mut [u8; MAX_DATAGRAM]) -> usize {
+        buf[0..2].copy_from_slice(&MAGIC);
+        buf[2] = VERSION;
+        match self {
+            WatchdMessage::CheckpointNow { stream } => {
+                buf[3] = KIND_CHECKPOINT_NOW;
+                buf[4..8].copy_from_slice(&stream.to_le_bytes());
+                HEADER_LEN + 4
+            }
+        }
+    }
+
+    /// Decodes one datagram. Never panics, whatever the input.
+    pub fn decode(datagram: &[u8]) -> Result<WatchdMessage, DecodeError> {
+        let body = check_header(datagram)?;
+        match datagram[3] {
+            KIND_CHECKPOINT_NOW => {
+                let b = fixed_body(body, 4)?;
+                Ok(WatchdMessage::CheckpointNow {
+                    stream: u32_at(b, 0),
+                })
+            }
+            other => Err(DecodeError::BadKind(other)),
+        }
+    }
+}
+
+fn check_header(datagram: &[u8]) -> Result<&[u8], DecodeError> {
+    if datagram.len() > MAX_DATAGRAM {
+        return Err(DecodeError::Oversized);
+    }
+    if datagram.len() < HEADER_LEN {
+        return Err(DecodeError::Truncated);
+    }
+    if datagram[0..2] != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    if datagram[2] != VERSION {
+        return Err(DecodeError::BadVersion(datagram[2]));
+    }
+    Ok(&datagram[HEADER_LEN..])
+}
+
+fn fixed_body(body: &[u8], len: usize) -> Result<&[u8], DecodeError> {
+    match body.len().cmp(&len) {
+        std::cmp::Ordering::Less => Err(DecodeError::Truncated),
+        std::cmp::Ordering::Greater => Err(DecodeError::Oversized),
+        std::cmp::Ordering::Equal => Ok(body),
+    }
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    let mut x = [0u8; 8];
+    x.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(x)
 }
 
 /// Why a datagram was refused.
@@ -86,6 +181,7 @@ const KIND_HEARTBEAT_END: u8 = 3;
 const KIND_READY: u8 = 4;
 const KIND_STATUS: u8 = 5;
 const KIND_UNREGISTER: u8 = 6;
+const KIND_CHECKPOINTED: u8 = 7;
 
 impl AppMessage {
     /// Encodes into `buf` and returns the number of bytes used. Status texts longer than
@@ -126,33 +222,26 @@ impl AppMessage {
                 buf[3] = KIND_UNREGISTER;
                 HEADER_LEN
             }
+            AppMessage::Checkpointed {
+                stream,
+                seq,
+                bytes,
+                pause_us,
+            } => {
+                buf[3] = KIND_CHECKPOINTED;
+                buf[4..8].copy_from_slice(&stream.to_le_bytes());
+                buf[8..16].copy_from_slice(&seq.to_le_bytes());
+                buf[16..24].copy_from_slice(&bytes.to_le_bytes());
+                buf[24..28].copy_from_slice(&pause_us.to_le_bytes());
+                HEADER_LEN + 24
+            }
         }
     }
 
     /// Decodes one datagram. Never panics, whatever the input.
     pub fn decode(datagram: &[u8]) -> Result<AppMessage, DecodeError> {
-        if datagram.len() > MAX_DATAGRAM {
-            return Err(DecodeError::Oversized);
-        }
-        if datagram.len() < HEADER_LEN {
-            return Err(DecodeError::Truncated);
-        }
-        if datagram[0..2] != MAGIC {
-            return Err(DecodeError::BadMagic);
-        }
-        if datagram[2] != VERSION {
-            return Err(DecodeError::BadVersion(datagram[2]));
-        }
-        let body = &datagram[HEADER_LEN..];
-        let fixed = |len: usize| -> Result<&[u8], DecodeError> {
-            match body.len().cmp(&len) {
-                std::cmp::Ordering::Less => Err(DecodeError::Truncated),
-                std::cmp::Ordering::Greater => Err(DecodeError::Oversized),
-                std::cmp::Ordering::Equal => Ok(body),
-            }
-        };
-        let u32_at =
-            |b: &[u8], at: usize| u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        let body = check_header(datagram)?;
+        let fixed = |len: usize| fixed_body(body, len);
         match datagram[3] {
             KIND_REGISTER => fixed(0).map(|_| AppMessage::Register),
             KIND_HEARTBEAT => {
@@ -171,6 +260,15 @@ impl AppMessage {
                 .map(|s| AppMessage::Status(s.to_owned()))
                 .map_err(|_| DecodeError::BadText),
             KIND_UNREGISTER => fixed(0).map(|_| AppMessage::Unregister),
+            KIND_CHECKPOINTED => {
+                let b = fixed(24)?;
+                Ok(AppMessage::Checkpointed {
+                    stream: u32_at(b, 0),
+                    seq: u64_at(b, 4),
+                    bytes: u64_at(b, 12),
+                    pause_us: u32_at(b, 20),
+                })
+            }
             other => Err(DecodeError::BadKind(other)),
         }
     }
@@ -201,6 +299,26 @@ mod tests {
         roundtrip(AppMessage::Ready);
         roundtrip(AppMessage::Status("serving 12 clients".into()));
         roundtrip(AppMessage::Unregister);
+        roundtrip(AppMessage::Checkpointed {
+            stream: 2,
+            seq: u64::MAX - 1,
+            bytes: 1 << 40,
+            pause_us: 999,
+        });
+        let mut buf = [0u8; MAX_DATAGRAM];
+        let n = WatchdMessage::CheckpointNow { stream: 5 }.encode(&mut buf);
+        assert_eq!(
+            WatchdMessage::decode(&buf[..n]),
+            Ok(WatchdMessage::CheckpointNow { stream: 5 })
+        );
+        assert_eq!(
+            WatchdMessage::decode(&buf[..n - 1]),
+            Err(DecodeError::Truncated)
+        );
+        // The two directions never mistake each other's messages.
+        assert!(AppMessage::decode(&buf[..n]).is_err());
+        let n = AppMessage::HeartbeatEnd { tid: 1 }.encode(&mut buf);
+        assert!(WatchdMessage::decode(&buf[..n]).is_err());
     }
 
     #[test]

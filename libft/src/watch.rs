@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::proto::{AppMessage, ENV_SOCKET, MAX_DATAGRAM};
+use crate::proto::{AppMessage, ENV_SOCKET, MAX_DATAGRAM, WatchdMessage};
 
 /// `Watch::pending`: the watchd we are connected to has not received our `Register` yet.
 const PENDING_REGISTER: u8 = 1;
@@ -89,6 +89,7 @@ impl Watch {
     /// Like [`Watch::connect`], with the lenient behaviour of [`Watch::register_lenient`].
     pub fn connect_lenient(path: &Path) -> Result<(Watch, Result<(), Error>), Error> {
         let sock = UnixDatagram::unbound().map_err(Error::Io)?;
+        autobind(&sock).map_err(Error::Io)?;
         sock.set_nonblocking(true).map_err(Error::Io)?;
         let watch = Watch {
             sock,
@@ -143,6 +144,43 @@ impl Watch {
             tid,
             timeout,
         })
+    }
+
+    /// Reports a committed checkpoint to watchd (shown by `ftctl status`).
+    pub fn checkpointed(
+        &self,
+        stream: u32,
+        seq: u64,
+        bytes: u64,
+        pause: Duration,
+    ) -> Result<(), Error> {
+        let pause_us = u32::try_from(pause.as_micros()).unwrap_or(u32::MAX);
+        self.send(&AppMessage::Checkpointed {
+            stream,
+            seq,
+            bytes,
+            pause_us,
+        })
+    }
+
+    /// The next request watchd sent (e.g. `ftctl checkpoint`), if any; never blocks. Datagrams
+    /// that do not decode are skipped.
+    pub fn poll_command(&self) -> Result<Option<WatchdMessage>, Error> {
+        let mut buf = [0u8; MAX_DATAGRAM + 1];
+        loop {
+            match self.sock.recv(&mut buf) {
+                Ok(n) => {
+                    if let Ok(m) = WatchdMessage::decode(&buf[..n]) {
+                        return Ok(Some(m));
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                // Not connected yet, or the peer went away: nothing to read now.
+                Err(e) if peer_gone(&e) => return Ok(None),
+                Err(e) => return Err(Error::Io(e)),
+            }
+        }
     }
 
     /// The path of watchd's socket this `Watch` talks to.
@@ -295,6 +333,34 @@ fn classify_retry(e: io::Error) -> Error {
         Error::Unreachable(e)
     } else {
         classify(e)
+    }
+}
+
+/// Binds the socket to a fresh abstract address chosen by the kernel (autobind), so watchd can
+/// answer it. Only watchd can: the socket is connected to watchd's, and a connected datagram
+/// socket receives only from its peer.
+fn autobind(sock: &UnixDatagram) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: zeroed bytes are a valid sockaddr_un (a plain C struct of integers and bytes).
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family =
+        libc::sa_family_t::try_from(libc::AF_UNIX).expect("AF_UNIX fits in sa_family_t");
+    let len = libc::socklen_t::try_from(std::mem::size_of::<libc::sa_family_t>())
+        .expect("the size of sa_family_t fits in socklen_t");
+    // SAFETY: the fd is an open Unix socket owned by `sock`; `addr` is a valid sockaddr_un that
+    // outlives the call, and `len` (just the family) is within its size, which asks the kernel
+    // to autobind an abstract address.
+    let rc = unsafe {
+        libc::bind(
+            sock.as_raw_fd(),
+            (&raw const addr).cast::<libc::sockaddr>(),
+            len,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -52,6 +52,13 @@ pub enum Request {
     },
     /// Re-read the configuration file and apply it.
     Reload,
+    /// Ask a service that uses libft to take a checkpoint at its next safe point.
+    Checkpoint {
+        /// Service name.
+        service: String,
+        /// Checkpoint stream (`t_checkpoint(id)`); 0 when absent.
+        stream: Option<u32>,
+    },
     /// Test hook (refused unless watchd runs with `WATCHD_TEST_HOOKS=1`): make the service's
     /// supervisor actor panic, to show that the actor is restarted and the service untouched.
     InjectPanic {

@@ -46,6 +46,10 @@ pub const DEFAULT_LOG_MAX_BYTES: u64 = 10 * 1024 * 1024;
 pub const DEFAULT_LOG_KEEP: u32 = 3;
 /// Events kept in memory for `ftctl events`.
 pub const DEFAULT_EVENTS_KEEP: usize = 10_000;
+/// Good checkpoints kept per stream.
+pub const DEFAULT_CKPT_KEEP: u32 = 3;
+/// A full checkpoint image after this many incremental ones.
+pub const DEFAULT_CKPT_FULL_EVERY: u32 = 8;
 /// Longest heartbeat timeout an application may ask for.
 pub const MAX_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
@@ -162,6 +166,33 @@ pub struct ServiceConfig {
     /// Command run when the service exceeds its restart budget (argv).
     #[serde(default)]
     pub on_escalate: Vec<String>,
+    /// Checkpoints of critical memory taken by libft in the service.
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+}
+
+/// `[service.checkpoint]`: passed to the service's libft through its environment
+/// (`FT_CKPT_EVERY`, `FT_CKPT_KEEP`, `FT_CKPT_FULL_EVERY`); images go to `FT_CKPT_DIR`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CheckpointConfig {
+    /// Take a checkpoint this often, at the application's next safe point.
+    #[serde(with = "humantime_serde")]
+    pub every: Option<Duration>,
+    /// Good checkpoints kept.
+    pub keep: u32,
+    /// A full image after this many incremental ones.
+    pub full_every: u32,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        CheckpointConfig {
+            every: None,
+            keep: DEFAULT_CKPT_KEEP,
+            full_every: DEFAULT_CKPT_FULL_EVERY,
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -545,6 +576,19 @@ impl Config {
             {
                 return Err((at, field("rejuvenate.every"), "must be at least 1s".into()));
             }
+            if s.checkpoint
+                .every
+                .is_some_and(|e| e < Duration::from_millis(10))
+            {
+                return Err((
+                    at,
+                    field("checkpoint.every"),
+                    "must be at least 10ms".into(),
+                ));
+            }
+            if s.checkpoint.keep == 0 {
+                return Err((at, field("checkpoint.keep"), "must be at least 1".into()));
+            }
             for (j, p) in s.probes.iter().enumerate() {
                 let pat = Some(p.kind.span().start);
                 let pfield = |f: &str| format!("service[{i}].probe[{j}].{f}");
@@ -773,6 +817,21 @@ failures = 2
         assert_eq!(c.services[0].command, "/etc/ft/../bin/a");
         assert_eq!(c.services[0].cwd.as_deref(), Some(Path::new("/etc/ft/w")));
         assert_eq!(c.services[1].command, "sleep");
+    }
+
+    #[test]
+    fn checkpoint_section() {
+        let c = parse("[[service]]\nname = \"a\"\ncommand = \"x\"\ncheckpoint = { every = \"500ms\", keep = 5 }\n")
+            .expect("valid");
+        assert_eq!(
+            c.services[0].checkpoint.every,
+            Some(Duration::from_millis(500))
+        );
+        assert_eq!(c.services[0].checkpoint.keep, 5);
+        assert_eq!(c.services[0].checkpoint.full_every, DEFAULT_CKPT_FULL_EVERY);
+        let e = parse("[[service]]\nname = \"a\"\ncommand = \"x\"\ncheckpoint = { keep = 0 }\n")
+            .expect_err("keep 0");
+        assert_eq!(e.field.as_deref(), Some("service[0].checkpoint.keep"));
     }
 
     #[test]

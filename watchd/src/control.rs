@@ -193,6 +193,23 @@ async fn connection(
             };
             send(&mut write, &response).await
         }
+        Request::Checkpoint { service, stream } => {
+            let response = match shared.actor(&service) {
+                None => Response::NotFound {
+                    what: format!("service `{service}`"),
+                },
+                Some(_) => match shared.request_checkpoint(&service, stream.unwrap_or(0)) {
+                    Ok(pid) => Response::Ok {
+                        message: format!(
+                            "{service}: checkpoint of stream {} requested from pid {pid}",
+                            stream.unwrap_or(0)
+                        ),
+                    },
+                    Err(message) => Response::Error { message },
+                },
+            };
+            send(&mut write, &response).await
+        }
         Request::InjectPanic { service } => {
             if !shared.test_hooks {
                 return send(
@@ -295,6 +312,7 @@ fn unknown_view() -> View {
         registered: false,
         heartbeats: vec![],
         backoff_ms: None,
+        checkpoint: None,
     }
 }
 

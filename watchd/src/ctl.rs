@@ -98,6 +98,14 @@ enum Command {
     },
     /// Make watchd re-read its configuration file.
     Reload,
+    /// Ask a service that uses libft to checkpoint its critical memory at its next safe point.
+    Checkpoint {
+        /// Service name.
+        service: String,
+        /// Checkpoint stream (`t_checkpoint(id)`).
+        #[arg(long, default_value_t = 0)]
+        stream: u32,
+    },
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
@@ -255,6 +263,10 @@ fn execute(
             max_bytes: *bytes,
         },
         Command::Reload => Request::Reload,
+        Command::Checkpoint { service, stream } => Request::Checkpoint {
+            service: service.clone(),
+            stream: Some(*stream),
+        },
     };
     let mut conn = Connection::open(socket, cli.timeout)?;
     conn.send(&request)?;
@@ -273,7 +285,8 @@ fn execute(
         Command::Start { .. }
         | Command::Stop { .. }
         | Command::Restart { .. }
-        | Command::Reload => match conn.answer()? {
+        | Command::Reload
+        | Command::Checkpoint { .. } => match conn.answer()? {
             Response::Ok { message } => {
                 writeln!(out, "{}", sanitize(&message)).map_err(output_error)?;
                 Ok(Outcome::Success)
@@ -537,7 +550,7 @@ fn print_status_json(report: &StatusReport, out: &mut dyn Write) -> Result<(), C
     Ok(())
 }
 
-const STATUS_HEADER: [&str; 8] = [
+const STATUS_HEADER: [&str; 9] = [
     "SERVICE",
     "STATE",
     "PID",
@@ -545,6 +558,7 @@ const STATUS_HEADER: [&str; 8] = [
     "RESTARTS",
     "LAST EXIT",
     "HEARTBEATS",
+    "CHECKPOINT",
     "STATUS",
 ];
 
@@ -592,11 +606,47 @@ fn status_row(s: &ServiceStatus) -> Vec<String> {
         restarts,
         v.last_exit.map_or_else(dash, |e| e.to_string()),
         heartbeat_cell(v),
+        checkpoint_cell(v),
         if status.is_empty() { dash() } else { status },
     ]
     .into_iter()
     .map(|c| sanitize(&c))
     .collect()
+}
+
+/// "-" without a reported checkpoint; else "#seq size, age ago".
+fn checkpoint_cell(v: &View) -> String {
+    let Some(c) = &v.checkpoint else {
+        return "-".into();
+    };
+    let stream = if c.stream == 0 {
+        String::new()
+    } else {
+        format!("{}:", c.stream)
+    };
+    format!(
+        "{stream}#{} {}, {} ago",
+        c.seq,
+        format_bytes(c.bytes),
+        format_millis(c.age_ms)
+    )
+}
+
+fn format_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut unit = 0;
+    let mut whole = b;
+    let mut rem = 0;
+    while whole >= 1024 && unit + 1 < UNITS.len() {
+        rem = whole % 1024;
+        whole /= 1024;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b} B")
+    } else {
+        format!("{whole}.{} {}", rem * 10 / 1024, UNITS[unit])
+    }
 }
 
 /// "-" without regions; else their count and either how many are overdue or the nearest
@@ -858,6 +908,7 @@ mod tests {
             registered: false,
             heartbeats: Vec::new(),
             backoff_ms: None,
+            checkpoint: None,
         }
     }
 

@@ -83,7 +83,7 @@ pub async fn run(config_path: PathBuf, config: Config, options: Options) -> anyh
         notify_socket.clone(),
         options.test_hooks,
     ));
-    listener::start(
+    let ft_sender = listener::start(
         &ft_socket,
         Protocol::Ft,
         directory.clone(),
@@ -91,6 +91,7 @@ pub async fn run(config_path: PathBuf, config: Config, options: Options) -> anyh
         counters.clone(),
     )
     .with_context(|| format!("cannot listen on {}", ft_socket.display()))?;
+    shared.set_ft_sender(ft_sender);
     listener::start(
         &notify_socket,
         Protocol::Notify,

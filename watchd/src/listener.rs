@@ -12,13 +12,13 @@ use std::io::IoSliceMut;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixDatagram;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use ft::proto::{AppMessage, DecodeError, MAX_DATAGRAM};
-use nix::sys::socket::{self, ControlMessageOwned, MsgFlags, sockopt};
+use nix::sys::socket::{self, ControlMessageOwned, MsgFlags, UnixAddr, sockopt};
 
 use crate::api::ListenerCounters;
 use crate::machine::Input;
@@ -40,6 +40,10 @@ const MAX_ANCESTRY: usize = 32;
 pub trait Deliver: Send + Sync + 'static {
     /// Delivers `input` from process `pid` to `service`; false when there is no such service.
     fn deliver(&self, service: &str, pid: u32, input: Input) -> bool;
+
+    /// Process `pid` of `service` registered with libft from `address`: where watchd's
+    /// requests to it (e.g. checkpoint now) go.
+    fn registered_from(&self, _service: &str, _pid: u32, _address: UnixAddr) {}
 }
 
 /// Which processes belong to which service.
@@ -165,14 +169,15 @@ pub enum Protocol {
     Notify,
 }
 
-/// Binds `path` (replacing a stale socket file) and serves it on a new thread.
+/// Binds `path` (replacing a stale socket file) and serves it on a new thread. Returns a handle
+/// of the same socket for sending replies (a connected libft socket accepts only its peer).
 pub fn start(
     path: &Path,
     protocol: Protocol,
     directory: Arc<Directory>,
     deliver: Arc<dyn Deliver>,
     counters: Arc<Counters>,
-) -> std::io::Result<PathBuf> {
+) -> std::io::Result<UnixDatagram> {
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -190,10 +195,11 @@ pub fn start(
         Protocol::Ft => "ft-listener",
         Protocol::Notify => "notify-listener",
     };
+    let replies = sock.try_clone()?;
     std::thread::Builder::new()
         .name(name.into())
         .spawn(move || serve(&sock, protocol, &directory, deliver.as_ref(), &counters))?;
-    Ok(path.to_owned())
+    Ok(replies)
 }
 
 fn serve(
@@ -212,13 +218,13 @@ fn serve(
     let mut cmsg = nix::cmsg_space!(socket::UnixCredentials);
     loop {
         let mut iov = [IoSliceMut::new(&mut buf)];
-        let received = socket::recvmsg::<()>(
+        let received = socket::recvmsg::<UnixAddr>(
             sock.as_raw_fd(),
             &mut iov,
             Some(&mut cmsg),
             MsgFlags::MSG_TRUNC | MsgFlags::MSG_CMSG_CLOEXEC,
         );
-        let (len, truncated, pid) = match received {
+        let (len, truncated, pid, from) = match received {
             Ok(msg) => {
                 let pid = msg.cmsgs().ok().and_then(|mut c| {
                     c.find_map(|m| match m {
@@ -226,7 +232,12 @@ fn serve(
                         _ => None,
                     })
                 });
-                (msg.bytes, msg.flags.contains(MsgFlags::MSG_TRUNC), pid)
+                (
+                    msg.bytes,
+                    msg.flags.contains(MsgFlags::MSG_TRUNC),
+                    pid,
+                    msg.address,
+                )
             }
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => {
@@ -265,6 +276,9 @@ fn serve(
             .and_then(|p| directory.resolve_fresh(p));
         let pid = pid.unwrap_or(0);
         let delivered = service.is_some_and(|service| {
+            if let (Some(addr), Some(Input::Register)) = (from, inputs.first()) {
+                deliver.registered_from(&service, pid, addr);
+            }
             // An sd_notify datagram of only unknown keys is still a valid message.
             inputs
                 .into_iter()
@@ -293,6 +307,17 @@ fn input_of(m: AppMessage) -> Input {
         AppMessage::Ready => Input::Ready,
         AppMessage::Status(s) => Input::Status(s),
         AppMessage::Unregister => Input::Unregister,
+        AppMessage::Checkpointed {
+            stream,
+            seq,
+            bytes,
+            pause_us,
+        } => Input::Checkpointed {
+            stream,
+            seq,
+            bytes,
+            pause: Duration::from_micros(u64::from(pause_us)),
+        },
     }
 }
 

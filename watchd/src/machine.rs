@@ -130,6 +130,17 @@ pub enum Input {
         /// Bytes.
         bytes: u64,
     },
+    /// The application committed a checkpoint.
+    Checkpointed {
+        /// Its stream.
+        stream: u32,
+        /// Its sequence number.
+        seq: u64,
+        /// Image size.
+        bytes: u64,
+        /// How long the application paused for it.
+        pause: Duration,
+    },
     /// A timer set for `next_deadline` fired (or anything else wants deadlines checked).
     Tick,
 }
@@ -365,6 +376,24 @@ pub struct View {
     pub heartbeats: Vec<(u32, i64)>,
     /// Milliseconds until the next start, while backing off.
     pub backoff_ms: Option<u64>,
+    /// The last checkpoint the application reported.
+    #[serde(default)]
+    pub checkpoint: Option<CheckpointView>,
+}
+
+/// The last checkpoint an application reported, as `ftctl status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointView {
+    /// Stream (`t_checkpoint(id)`).
+    pub stream: u32,
+    /// Sequence number.
+    pub seq: u64,
+    /// Image size in bytes.
+    pub bytes: u64,
+    /// The application's pause for it, in microseconds.
+    pub pause_us: u64,
+    /// Milliseconds since it was reported.
+    pub age_ms: u64,
 }
 
 /// The state machine of one service.
@@ -384,6 +413,8 @@ pub struct ServiceMachine {
     probe_fail_counts: Vec<u32>,
     /// READY arrived while the process was being spawned.
     early_ready: bool,
+    /// The last checkpoint reported, and when.
+    last_checkpoint: Option<(CheckpointView, Instant)>,
     rng: u64,
 }
 
@@ -404,6 +435,7 @@ impl ServiceMachine {
             watchdog_deadline: None,
             probe_fail_counts: vec![0; probes],
             early_ready: false,
+            last_checkpoint: None,
             rng: seed | 1,
         }
     }
@@ -552,6 +584,22 @@ impl ServiceMachine {
                 self.hang(now, "service reported WATCHDOG=trigger".into(), &mut out)
             }
             Input::Status(text) => self.status_text = Some(text),
+            Input::Checkpointed {
+                stream,
+                seq,
+                bytes,
+                pause,
+            } => {
+                let pause_us = u64::try_from(pause.as_micros()).unwrap_or(u64::MAX);
+                let view = CheckpointView {
+                    stream,
+                    seq,
+                    bytes,
+                    pause_us,
+                    age_ms: 0,
+                };
+                self.last_checkpoint = Some((view, now));
+            }
             Input::Probe { index, ok, detail } => self.on_probe(now, index, ok, detail, &mut out),
             Input::Rss { bytes } => {
                 if let (Some(limit), Phase::Running { pid, .. }) = (self.rules.max_rss, &self.phase)
@@ -997,6 +1045,10 @@ impl ServiceMachine {
                 })
                 .collect(),
             backoff_ms: backoff.map(millis),
+            checkpoint: self.last_checkpoint.as_ref().map(|(v, at)| CheckpointView {
+                age_ms: millis(now.saturating_duration_since(*at)),
+                ..v.clone()
+            }),
         }
     }
 }

@@ -59,6 +59,10 @@ pub struct Shared {
     pub order: RwLock<Vec<String>>,
     /// The process each service's actor watches; survives an actor's restart.
     live: Mutex<HashMap<String, Live>>,
+    /// Where each service's libft registered from: (pid, address), for requests to it.
+    replies: Mutex<HashMap<String, (u32, nix::sys::socket::UnixAddr)>>,
+    /// watchd's end of the libft socket, for those requests.
+    ft_sender: Mutex<Option<std::os::unix::net::UnixDatagram>>,
 }
 
 #[derive(Debug)]
@@ -99,7 +103,49 @@ impl Shared {
             actors: RwLock::default(),
             order: RwLock::default(),
             live: Mutex::default(),
+            replies: Mutex::default(),
+            ft_sender: Mutex::default(),
         }
+    }
+
+    /// Sets the socket requests to applications are sent from (the libft listener's).
+    pub fn set_ft_sender(&self, sock: std::os::unix::net::UnixDatagram) {
+        *self
+            .ft_sender
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(sock);
+    }
+
+    /// Sends "checkpoint `stream` now" to the process of `service` that registered with libft.
+    /// Returns its pid, or why it cannot be asked.
+    pub fn request_checkpoint(&self, service: &str, stream: u32) -> Result<u32, String> {
+        let (pid, addr) = self
+            .replies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(service)
+            .cloned()
+            .ok_or_else(|| format!("`{service}` has no process registered with libft"))?;
+        if self.directory.resolve(pid).as_deref() != Some(service) {
+            return Err(format!(
+                "`{service}`: the process that registered (pid {pid}) is gone"
+            ));
+        }
+        let sender = self
+            .ft_sender
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let sock = sender.as_ref().ok_or("the libft socket is not open")?;
+        let mut buf = [0u8; ft::proto::MAX_DATAGRAM];
+        let n = ft::proto::WatchdMessage::CheckpointNow { stream }.encode(&mut buf);
+        nix::sys::socket::sendto(
+            std::os::fd::AsRawFd::as_raw_fd(sock),
+            &buf[..n],
+            &addr,
+            nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+        )
+        .map_err(|e| format!("cannot reach pid {pid} of `{service}`: {e}"))?;
+        Ok(pid)
     }
 
     /// The actor of `service`.
@@ -144,6 +190,13 @@ impl Deliver for Shared {
         actors
             .get(service)
             .is_some_and(|a| a.cast(ServiceMsg::Input(input)).is_ok())
+    }
+
+    fn registered_from(&self, service: &str, pid: u32, address: nix::sys::socket::UnixAddr) {
+        self.replies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(service.to_owned(), (pid, address));
     }
 }
 
@@ -485,6 +538,17 @@ fn spawn_spec(st: &ServiceState) -> process::SpawnSpec {
         ("FT_ROLE".to_owned(), "primary".to_owned()),
         ("FT_CKPT_DIR".to_owned(), ckpt_dir.display().to_string()),
     ];
+    if let Some(every) = c.checkpoint.every {
+        env.push((
+            "FT_CKPT_EVERY".to_owned(),
+            format!("{}ms", every.as_millis()),
+        ));
+    }
+    env.push(("FT_CKPT_KEEP".to_owned(), c.checkpoint.keep.to_string()));
+    env.push((
+        "FT_CKPT_FULL_EVERY".to_owned(),
+        c.checkpoint.full_every.to_string(),
+    ));
     if let Some(w) = c.hang.watchdog {
         env.push(("WATCHDOG_USEC".to_owned(), w.as_micros().to_string()));
     }
