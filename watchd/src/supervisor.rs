@@ -253,6 +253,7 @@ pub struct ServiceState {
     probes: Vec<JoinHandle<()>>,
     rss: Option<JoinHandle<()>>,
     removing: bool,
+    recorded: Option<Record>,
 }
 
 /// What a service actor starts from.
@@ -262,6 +263,8 @@ pub struct ServiceArgs {
     pub shared: Arc<Shared>,
     /// Its configuration.
     pub config: ServiceConfig,
+    /// What the registry recorded of its process when watchd started.
+    pub recorded: Option<Record>,
 }
 
 impl Actor for ServiceSupervisor {
@@ -300,6 +303,7 @@ impl Actor for ServiceSupervisor {
             probes: Vec::new(),
             rss: None,
             removing: false,
+            recorded: args.recorded,
         })
     }
 
@@ -384,13 +388,7 @@ fn boot(myself: &ActorRef<ServiceMsg>, st: &mut ServiceState, start: bool) {
         l.waiter.abort();
         (l.pid, l.start_time)
     });
-    let recorded = known.or_else(|| {
-        st.shared.registry.all().ok().and_then(|all| {
-            all.into_iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, r)| (r.pid, r.start_time))
-        })
-    });
+    let recorded = known.or_else(|| st.recorded.take().map(|r| (r.pid, r.start_time)));
     if let Some((pid, start_time)) = recorded {
         match process::adopt(pid, start_time) {
             Ok(Some(pidfd)) => {
@@ -753,10 +751,11 @@ impl Actor for Root {
             .iter()
             .map(|s| s.name().to_owned())
             .collect();
-        stop_unconfigured(&st);
+        let mut records = stop_unconfigured(&st);
         for svc in st.config.services.clone() {
             let start = svc.autostart;
-            spawn_service(&myself, &mut st, svc, start).await?;
+            let recorded = records.remove(svc.name());
+            spawn_service(&myself, &mut st, svc, start, recorded).await?;
         }
         Ok(st)
     }
@@ -824,7 +823,7 @@ impl Actor for Root {
         );
         if let Some(cfg) = st.config.service(&name).cloned() {
             let start = cfg.autostart;
-            spawn_service(&myself, st, cfg, start).await?;
+            spawn_service(&myself, st, cfg, start, None).await?;
         }
         Ok(())
     }
@@ -835,11 +834,13 @@ async fn spawn_service(
     st: &mut RootState,
     config: ServiceConfig,
     start: bool,
+    recorded: Option<Record>,
 ) -> Result<(), ActorProcessingErr> {
     let name = config.name().to_owned();
     let args = ServiceArgs {
         shared: st.shared.clone(),
         config,
+        recorded,
     };
     let (actor, _) = Actor::spawn_linked(None, ServiceSupervisor, args, myself.get_cell()).await?;
     st.children.insert(actor.get_id(), name.clone());
@@ -853,12 +854,19 @@ async fn spawn_service(
 }
 
 /// Processes recorded for services that are no longer configured are stopped.
-fn stop_unconfigured(st: &RootState) {
-    let Ok(records) = st.shared.registry.all() else {
-        return;
+/// Returns the records of the configured services.
+fn stop_unconfigured(st: &RootState) -> HashMap<String, Record> {
+    let mut configured = HashMap::new();
+    let records = match st.shared.registry.all() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the registry; no process will be re-adopted");
+            return configured;
+        }
     };
     for (name, rec) in records {
         if st.config.service(&name).is_some() {
+            configured.insert(name, rec);
             continue;
         }
         st.shared.registry.remove(&name);
@@ -875,6 +883,7 @@ fn stop_unconfigured(st: &RootState) {
             let _ = process::signal_tree(rec.pid, cgroup.as_ref(), TreeSignal::Kill);
         }
     }
+    configured
 }
 
 async fn reload(myself: &ActorRef<RootMsg>, st: &mut RootState) -> Response {
@@ -929,7 +938,7 @@ async fn reload(myself: &ActorRef<RootMsg>, st: &mut RootState) -> Response {
     st.config = new;
     for svc in added {
         let start = svc.autostart;
-        if let Err(e) = spawn_service(myself, st, svc, start).await {
+        if let Err(e) = spawn_service(myself, st, svc, start, None).await {
             tracing::error!(error = %e, "cannot start a supervisor for an added service");
         }
     }
