@@ -1,14 +1,19 @@
 //! The C ABI of libft (`libft.so`, `libft.a`, `include/ft.h`), named after NT-SwiFT.
 //!
-//! Owns the process-wide [`Watch`] behind `ft_reg_watch`. Every exported function runs inside
-//! a panic boundary, NULL-checks its pointers and returns an `FT_E*` code: nothing here may
-//! unwind into C, abort the process, block or allocate on the heartbeat path.
+//! Owns the process-wide [`Watch`] behind `ft_reg_watch`, and exposes the process-wide
+//! critical memory ([`crate::critical::global`]) as `t_ftmalloc`, `ft_critical`,
+//! `t_checkpoint`, `t_recover` and friends. Every exported function runs inside a panic
+//! boundary, NULL-checks its pointers and returns an `FT_E*` code: nothing here may unwind into
+//! C, abort the process, block or allocate on the heartbeat path.
 
-use std::ffi::{CStr, c_char, c_int};
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{PoisonError, RwLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, Once, OnceLock, PoisonError, RwLock};
+use std::time::{Duration, Instant};
 
+use crate::critical::{self, CheckpointConfig, Checkpointer};
+use crate::proto::WatchdMessage;
 use crate::watch::{Error, Watch};
 
 /// Success.
@@ -27,6 +32,30 @@ pub const FT_EINVAL: c_int = -5;
 pub const FT_EPANIC: c_int = -6;
 /// Another I/O error on the socket to watchd.
 pub const FT_EIO: c_int = -7;
+// Codes from -16 on belong to critical memory and checkpoints.
+/// The critical heap is exhausted, or cannot be mapped.
+pub const FT_ENOMEM: c_int = -16;
+/// The critical heap's fixed address range is occupied by another mapping.
+pub const FT_EADDRINUSE: c_int = -17;
+/// The disk holding the checkpoint store is full; the previous checkpoint is intact.
+pub const FT_ENOSPC: c_int = -18;
+/// Critical heap metadata or a checkpoint image is corrupt.
+pub const FT_ECORRUPT: c_int = -19;
+/// The checkpoint was taken by a process laid out differently (heap address or size,
+/// ft_critical registrations).
+pub const FT_EMISMATCH: c_int = -20;
+/// The operation conflicts with one in progress (or the heap is initialised already).
+pub const FT_EBUSY: c_int = -21;
+/// Another checkpoint error: store I/O, the snapshot process, dirty tracking.
+pub const FT_ECKPT: c_int = -22;
+/// FT_HEAP_ADDR, FT_HEAP_SIZE, FT_CKPT_* or FT_DIRTY is invalid.
+pub const FT_ECONFIG: c_int = -23;
+
+/// Alignment of `t_ftmalloc` blocks, that of `malloc` (max_align_t) on x86_64 and aarch64.
+const MALLOC_ALIGN: usize = 16;
+/// How often t_safe_point looks for watchd's requests (`ftctl checkpoint`): often enough for a
+/// person, rare enough that the common safe point stays a clock read and a compare.
+const REQUEST_POLL_INTERVAL: Duration = Duration::from_millis(100);
 
 /// The process-wide registration. A read lock on the heartbeat path is uncontended in
 /// practice (writers are only ft_reg_watch and ft_del_watch) and allocates nothing.
@@ -135,6 +164,281 @@ pub extern "C" fn ft_del_watch() -> c_int {
     })
 }
 
+fn critical_code(e: &critical::Error) -> c_int {
+    use critical::Error as E;
+    if e.is_storage_full() {
+        return FT_ENOSPC;
+    }
+    match e {
+        E::AddressInUse { .. } => FT_EADDRINUSE,
+        E::Map { .. } | E::OutOfMemory { .. } => FT_ENOMEM,
+        E::Config(_) => FT_ECONFIG,
+        E::InvalidPointer(_) | E::InvalidArgument(_) | E::Value { .. } => FT_EINVAL,
+        E::Corrupt(_) => FT_ECORRUPT,
+        E::Mismatch(_) => FT_EMISMATCH,
+        E::Busy(_) => FT_EBUSY,
+        E::Store(_) | E::Image(_) | E::Snapshot(_) | E::Tracking(_) | E::Writer(_) => FT_ECKPT,
+    }
+}
+
+/// The process-wide critical memory, created from the environment on first use; its committed
+/// images are reported to watchd (when registered with ft_reg_watch) for `ftctl status`.
+fn critical_global() -> Result<&'static Checkpointer, &'static critical::Error> {
+    static HOOKED: Once = Once::new();
+    let c = critical::global()?;
+    HOOKED.call_once(|| {
+        c.set_commit_hook(Some(Box::new(|stream, info, pause| {
+            let guard = WATCH.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(watch) = guard.as_ref() {
+                // Best effort, like every message to watchd: a lost report harms nothing.
+                let _ = watch.checkpointed(stream, info.seq, info.file_bytes, pause);
+            }
+        })));
+    });
+    Ok(c)
+}
+
+/// Takes the checkpoints watchd asked for (`ftctl checkpoint`), looking at most every
+/// REQUEST_POLL_INTERVAL.
+fn serve_watchd_requests(c: &Checkpointer) -> Result<(), critical::Error> {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    static NEXT_POLL_NS: AtomicU64 = AtomicU64::new(0);
+    let now =
+        u64::try_from(EPOCH.get_or_init(Instant::now).elapsed().as_nanos()).unwrap_or(u64::MAX);
+    if now < NEXT_POLL_NS.load(Ordering::Relaxed) {
+        return Ok(());
+    }
+    let interval = u64::try_from(REQUEST_POLL_INTERVAL.as_nanos()).unwrap_or(u64::MAX);
+    NEXT_POLL_NS.store(now.saturating_add(interval), Ordering::Relaxed);
+    let mut streams = Vec::new();
+    {
+        let guard = WATCH.read().unwrap_or_else(PoisonError::into_inner);
+        let Some(watch) = guard.as_ref() else {
+            return Ok(());
+        };
+        while let Ok(Some(WatchdMessage::CheckpointNow { stream })) = watch.poll_command() {
+            streams.push(stream);
+        }
+    }
+    streams.sort_unstable();
+    streams.dedup();
+    for stream in streams {
+        c.checkpoint(stream)?;
+    }
+    Ok(())
+}
+
+/// Runs `call` on the process-wide critical memory (created from the environment on first
+/// use) and maps the result to an FT_* code.
+fn with_critical(call: impl FnOnce(&Checkpointer) -> Result<(), critical::Error>) -> c_int {
+    boundary(|| match critical_global() {
+        Ok(c) => call(c).map_or_else(|e| critical_code(&e), |()| FT_OK),
+        Err(e) => critical_code(e),
+    })
+}
+
+/// Initialises critical memory with an explicit heap address and size, before any other
+/// critical-memory call (which would initialise it from FT_HEAP_ADDR / FT_HEAP_SIZE or their
+/// defaults). `addr` 0 or `size` 0 keeps that value from the environment or default.
+/// FT_EBUSY once critical memory exists; FT_EADDRINUSE when the range is occupied.
+#[unsafe(no_mangle)]
+pub extern "C" fn t_ftheap_init(addr: u64, size: u64) -> c_int {
+    boundary(|| {
+        let mut config = match CheckpointConfig::from_env() {
+            Ok(c) => c,
+            Err(e) => return critical_code(&e),
+        };
+        if addr != 0 {
+            let Ok(addr) = usize::try_from(addr) else {
+                return FT_EINVAL;
+            };
+            config.heap.addr = addr;
+        }
+        if size != 0 {
+            let Ok(size) = usize::try_from(size) else {
+                return FT_EINVAL;
+            };
+            config.heap.size = size;
+        }
+        match critical::init_global(config) {
+            Ok(_) => FT_OK,
+            Err(e) => critical_code(&e),
+        }
+    })
+}
+
+/// Allocates `size` bytes (16-byte aligned, not zeroed) in the critical heap, which lives at
+/// the same fixed address in every run, so pointers stored in critical memory stay valid after
+/// t_recover. Returns NULL (errno ENOMEM) when the heap is exhausted or unavailable. Thread-safe.
+#[unsafe(no_mangle)]
+pub extern "C" fn t_ftmalloc(size: usize) -> *mut c_void {
+    boundary_or(std::ptr::null_mut(), || {
+        let allocated = critical_global()
+            .map_err(|_| ())
+            .and_then(|c| c.heap().alloc(size, MALLOC_ALIGN).map_err(|_| ()));
+        match allocated {
+            Ok(p) => p.as_ptr().cast(),
+            Err(()) => {
+                set_errno(libc::ENOMEM);
+                std::ptr::null_mut()
+            }
+        }
+    })
+}
+
+/// Frees a block from t_ftmalloc. NULL is ignored; a pointer that is not a live block of the
+/// critical heap is ignored too (with one warning on stderr), never a crash.
+///
+/// # Safety
+/// `ptr` must be NULL or come from t_ftmalloc, and must not be used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn t_ftfree(ptr: *mut c_void) {
+    static WARNED: AtomicBool = AtomicBool::new(false);
+    let _ = catch_unwind(AssertUnwindSafe(|| {
+        let Some(ptr) = std::ptr::NonNull::new(ptr.cast::<u8>()) else {
+            return;
+        };
+        let Ok(c) = critical_global() else {
+            return;
+        };
+        // SAFETY: by this function's contract `ptr` came from t_ftmalloc (the same heap) and
+        // is not used afterwards; `free` refuses what its block header shows is not a block.
+        if let Err(e) = unsafe { c.heap().free(ptr) }
+            && !WARNED.swap(true, Ordering::Relaxed)
+        {
+            eprintln!("libft: t_ftfree ignored: {e}");
+        }
+    }));
+}
+
+/// Registers `len` bytes at `ptr` (a global or static variable) as critical memory: saved by
+/// every checkpoint, restored by t_recover. Registration order gives region ids (1, 2, ...);
+/// a program must register the same regions, in the same order and with the same sizes,
+/// before calling t_recover. The region may move between runs (ASLR): its contents are
+/// restored where it is now, so store pointers into the critical heap, not into regions.
+/// FT_EINVAL for NULL, zero length, overlaps, or memory that is not mapped read-write.
+///
+/// # Safety
+/// The memory must stay valid for the rest of the process's life.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ft_critical(ptr: *mut c_void, len: usize) -> c_int {
+    if ptr.is_null() || len == 0 {
+        return FT_EINVAL;
+    }
+    // SAFETY: the caller promises the memory stays valid for the life of the process, which
+    // is the life of the process-wide Checkpointer.
+    with_critical(|c| unsafe { c.register(ptr.cast(), len) }.map(|_| ()))
+}
+
+/// Takes a checkpoint of critical memory on stream `id` (0 = default; images go to
+/// `$FT_CKPT_DIR/<id>`, default `./ft-ckpt/<id>`). The caller is paused only while the changed
+/// pages are captured; the image is written and made durable in the background. Waits first
+/// for the stream's previous image; if that one failed (e.g. FT_ENOSPC), returns its error
+/// and takes no new checkpoint (its pages are kept for the next one: call again). No other
+/// thread may be writing critical memory during the call.
+#[unsafe(no_mangle)]
+pub extern "C" fn t_checkpoint(id: u32) -> c_int {
+    with_critical(|c| c.checkpoint(id).map(|_| ()))
+}
+
+/// Like t_checkpoint, but returns only when the image is committed (durable), with its own
+/// result. An earlier asynchronous failure is superseded (its pages are in this image).
+#[unsafe(no_mangle)]
+pub extern "C" fn t_checkpoint_sync(id: u32) -> c_int {
+    with_critical(|c| c.checkpoint_sync(id).map(|_| ()))
+}
+
+/// Waits until stream `id` has no image being written; returns the failure of the last one
+/// (reported once), else FT_OK. Call it before exiting to make the last t_checkpoint durable.
+#[unsafe(no_mangle)]
+pub extern "C" fn t_checkpoint_wait(id: u32) -> c_int {
+    with_critical(|c| c.wait(id).map(|_| ()))
+}
+
+/// The text behind t_recover_report, replaced by each t_recover.
+static RECOVER_REPORT: Mutex<Option<CString>> = Mutex::new(None);
+
+/// Restores critical memory from the newest good checkpoint of stream `id`: call it at
+/// start-up, after ft_critical has registered the program's globals and before anything reads
+/// critical memory. Returns the restored checkpoint's sequence number (> 0), 0 when there is
+/// no checkpoint (memory untouched), or a negative FT_E* code. A corrupt newest image is
+/// skipped for the previous good one; t_recover_report() says what happened.
+///
+/// # Safety
+/// No other thread may access critical memory (heap or registered regions) during the call:
+/// their contents are replaced.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn t_recover(id: u32) -> i64 {
+    boundary_or(i64::from(FT_EPANIC), || {
+        let (code, text) = match critical_global() {
+            // SAFETY: the caller guarantees nobody accesses critical memory meanwhile.
+            Ok(c) => match unsafe { c.recover(id) } {
+                Ok(restored) => (
+                    restored.map_or(0, |r| i64::try_from(r.seq).unwrap_or(i64::MAX)),
+                    c.last_report().map(|r| r.to_string()),
+                ),
+                Err(e) => (
+                    i64::from(critical_code(&e)),
+                    c.last_report().map(|r| r.to_string()),
+                ),
+            },
+            Err(e) => (
+                i64::from(critical_code(e)),
+                Some(format!("critical memory unavailable: {e}")),
+            ),
+        };
+        let text = text.unwrap_or_default().replace('\0', " ");
+        *RECOVER_REPORT
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = CString::new(text).ok();
+        code
+    })
+}
+
+/// A description of the last t_recover: what was restored from where, which newer images were
+/// skipped and why, or why it failed. Never NULL; valid until the next t_recover.
+#[unsafe(no_mangle)]
+pub extern "C" fn t_recover_report() -> *const c_char {
+    boundary_or(c"internal error in libft".as_ptr(), || {
+        let report = RECOVER_REPORT
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // The CString's heap buffer stays put until the next t_recover replaces it.
+        report
+            .as_ref()
+            .map_or(c"no recovery attempted".as_ptr(), |t| t.as_ptr())
+    })
+}
+
+/// Takes an automatic checkpoint of stream `id` every `ms` milliseconds (0 stops), at the
+/// first t_safe_point() after each period. FT_CKPT_EVERY (e.g. `500ms`, set by watchd from the
+/// service's `checkpoint.every`) does the same for stream 0 without this call.
+#[unsafe(no_mangle)]
+pub extern "C" fn t_checkpoint_every(id: u32, ms: u32) -> c_int {
+    with_critical(|c| {
+        c.set_every(id, Some(Duration::from_millis(u64::from(ms))));
+        Ok(())
+    })
+}
+
+/// Marks a point of the main loop where critical memory is consistent: takes the automatic
+/// checkpoints that are due, and those watchd asked for (`ftctl checkpoint`, looked for every
+/// 100 ms when registered with ft_reg_watch). Cheap when none is due (a clock read and a
+/// compare). Returns FT_OK, or the error of a checkpoint it started (or of the stream's
+/// previous image).
+#[unsafe(no_mangle)]
+pub extern "C" fn t_safe_point() -> c_int {
+    with_critical(|c| {
+        serve_watchd_requests(c)?;
+        c.safe_point().map(|_| ())
+    })
+}
+
+fn set_errno(code: c_int) {
+    // SAFETY: __errno_location returns the calling thread's errno slot, valid to write.
+    unsafe { *libc::__errno_location() = code };
+}
+
 /// A static, human-readable description of an FT_* code; never NULL, never to be freed.
 #[unsafe(no_mangle)]
 pub extern "C" fn ft_strerror(code: c_int) -> *const c_char {
@@ -153,6 +457,14 @@ fn strerror(code: c_int) -> &'static CStr {
         FT_EINVAL => c"invalid argument",
         FT_EPANIC => c"internal error in libft",
         FT_EIO => c"I/O error talking to watchd",
+        FT_ENOMEM => c"critical heap exhausted or cannot be mapped",
+        FT_EADDRINUSE => c"the critical heap's fixed address range is in use",
+        FT_ENOSPC => c"no space left for the checkpoint (previous checkpoint intact)",
+        FT_ECORRUPT => c"critical heap or checkpoint image corrupt",
+        FT_EMISMATCH => c"checkpoint does not match this process's heap or ft_critical regions",
+        FT_EBUSY => c"busy: another checkpoint operation is in progress",
+        FT_ECKPT => c"checkpoint error (store, snapshot or dirty tracking)",
+        FT_ECONFIG => c"invalid critical-memory configuration (FT_HEAP_*, FT_CKPT_*, FT_DIRTY)",
         _ => c"unknown libft error code",
     }
 }
@@ -173,6 +485,58 @@ mod tests {
     }
 
     #[test]
+    fn every_critical_error_maps_to_its_code() {
+        use crate::critical::Error as E;
+        let io = |errno| std::io::Error::from_raw_os_error(errno);
+        let cases = [
+            (
+                E::AddressInUse {
+                    addr: 1,
+                    size: 2,
+                    occupant: String::new(),
+                },
+                FT_EADDRINUSE,
+            ),
+            (
+                E::Map {
+                    addr: 1,
+                    size: 2,
+                    source: io(libc::ENOMEM),
+                },
+                FT_ENOMEM,
+            ),
+            (
+                E::OutOfMemory {
+                    requested: 1,
+                    used: 2,
+                    size: 3,
+                },
+                FT_ENOMEM,
+            ),
+            (E::Config(String::new()), FT_ECONFIG),
+            (E::InvalidPointer(8), FT_EINVAL),
+            (E::InvalidArgument(String::new()), FT_EINVAL),
+            (E::Corrupt(String::new()), FT_ECORRUPT),
+            (E::Mismatch(String::new()), FT_EMISMATCH),
+            (E::Busy("x"), FT_EBUSY),
+            (E::Snapshot(io(libc::EAGAIN)), FT_ECKPT),
+            (E::Tracking(io(libc::EPERM)), FT_ECKPT),
+            (E::Writer(io(libc::EAGAIN)), FT_ECKPT),
+            // A full disk is recognised through the error chain, whatever the variant.
+            (E::Snapshot(io(libc::ENOSPC)), FT_ENOSPC),
+            (
+                E::Image(ckpt::ImageError::Poisoned {
+                    kind: std::io::ErrorKind::StorageFull,
+                }),
+                FT_ENOSPC,
+            ),
+        ];
+        for (error, code) in cases {
+            assert_eq!(critical_code(&error), code, "{error}");
+        }
+    }
+
+    #[test]
     fn a_panic_becomes_ft_epanic() {
         assert_eq!(boundary(|| panic!("injected")), FT_EPANIC);
     }
@@ -188,6 +552,14 @@ mod tests {
             FT_EINVAL,
             FT_EPANIC,
             FT_EIO,
+            FT_ENOMEM,
+            FT_EADDRINUSE,
+            FT_ENOSPC,
+            FT_ECORRUPT,
+            FT_EMISMATCH,
+            FT_EBUSY,
+            FT_ECKPT,
+            FT_ECONFIG,
         ];
         let texts: Vec<String> = codes
             .iter()

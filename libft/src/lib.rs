@@ -1,11 +1,13 @@
 //! libft: the application side of ftkit.
 //!
-//! Registration with watchd, FtHbeat-style heartbeats and readiness, in Rust ([`watch`]) and
-//! through a C ABI (`libft.so`, `include/ft.h`). This crate is linked into user programs: it
-//! never pulls in an async runtime, an actor framework or a database, and it never blocks or
-//! aborts the application when watchd is unreachable.
+//! Registration with watchd, FtHbeat-style heartbeats and readiness ([`watch`]), and
+//! checkpointed critical memory — a fixed-address heap, registered globals, `t_checkpoint` /
+//! `t_recover` ([`critical`]) — in Rust and through a C ABI (`libft.so`, `include/ft.h`). This
+//! crate is linked into user programs: it never pulls in an async runtime, an actor framework
+//! or a database, and it never blocks or aborts the application when watchd is unreachable.
 
 pub mod capi;
+pub mod critical;
 pub mod proto;
 pub mod watch;
 
