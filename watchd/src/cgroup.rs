@@ -63,6 +63,14 @@ pub enum CgroupError {
         /// The OS error.
         source: io::Error,
     },
+    /// A cgroup directory could not be opened.
+    #[error("cannot open cgroup {path}: {source}")]
+    Open {
+        /// The directory.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
     /// A cgroup directory could not be removed.
     #[error("cannot remove cgroup {path}: {source}")]
     Remove {
@@ -258,6 +266,51 @@ impl Cgroup {
             .open(&path)
             .map(OwnedFd::from)
             .map_err(|source| CgroupError::Write { path, source })
+    }
+
+    /// The cgroup's directory opened `O_PATH | O_DIRECTORY | O_CLOEXEC`, for clone3's
+    /// `CLONE_INTO_CGROUP`, which creates a child directly inside the cgroup (no migration).
+    pub fn dir_fd(&self) -> Result<OwnedFd, CgroupError> {
+        // O_PATH ignores the access mode; std insists on one, and read is the harmless one.
+        fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(&self.path)
+            .map(OwnedFd::from)
+            .map_err(|source| CgroupError::Open {
+                path: self.path.clone(),
+                source,
+            })
+    }
+
+    /// Replaces the cgroup, when no process is left in it or below it, by a new empty directory
+    /// of the same name (sub-cgroups the service made are removed). `Ok(true)` when it did;
+    /// `Ok(false)`, with nothing changed, while processes remain. A new cgroup has never been
+    /// killed, which CLONE_INTO_CGROUP needs on kernels that mix up the kill counters (see
+    /// `process`).
+    pub fn recreate_if_empty(&self) -> Result<bool, CgroupError> {
+        if !self.is_empty() {
+            return Ok(false);
+        }
+        match remove_tree(&self.path) {
+            Ok(()) => {}
+            // A process arrived since the check.
+            Err(CgroupError::Remove { source, .. })
+                if source.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        match fs::create_dir(&self.path) {
+            Ok(()) => Ok(true),
+            // Someone else made it again meanwhile: not known to be fresh.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(source) => Err(CgroupError::Create {
+                path: self.path.clone(),
+                source,
+            }),
+        }
     }
 
     /// Removes the cgroup (and any sub-cgroups the service made); EBUSY while processes remain.
@@ -567,8 +620,29 @@ mod tests {
         assert!(cg.is_empty());
         assert_eq!(cg.procs().expect("readable"), Vec::<u32>::new());
         assert_eq!(Cgroup::open(cg.path().to_owned()), cg);
+        let fd = cg.dir_fd().expect("open the directory");
+        let meta = fs::metadata(format!(
+            "/proc/self/fd/{}",
+            std::os::fd::AsRawFd::as_raw_fd(&fd)
+        ))
+        .expect("fd names a directory");
+        assert!(meta.is_dir());
+        drop(fd);
+        fs::create_dir(cg.path().join("sub")).expect("sub-cgroup");
+        assert!(
+            cg.recreate_if_empty().expect("recreate"),
+            "empty: recreated"
+        );
+        assert!(cg.path().is_dir());
+        assert!(!cg.path().join("sub").exists(), "sub-cgroups go with it");
         cg.remove().expect("empty cgroup is removable");
         assert!(!cg.path().exists());
+        assert!(matches!(cg.dir_fd(), Err(CgroupError::Open { .. })));
+        assert!(
+            cg.recreate_if_empty().expect("recreate"),
+            "a missing cgroup is made"
+        );
+        cg.remove().expect("empty cgroup is removable");
         cg.remove().expect("removing twice is fine");
         r.service("other").expect("create");
         r.remove().expect("root with empty children is removable");

@@ -25,7 +25,7 @@ use crate::{control, logs};
 /// The lock file that keeps two watchds off one data directory.
 pub const LOCK_FILE: &str = "watchd.lock";
 /// How often captured logs are checked for rotation.
-const LOG_ROTATE_CHECK: Duration = Duration::from_secs(2);
+const LOG_ROTATE_CHECK: Duration = Duration::from_secs(10);
 /// Extra time allowed on shutdown beyond the longest stop grace.
 const SHUTDOWN_MARGIN: Duration = Duration::from_secs(2);
 

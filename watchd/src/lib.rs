@@ -4,6 +4,7 @@
 //! around them are thin adapters. See ARCHITECTURE.md for the picture.
 
 pub mod api;
+pub mod board;
 pub mod cgroup;
 pub mod config;
 pub mod control;

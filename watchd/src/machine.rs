@@ -105,6 +105,14 @@ pub enum Input {
         /// Deadline from now.
         timeout: Duration,
     },
+    /// The same, learnt later: the heartbeat arrived earlier and set this absolute deadline
+    /// (the heartbeat board hands them over this way).
+    HeartbeatUntil {
+        /// Application thread id.
+        tid: u32,
+        /// When its next heartbeat is due.
+        deadline: Instant,
+    },
     /// Thread `tid` left its monitored region.
     HeartbeatEnd {
         /// Application thread id.
@@ -321,6 +329,10 @@ pub struct Rules {
     pub max_rss: Option<u64>,
     /// Rejuvenate after running this long.
     pub rejuvenate_every: Option<Duration>,
+    /// How late a heartbeat or `WATCHDOG=1` may reach the machine after it was sent (the
+    /// listener's coalescing): a deadline counts as missed only this long after it passed, so
+    /// a message sent in time is never judged late.
+    pub delivery_grace: Duration,
 }
 
 impl Rules {
@@ -345,6 +357,7 @@ impl Rules {
             probe_failures: s.probes.iter().map(|p| p.failures).collect(),
             max_rss: s.rejuvenate.max_rss.map(|b| b.0),
             rejuvenate_every: s.rejuvenate.every,
+            delivery_grace: crate::listener::DELIVERY_GRACE,
         }
     }
 }
@@ -506,10 +519,10 @@ impl ServiceMachine {
 
     fn consider_hang_deadlines(&self, consider: &mut impl FnMut(Instant)) {
         if let Some(t) = self.heartbeats.values().min() {
-            consider(*t);
+            consider(*t + self.rules.delivery_grace);
         }
         if let Some(t) = self.watchdog_deadline {
-            consider(t);
+            consider(t + self.rules.delivery_grace);
         }
     }
 
@@ -566,11 +579,10 @@ impl ServiceMachine {
                 }
             }
             Input::Heartbeat { tid, timeout } => {
-                if self.rules.heartbeat && self.process_expected() {
-                    self.registered = true;
-                    let timeout = timeout.min(MAX_HEARTBEAT_TIMEOUT);
-                    self.heartbeats.insert(tid, now + timeout);
-                }
+                self.heartbeat_until(now, tid, now + timeout.min(MAX_HEARTBEAT_TIMEOUT));
+            }
+            Input::HeartbeatUntil { tid, deadline } => {
+                self.heartbeat_until(now, tid, deadline.min(now + MAX_HEARTBEAT_TIMEOUT));
             }
             Input::HeartbeatEnd { tid } => {
                 self.heartbeats.remove(&tid);
@@ -691,6 +703,13 @@ impl ServiceMachine {
                 EventKind::Ready,
                 format!("pid {pid} (no readiness notification configured)"),
             );
+        }
+    }
+
+    fn heartbeat_until(&mut self, _now: Instant, tid: u32, deadline: Instant) {
+        if self.rules.heartbeat && self.process_expected() {
+            self.registered = true;
+            self.heartbeats.insert(tid, deadline);
         }
     }
 
@@ -979,8 +998,9 @@ impl ServiceMachine {
     }
 
     fn check_hang_deadlines(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let grace = self.rules.delivery_grace;
         if let Some((&tid, &deadline)) = self.heartbeats.iter().min_by_key(|(_, d)| **d)
-            && now >= deadline
+            && now >= deadline + grace
         {
             let late = round_ms(now - deadline);
             let reason = format!(
@@ -991,7 +1011,7 @@ impl ServiceMachine {
             return;
         }
         if let Some(deadline) = self.watchdog_deadline
-            && now >= deadline
+            && now >= deadline + grace
         {
             let w = humantime::format_duration(self.rules.watchdog.unwrap_or_default());
             self.hang(now, format!("no WATCHDOG=1 within {w}"), out);

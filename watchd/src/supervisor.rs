@@ -7,7 +7,7 @@
 //! caught by ractor; the root restarts the actor, which re-adopts the running process by pidfd
 //! instead of touching it.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -17,8 +17,9 @@ use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, Supervi
 use tokio::task::JoinHandle;
 
 use crate::api::{Response, ServiceStatus};
+use crate::board::{Board, Mark};
 use crate::cgroup::{Cgroup, CgroupRoot};
-use crate::config::{Config, ServiceConfig};
+use crate::config::{Config, MAX_HEARTBEAT_TIMEOUT, ServiceConfig};
 use crate::events::Events;
 use crate::listener::{Counters, Deliver, Directory};
 use crate::machine::{Action, EventKind, ExitStatus, Input, Rules, ServiceMachine, TreeSignal};
@@ -53,10 +54,12 @@ pub struct Shared {
     pub notify_socket: PathBuf,
     /// Accept test-only control requests (fault injection).
     pub test_hooks: bool,
-    /// The live service actors, by name, in configuration order of insertion.
-    pub actors: RwLock<BTreeMap<String, ActorRef<ServiceMsg>>>,
+    /// The live service actors, by name.
+    pub actors: RwLock<HashMap<String, ActorRef<ServiceMsg>>>,
     /// Configuration order of the services, for listings.
     pub order: RwLock<Vec<String>>,
+    /// Each service's heartbeat board, written by the listener.
+    boards: RwLock<HashMap<String, Arc<Board>>>,
     /// The process each service's actor watches; survives an actor's restart.
     live: Mutex<HashMap<String, Live>>,
     /// Where each service's libft registered from: (pid, address), for requests to it.
@@ -103,9 +106,28 @@ impl Shared {
             actors: RwLock::default(),
             order: RwLock::default(),
             live: Mutex::default(),
+            boards: RwLock::default(),
             replies: Mutex::default(),
             ft_sender: Mutex::default(),
         }
+    }
+
+    /// The heartbeat board of `service` (made on first use).
+    pub fn board(&self, service: &str) -> Arc<Board> {
+        if let Some(b) = self
+            .boards
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(service)
+        {
+            return b.clone();
+        }
+        self.boards
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(service.to_owned())
+            .or_default()
+            .clone()
     }
 
     /// Sets the socket requests to applications are sent from (the libft listener's).
@@ -187,9 +209,43 @@ impl Deliver for Shared {
             .actors
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        actors
-            .get(service)
-            .is_some_and(|a| a.cast(ServiceMsg::Input(input)).is_ok())
+        let Some(actor) = actors.get(service) else {
+            return false;
+        };
+        let board = || {
+            self.boards
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(service)
+                .cloned()
+        };
+        match input {
+            // The common message stays off the actor's loop unless it makes something due sooner.
+            Input::Heartbeat { tid, timeout } => match board() {
+                Some(b) => {
+                    let deadline = std::time::Instant::now() + timeout.min(MAX_HEARTBEAT_TIMEOUT);
+                    !b.write(tid, Mark::Deadline(deadline))
+                        || actor.cast(ServiceMsg::PullBoard).is_ok()
+                }
+                None => actor.cast(ServiceMsg::Input(input)).is_ok(),
+            },
+            Input::HeartbeatEnd { tid } => match board() {
+                Some(b) => {
+                    b.write(tid, Mark::Ended);
+                    true
+                }
+                None => actor.cast(ServiceMsg::Input(input)).is_ok(),
+            },
+            other => {
+                if matches!(other, Input::Unregister) {
+                    // Marks written before it must not outlive it.
+                    if let Some(b) = board() {
+                        b.clear();
+                    }
+                }
+                actor.cast(ServiceMsg::Input(other)).is_ok()
+            }
+        }
     }
 
     fn registered_from(&self, service: &str, pid: u32, address: nix::sys::socket::UnixAddr) {
@@ -221,6 +277,8 @@ pub enum ServiceMsg {
     },
     /// A timer fired.
     Tick,
+    /// The listener wrote a heartbeat deadline earlier than the armed timer.
+    PullBoard,
     /// A probe finished.
     Probe {
         /// Which probe.
@@ -250,6 +308,7 @@ pub struct ServiceState {
     machine: ServiceMachine,
     cgroup: Option<Cgroup>,
     armed: Option<tokio::time::Instant>,
+    board: Arc<Board>,
     probes: Vec<JoinHandle<()>>,
     rss: Option<JoinHandle<()>>,
     removing: bool,
@@ -294,12 +353,14 @@ impl Actor for ServiceSupervisor {
             .unwrap_or(7);
         let seed =
             u64::try_from(seed & u128::from(u64::MAX)).unwrap_or(7) ^ u64::from(std::process::id());
+        let board = args.shared.board(args.config.name());
         Ok(ServiceState {
             machine: ServiceMachine::new(Rules::from_config(&args.config), seed),
             shared: args.shared,
             config: args.config,
             cgroup,
             armed: None,
+            board,
             probes: Vec::new(),
             rss: None,
             removing: false,
@@ -330,6 +391,7 @@ impl Actor for ServiceSupervisor {
                 st.armed = None;
                 drive(&myself, st, Input::Tick);
             }
+            ServiceMsg::PullBoard => drive(&myself, st, Input::Tick),
             ServiceMsg::Probe { index, outcome } => {
                 drive(
                     &myself,
@@ -342,6 +404,7 @@ impl Actor for ServiceSupervisor {
                 );
             }
             ServiceMsg::Status(reply) => {
+                pull_board(st, std::time::Instant::now());
                 let _ = reply.send(ServiceStatus {
                     name: st.config.name().to_owned(),
                     cgroup: st.cgroup.is_some(),
@@ -479,18 +542,39 @@ fn forget_process(st: &mut ServiceState, pid: u32) {
 /// line with the new phase.
 fn drive(myself: &ActorRef<ServiceMsg>, st: &mut ServiceState, input: Input) {
     let now = std::time::Instant::now();
+    pull_board(st, now);
     let actions = st.machine.step(now, input);
     for action in actions {
         act(myself, st, action);
     }
     reconcile_tasks(myself, st);
     arm_timer(myself, st);
+    if st
+        .board
+        .set_armed(st.armed.map(tokio::time::Instant::into_std))
+    {
+        let _ = myself.cast(ServiceMsg::PullBoard);
+    }
+}
+
+/// Hands the heartbeats the listener wrote on the board to the machine.
+fn pull_board(st: &mut ServiceState, now: std::time::Instant) {
+    for (tid, mark) in st.board.drain() {
+        let input = match mark {
+            Mark::Deadline(deadline) => Input::HeartbeatUntil { tid, deadline },
+            Mark::Ended => Input::HeartbeatEnd { tid },
+        };
+        // Heartbeat inputs never produce actions.
+        let _ = st.machine.step(now, input);
+    }
 }
 
 fn act(myself: &ActorRef<ServiceMsg>, st: &mut ServiceState, action: Action) {
     let name = st.config.name().to_owned();
     match action {
         Action::Spawn => {
+            // Whatever is on the board came from the process before.
+            st.board.clear();
             let spec = spawn_spec(st);
             let me = myself.clone();
             let directory = st.shared.directory.clone();

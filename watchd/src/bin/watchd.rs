@@ -56,7 +56,7 @@ fn main() -> ExitCode {
     let options = watchd::daemon::Options {
         test_hooks: std::env::var("WATCHD_TEST_HOOKS").is_ok_and(|v| v == "1"),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .thread_name("watchd")
         .build()

@@ -26,6 +26,7 @@ fn rules() -> Rules {
         probe_failures: vec![],
         max_rss: None,
         rejuvenate_every: None,
+        delivery_grace: Duration::ZERO,
     }
 }
 
@@ -728,4 +729,22 @@ fn what_a_new_process_says_before_its_spawn_is_seen_is_kept() {
         }),
         "{acts:?}"
     );
+}
+
+#[test]
+fn deadlines_are_judged_after_the_delivery_grace() {
+    let mut r = rules();
+    r.delivery_grace = ms(5);
+    r.watchdog = Some(ms(100));
+    let mut s = Sim::new(r);
+    s.feed(Input::Start);
+    s.feed(Input::Watchdog);
+    s.feed(Input::Heartbeat {
+        tid: 1,
+        timeout: ms(50),
+    });
+    s.advance(ms(54));
+    assert!(s.signals.is_empty(), "a heartbeat may still be on its way");
+    s.advance(ms(1));
+    assert_eq!(s.signals.len(), 1, "missed: judged at deadline + grace");
 }
