@@ -49,7 +49,11 @@ const SIZES: [usize; 3] = [16 << 20, 256 << 20, 1 << 30];
 /// raised to STAGING_VARIANT_MAX) instead of a copy-on-write child: the trade between pause and
 /// throughput that FT_CKPT_STAGING_MAX offers.
 const STAGING_VARIANT_SIZE: usize = 256 << 20;
+/// The staging_max of that variant.
 const STAGING_VARIANT_MAX: usize = 512 << 20;
+/// A size's verdict is flagged as unreliable when its plain-write samples differ by more than
+/// this factor (the disk's own speed changed during the run).
+const UNSTABLE_SPREAD: f64 = 2.0;
 /// Critical memory for incremental checkpoints and the steady-state pause.
 const BIG: usize = 1 << 30;
 /// Dirty fractions of incremental checkpoints, in pages per thousand.
@@ -63,6 +67,8 @@ const CHAIN_INCREMENTS: usize = 7;
 const STORE_WRITE_BUFFER: usize = 256 * 1024;
 /// Pipe capacity of libft's fork path (snapshot.rs PIPE_CAPACITY), mirrored by the phases.
 const PIPE_CAPACITY: libc::c_int = 1 << 20;
+/// Linux's MADV_POPULATE_WRITE (5.14+), which the libc crate does not export.
+const MADV_POPULATE_WRITE: libc::c_int = 23;
 /// Seed of the data generator: runs are reproducible.
 const SEED: u64 = 0x5eed_c0de_2024_0003;
 
@@ -234,6 +240,9 @@ fn run() -> Result<()> {
         "- Load at start: {} (the machine is shared; other work may run on the same disk)",
         load()
     );
+    if let Some(note) = balloon_reporting() {
+        let _ = writeln!(doc, "- {note}");
+    }
     let _ = writeln!(
         doc,
         "- Data directory: `{}` — {}",
@@ -408,7 +417,7 @@ struct Results {
 }
 
 impl Results {
-    /// The full-checkpoint runs: (label, size, whether the pause target applies, samples).
+    /// The full-checkpoint runs: (label, size, samples).
     fn full_runs(&self) -> Vec<(String, usize, &Vec<Sample>)> {
         let mut runs: Vec<(String, usize, &Vec<Sample>)> = self
             .full
@@ -809,12 +818,28 @@ fn table_full(results: &Results) -> String {
             .filter_map(|s| Some(s.ms("write_ns").ok()? + s.ms("sync_ns").ok()?))
             .map(|v| format!("{v:.0}"))
             .collect();
+        let plain_v = sorted(
+            plain
+                .iter()
+                .filter_map(|s| Some(s.ms("write_ns").ok()? + s.ms("sync_ns").ok()?))
+                .collect(),
+        );
+        let unstable = match (plain_v.first(), plain_v.last()) {
+            (Some(lo), Some(hi)) if *lo > 0.0 => hi / lo > UNSTABLE_SPREAD,
+            _ => false,
+        };
         let _ = writeln!(
             notes,
-            "- {}: libft samples {} ms; write+fdatasync samples {} ms.",
+            "- {}: libft samples {} ms; write+fdatasync samples {} ms.{}",
             label.clone(),
             spread.join(", "),
-            pspread.join(", ")
+            pspread.join(", "),
+            if unstable {
+                " The plain write's own time varied more than 2× between reps (the disk, not \
+                 the code): this verdict may flip between runs."
+            } else {
+                ""
+            }
         );
     }
     format!(
@@ -823,8 +848,8 @@ fn table_full(results: &Results) -> String {
          data (every page written), store policy full_every 0 and keep > reps, so every image \
          is full and no retention delete falls inside a measurement. Plain: `write` of the image's \
          length from the same memory to a new file in the store directory, `fdatasync`, then \
-         `rename` + `fsync` of the directory. The two alternate within each rep; `syncfs` before \
-         each one. \"ratio\" = libft throughput / plain throughput from the medians; \"paired \
+         `rename` + `fsync` of the directory. One warm-up round of both first (not counted), \
+         then the two alternate in order within each rep; `syncfs` before each one. \"ratio\" = libft throughput / plain throughput from the medians; \"paired \
          ratio\" = the median of the per-rep ratios (each rep's two runs are back to back); the \
          verdict uses the ratio of medians.\n\n{}\n{notes}\n",
         t.render()
@@ -959,13 +984,23 @@ fn table_pause(results: &Results) -> Result<String> {
         let kind = all
             .first()
             .map_or(*tracker, |s| s.text("kind").unwrap_or(tracker));
-        let subsets: [(&str, Vec<&Sample>); 3] = [
+        let subsets: [(&str, Vec<&Sample>); 4] = [
             ("all (full every 9th)", all.clone()),
             (
                 "increments only",
                 all.iter()
                     .copied()
                     .filter(|s| s.text("incremental").ok() == Some("1"))
+                    .collect(),
+            ),
+            (
+                "increments right after a full image",
+                all.iter()
+                    .copied()
+                    .filter(|s| {
+                        s.text("incremental").ok() == Some("1")
+                            && s.text("after_full").ok() == Some("1")
+                    })
                     .collect(),
             ),
             (
@@ -1032,13 +1067,28 @@ fn table_pause(results: &Results) -> Result<String> {
             pass,
         ]);
     }
+    let mut first = Vec::new();
+    for (label, _, samples) in results.full_runs() {
+        if let Some(w) = tagged(samples, "full_warmup").next() {
+            first.push(format!("{label} {:.2} ms", w.ms("pause_ns")?));
+        }
+    }
+    let first = if first.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "Pause of the first checkpoint of each process in table 1 (warm-up round, not in \
+             the rows above; a fresh staging buffer is page-faulted in): {}.\n\n",
+            first.join(", ")
+        )
+    };
     Ok(format!(
         "### 3. The application's pause per checkpoint\n\n\
          `Started::pause` of `checkpoint(0)`: planning (store directory scan), collecting the \
          dirty pages and capturing them; not counting the wait for the previous image. Steady \
          state: 1 % of the pages (random) written between checkpoints while the previous image \
          is written in the background, default store policy (a full image after 8 increments). \
-         Percentiles are nearest-rank.\n\n{}\n",
+         Percentiles are nearest-rank.\n\n{}\n{first}",
         t.render()
     ))
 }
@@ -1112,10 +1162,12 @@ fn table_phases(results: &Results) -> Result<String> {
         "pipe stream, child `vmsplice`s",
         "process_vm_readv from child",
         "xxh3 of all chunks",
+        "copy into untouched memory",
+        "MADV_POPULATE_WRITE + copy",
         "image write to page cache (incl. xxh3)",
         "its fdatasync",
         "its rename + dir fsync",
-        "plain write / fdatasync (table 1)",
+        "plain write / fdatasync of the same bytes",
     ]);
     let mut ends = Table::new(&[
         "critical memory",
@@ -1123,8 +1175,9 @@ fn table_phases(results: &Results) -> Result<String> {
         "image from memory (no capture)",
         "fork path emulated, child `write`s",
         "fork path emulated, child `vmsplice`s",
-        "libft (table 1)",
-        "plain write+fdatasync (table 1)",
+        "plain write+fdatasync",
+        "libft (table 1, other moment)",
+        "plain write+fdatasync (table 1, other moment)",
     ]);
     let ms_mbs = |ms: f64, bytes: u64| format!("{ms:.1} ms ({:.0} MB/s)", mb_per_s(bytes, ms));
     for (size, samples) in &results.phases {
@@ -1157,16 +1210,16 @@ fn table_phases(results: &Results) -> Result<String> {
             ms_mbs(p.ms("vmsplice_ns")?, bytes),
             ms_mbs(p.ms("vm_read_ns")?, bytes),
             ms_mbs(p.ms("xxh3_ns")?, bytes),
+            ms_mbs(p.ms("fresh_copy_ns")?, bytes),
+            ms_mbs(p.ms("populated_copy_ns")?, bytes),
             ms_mbs(med("image_write_ns"), bytes),
             format!("{:.1} ms", med("image_sync_ns")),
             format!("{:.2} ms", med("image_rename_ns")),
-            match (
-                from_full("plain", "write_ns"),
-                from_full("plain", "sync_ns"),
-            ) {
-                (Some(w), Some(s)) => format!("{w:.1} / {s:.1} ms"),
-                _ => dash(),
-            },
+            format!(
+                "{:.1} / {:.1} ms",
+                med("plain_write_ns"),
+                med("plain_sync_ns")
+            ),
         ]);
         let recipe_total = median(
             recipe
@@ -1186,6 +1239,17 @@ fn table_phases(results: &Results) -> Result<String> {
             ms_mbs(recipe_total, bytes),
             ms_mbs(med("from_write_ns"), bytes),
             ms_mbs(med("from_vmsplice_ns"), bytes),
+            ms_mbs(
+                median(
+                    recipe
+                        .iter()
+                        .filter_map(|s| {
+                            Some(s.ms("plain_write_ns").ok()? + s.ms("plain_sync_ns").ok()?)
+                        })
+                        .collect(),
+                ),
+                bytes,
+            ),
             from_full("full", "total_ns").map_or_else(dash, |v| ms_mbs(v, bytes)),
             plain_total.map_or_else(dash, |v| ms_mbs(v, bytes)),
         ]);
@@ -1196,14 +1260,18 @@ fn table_phases(results: &Results) -> Result<String> {
          `fork`ed copy-on-write child streaming the memory through a 1 MiB pipe while the \
          parent reads it in 1 MiB pieces (libft's fork path uses `write` in the child), the \
          same with `vmsplice` in the child, the memory copied out of a waiting forked child \
-         with `process_vm_readv`; xxh3-64 over 1 MiB chunks (ckpt's checksums); the image \
+         with `process_vm_readv`; xxh3-64 over 1 MiB chunks (ckpt's checksums); a copy into a fresh, never-touched \
+         anonymous mapping (first-touch page faults, as recovery's apply pass has), and the same after one \
+         `madvise(MADV_POPULATE_WRITE)` of the whole range; the image \
          written with `ckpt::ImageWriter` through a 256 KiB BufWriter (as `ckpt::Store` does) \
          from memory, then `fdatasync`, `rename`, `fsync` of the directory (the store's commit \
          recipe).\n\n{}\n\
-         End to end until durable (medians; `syncfs` before each): the image written from \
-         memory; libft's fork path emulated (fork, child streams into the pipe, one thread \
-         reads 1 MiB pieces into `ImageWriter`, commit recipe) with the child using `write` \
-         (as libft) or `vmsplice`.\n\n{}\n",
+         End to end until durable (medians over rounds that run these four one after the \
+         other; `syncfs` before each): the image written from memory; libft's fork path \
+         emulated (fork, child streams into the pipe, one thread reads 1 MiB pieces into \
+         `ImageWriter`, commit recipe) with the child using `write` (as libft) or `vmsplice`; \
+         a plain `write` + `fdatasync` of the same bytes. The last two columns come from \
+         table 1, measured at another moment on the same disk.\n\n{}\n",
         steps.render(),
         ends.render()
     ))
@@ -1334,6 +1402,30 @@ fn load() -> String {
     )
 }
 
+/// Whether a virtio balloon reports free pages to the host (feature bit 5,
+/// VIRTIO_BALLOON_F_REPORTING): then pages the guest allocates anew (page cache, pipe buffers,
+/// fresh anonymous memory) may first fault on the host, which makes large writes vary.
+fn balloon_reporting() -> Option<String> {
+    const VIRTIO_ID_BALLOON: &str = "0x0005";
+    const F_REPORTING: usize = 5;
+    let devices = fs::read_dir("/sys/bus/virtio/devices").ok()?;
+    for d in devices.flatten() {
+        let id = fs::read_to_string(d.path().join("device")).unwrap_or_default();
+        if id.trim() != VIRTIO_ID_BALLOON {
+            continue;
+        }
+        let features = fs::read_to_string(d.path().join("features")).unwrap_or_default();
+        let on = features.as_bytes().get(F_REPORTING) == Some(&b'1');
+        return Some(format!(
+            "Virtual machine with a virtio balloon, free page reporting {}: memory the guest \
+             allocates anew (page cache, pipe buffers, untouched anonymous pages) may first \
+             fault on the host, so large writes vary a lot between identical trials",
+            if on { "on" } else { "off" }
+        ));
+    }
+    None
+}
+
 /// CPU model, cores, memory and kernel, from /proc.
 fn machine() -> String {
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
@@ -1442,6 +1534,9 @@ impl Rng {
 // ---------------------------------------------------------------------------------------------
 // The children: one measurement each, results printed as `@tag key=value ...` lines.
 
+/// The child roles: each sets up one process's worth of critical memory, measures, prints
+/// `@tag key=value ...` lines for the parent, and removes the files it wrote (except the
+/// `chain` role, whose store the recovering children read; the parent removes it).
 mod child {
     use super::*;
 
@@ -1654,6 +1749,7 @@ mod child {
         let mut c = config(&dir, size, DirtyMode::Auto)?;
         override_staging(p, &mut c)?;
         c.policy = StorePolicy {
+            // Room for every image of the run (warm-up included): nothing is deleted.
             keep: reps + 2,
             full_every: 0,
         };
@@ -1665,7 +1761,14 @@ mod child {
         let heap_base = cp.heap().base();
         let heap_size = cp.heap().size();
         let mut image_bytes = 0usize;
-        for rep in 0..reps {
+        // Round 0 warms up (the writer thread, the staging buffer, the directory, the disk)
+        // and is reported apart; rounds 1..=reps are the measurements.
+        for rep in 0..=reps {
+            let (full_tag, plain_tag) = if rep == 0 {
+                ("full_warmup", "plain_warmup")
+            } else {
+                ("full", "plain")
+            };
             let order = if rep % 2 == 0 {
                 [true, false]
             } else {
@@ -1680,7 +1783,7 @@ mod child {
                     let mut f = started_fields(&s, &info, total);
                     f.push(("rep", rep.to_string()));
                     f.push(("kind", kind(&cp).to_owned()));
-                    emit("full", &f);
+                    emit(full_tag, &f);
                 } else {
                     ensure!(
                         image_bytes > 0 && image_bytes <= heap_size,
@@ -1709,7 +1812,7 @@ mod child {
                     drop(f);
                     fs::remove_file(&done)?;
                     emit(
-                        "plain",
+                        plain_tag,
                         &[
                             ("rep", rep.to_string()),
                             ("bytes", image_bytes.to_string()),
@@ -1774,6 +1877,7 @@ mod child {
         let pages = size / page_size();
         // The first image (full, at start-up) is not part of the steady state.
         cp.checkpoint_sync(0).context("first checkpoint")?;
+        let mut after_full = true;
         for i in 0..count {
             buf.dirty(pages * STEADY_PERMILLE / 1000, &mut rng);
             let s = cp.checkpoint(0).context("checkpoint")?;
@@ -1785,9 +1889,11 @@ mod child {
                     ("method", method(s.method).to_owned()),
                     ("pages", s.pages.to_string()),
                     ("incremental", u8::from(s.parent.is_some()).to_string()),
+                    ("after_full", u8::from(after_full).to_string()),
                     ("kind", kind(&cp).to_owned()),
                 ],
             );
+            after_full = s.parent.is_none();
         }
         cp.wait(0).context("writing the last image")?;
         drop(cp);
@@ -1942,6 +2048,28 @@ mod child {
         let (fork, pipe) = stream_through_pipe(mem.bytes(), Feed::Write)?;
         let (_, vmsplice) = stream_through_pipe(mem.bytes(), Feed::Vmsplice)?;
         let vm_read = read_from_child(mem.bytes())?;
+        // What recovery's apply pass does besides reading: copy into never-touched memory.
+        let fresh = Anon::map(size)?;
+        let t = Instant::now();
+        // SAFETY: `fresh` is a private mapping of `size` bytes that nothing else references;
+        // `mem` is another mapping, so the ranges do not overlap.
+        unsafe { std::ptr::copy_nonoverlapping(mem.ptr, fresh.ptr, size) };
+        let fresh_copy = t.elapsed();
+        drop(fresh);
+        // The same after populating the whole range in one call.
+        let fresh = Anon::map(size)?;
+        let t = Instant::now();
+        // SAFETY: populating a private anonymous mapping we own only allocates its pages.
+        let rc = unsafe { libc::madvise(fresh.ptr.cast(), size, MADV_POPULATE_WRITE) };
+        ensure!(
+            rc == 0,
+            "madvise(MADV_POPULATE_WRITE): {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: as for the copy above.
+        unsafe { std::ptr::copy_nonoverlapping(mem.ptr, fresh.ptr, size) };
+        let populated_copy = t.elapsed();
+        drop(fresh);
 
         let header = ImageHeader {
             app: APP.to_owned(),
@@ -1960,6 +2088,7 @@ mod child {
             let (bytes, written, synced, renamed) = image_from_memory(mem.bytes(), &dir, &header)?;
             let from_write = image_from_child(mem.bytes(), Feed::Write, &dir, &header)?;
             let from_vmsplice = image_from_child(mem.bytes(), Feed::Vmsplice, &dir, &header)?;
+            let (plain_written, plain_synced) = plain_from_memory(mem.bytes(), &dir)?;
             emit(
                 "recipe",
                 &[
@@ -1970,6 +2099,11 @@ mod child {
                     ("image_rename_ns", nanos(renamed - synced).to_string()),
                     ("from_write_ns", nanos(from_write).to_string()),
                     ("from_vmsplice_ns", nanos(from_vmsplice).to_string()),
+                    ("plain_write_ns", nanos(plain_written).to_string()),
+                    (
+                        "plain_sync_ns",
+                        nanos(plain_synced - plain_written).to_string(),
+                    ),
                 ],
             );
         }
@@ -1982,9 +2116,31 @@ mod child {
                 ("pipe_ns", nanos(pipe).to_string()),
                 ("vmsplice_ns", nanos(vmsplice).to_string()),
                 ("vm_read_ns", nanos(vm_read).to_string()),
+                ("fresh_copy_ns", nanos(fresh_copy).to_string()),
+                ("populated_copy_ns", nanos(populated_copy).to_string()),
             ],
         );
         Ok(())
+    }
+
+    /// A plain `write` of `data` to a new file and `fdatasync`: (written, synced).
+    fn plain_from_memory(data: &[u8], dir: &Path) -> Result<(Duration, Duration)> {
+        quiesce(dir)?;
+        let path = dir.join("plain.dat");
+        let t = Instant::now();
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        f.write_all(data)?;
+        let written = t.elapsed();
+        f.sync_data()?;
+        let synced = t.elapsed();
+        drop(f);
+        fs::remove_file(&path)?;
+        Ok((written, synced))
     }
 
     /// The image written from memory with the store's commit recipe, each step timed:

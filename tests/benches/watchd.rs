@@ -415,17 +415,30 @@ fn machine_header(opts: &Options, plan: &Plan, bin_dir: &Path) -> String {
                 )
             },
         );
-    let commit = command_output("git", &["rev-parse", "--short", "HEAD"]);
+    let commit = command_output(
+        "git",
+        &[
+            "-C",
+            &format!("{}/..", env!("CARGO_MANIFEST_DIR")),
+            "rev-parse",
+            "--short",
+            "HEAD",
+        ],
+    );
+    // The benchmark measures watchd and libft: only their sources matter here.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let dirty = Command::new("git")
-        .args(["diff", "--quiet", "HEAD"])
+        .arg("-C")
+        .arg(&repo)
+        .args(["diff", "--quiet", "HEAD", "--", "watchd", "libft"])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
-        .map_or("", |s| {
+        .map_or(" (git status unknown)", |s| {
             if s.success() {
-                ""
+                ", watchd/ and libft/ unchanged since"
             } else {
-                " + uncommitted changes"
+                " + uncommitted changes in watchd/ or libft/"
             }
         });
     let _ = writeln!(
@@ -433,6 +446,13 @@ fn machine_header(opts: &Options, plan: &Plan, bin_dir: &Path) -> String {
         "- mode: {}; binaries: {} (watchd built {built}; source: commit {commit}{dirty})",
         if opts.quick { "--quick" } else { "full" },
         bin_dir.display()
+    );
+    let qlen = std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
+        .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned());
+    let _ = writeln!(
+        h,
+        "- net.unix.max_dgram_qlen = {qlen} (how many datagrams from other processes a Unix \
+         datagram socket such as ft.sock queues before senders get EAGAIN)"
     );
     let _ = writeln!(
         h,

@@ -40,6 +40,11 @@ pub const COALESCE: Duration = Duration::from_millis(4);
 pub const DELIVERY_GRACE: Duration = Duration::from_millis(6);
 /// Coalescing applies when the socket was last drained less than this long ago (a steady rate).
 const COALESCE_WHEN_WITHIN: Duration = Duration::from_millis(20);
+/// Shorter pauses than this are not worth a sleep: the listener just waits for data.
+const MIN_PAUSE: Duration = Duration::from_micros(200);
+/// The socket queue length watchd asks for (systemd's choice for the same kind of socket).
+pub const MIN_DGRAM_QUEUE: usize = 512;
+const DGRAM_QUEUE_SYSCTL: &str = "/proc/sys/net/unix/max_dgram_qlen";
 /// How long a datagram from an unknown direct child of watchd waits for its spawn to be recorded.
 const FRESH_CHILD_WAIT: Duration = Duration::from_millis(50);
 /// How far up the parent chain a sender is looked for.
@@ -192,6 +197,8 @@ pub fn start(
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
+    // The queue length of a datagram socket is fixed when it is created.
+    let queue = ensure_dgram_queue();
     let sock = UnixDatagram::bind(path)?;
     // Services may run as other users; they are told apart by credentials, not by access.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
@@ -207,13 +214,52 @@ pub fn start(
     let replies = sock.try_clone()?;
     std::thread::Builder::new()
         .name(name.into())
-        .spawn(move || serve(&sock, protocol, &directory, deliver.as_ref(), &counters))?;
+        .spawn(move || {
+            serve(
+                &sock,
+                protocol,
+                queue,
+                &directory,
+                deliver.as_ref(),
+                &counters,
+            )
+        })?;
     Ok(replies)
+}
+
+/// The datagrams a Unix socket queues before senders get EAGAIN (`net.unix.max_dgram_qlen`).
+/// The kernel's default of 10 drops heartbeats in any burst; like systemd, watchd raises it to
+/// [`MIN_DGRAM_QUEUE`] (in its network namespace) when it may, and says so.
+fn ensure_dgram_queue() -> usize {
+    let read = || {
+        std::fs::read_to_string(DGRAM_QUEUE_SYSCTL)
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+    };
+    let current = read().unwrap_or(MIN_DGRAM_QUEUE);
+    if current >= MIN_DGRAM_QUEUE {
+        return current;
+    }
+    match std::fs::write(DGRAM_QUEUE_SYSCTL, MIN_DGRAM_QUEUE.to_string()) {
+        Ok(()) => {
+            tracing::info!(
+                from = current,
+                to = MIN_DGRAM_QUEUE,
+                "raised {DGRAM_QUEUE_SYSCTL} so bursts of heartbeats are not dropped"
+            );
+            read().unwrap_or(current)
+        }
+        Err(e) => {
+            tracing::warn!(current, error = %e, "cannot raise {DGRAM_QUEUE_SYSCTL}: heartbeats may be dropped in bursts");
+            current
+        }
+    }
 }
 
 fn serve(
     sock: &UnixDatagram,
     protocol: Protocol,
+    queue: usize,
     directory: &Directory,
     deliver: &dyn Deliver,
     counters: &Counters,
@@ -227,7 +273,7 @@ fn serve(
     let mut cmsg = nix::cmsg_space!(socket::UnixCredentials);
     // When the socket was found empty the previous time, and whether anything came since.
     let mut last_empty = std::time::Instant::now();
-    let mut received_since = false;
+    let mut received_since = 0usize;
     loop {
         let mut iov = [IoSliceMut::new(&mut buf)];
         let received = socket::recvmsg::<UnixAddr>(
@@ -239,11 +285,12 @@ fn serve(
         if let Err(nix::errno::Errno::EAGAIN) = received {
             // Drained. At a steady rate, let the next datagrams gather for a moment instead of
             // waking for each; when traffic is sparse, just wait for the next one.
-            let frequent = received_since && last_empty.elapsed() < COALESCE_WHEN_WITHIN;
+            let since = last_empty.elapsed();
             last_empty = std::time::Instant::now();
-            received_since = false;
-            if frequent {
-                std::thread::sleep(COALESCE);
+            let pause = coalescing_pause(received_since, since, queue);
+            received_since = 0;
+            if let Some(pause) = pause {
+                std::thread::sleep(pause);
             } else {
                 let mut fds = [nix::poll::PollFd::new(
                     sock.as_fd(),
@@ -253,7 +300,7 @@ fn serve(
             }
             continue;
         }
-        received_since = true;
+        received_since += 1;
         let (len, truncated, pid, from) = match received {
             Ok(msg) => {
                 let pid = msg.cmsgs().ok().and_then(|mut c| {
@@ -324,6 +371,19 @@ fn serve(
             );
         }
     }
+}
+
+/// How long to let datagrams gather before draining again: `None` (just wait for the next one)
+/// when traffic is sparse; otherwise [`COALESCE`], shortened so that the datagrams expected
+/// meanwhile, at the rate just seen, fill at most half the socket's queue.
+fn coalescing_pause(received: usize, over: Duration, queue: usize) -> Option<Duration> {
+    if received == 0 || over >= COALESCE_WHEN_WITHIN {
+        return None;
+    }
+    let rate = received as f64 / over.as_secs_f64().max(1e-6);
+    let room = (queue / 2) as f64;
+    let pause = COALESCE.min(Duration::from_secs_f64(room / rate));
+    (pause >= MIN_PAUSE).then_some(pause)
 }
 
 fn input_of(m: AppMessage) -> Input {
@@ -403,6 +463,26 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         panic!("condition not reached");
+    }
+
+    #[test]
+    fn coalescing_pause_fits_the_queue() {
+        let ms = Duration::from_millis;
+        assert_eq!(coalescing_pause(0, ms(1), 512), None, "nothing came");
+        assert_eq!(coalescing_pause(3, ms(50), 512), None, "sparse traffic");
+        assert_eq!(
+            coalescing_pause(4, ms(4), 512),
+            Some(COALESCE),
+            "1000/s: full pause"
+        );
+        // 200,000/s into a queue of 512: at most 256 expected during the pause.
+        let p = coalescing_pause(200, ms(1), 512).expect("a pause");
+        assert!(p <= Duration::from_micros(1281), "{p:?}");
+        assert_eq!(
+            coalescing_pause(100, ms(1), 10),
+            None,
+            "a tiny queue allows no pause"
+        );
     }
 
     #[test]
