@@ -165,6 +165,9 @@ struct Plan {
     hangs: usize,
     flood_seconds: u32,
     flood_clients: Vec<usize>,
+    /// Each client count is measured this many times (a fresh watchd each time): the rate
+    /// swings widely from run to run on a 2-core machine.
+    flood_repeats: usize,
     resource_counts: Vec<usize>,
     resource_settle: Duration,
     resource_window: Duration,
@@ -180,6 +183,7 @@ impl Plan {
                 hangs: 20,
                 flood_seconds: 1,
                 flood_clients: vec![1, 2],
+                flood_repeats: 1,
                 resource_counts: vec![1, 100],
                 resource_settle: Duration::from_secs(1),
                 resource_window: Duration::from_secs(3),
@@ -192,6 +196,7 @@ impl Plan {
                 hangs: 200,
                 flood_seconds: 3,
                 flood_clients: vec![1, 2],
+                flood_repeats: 3,
                 resource_counts: vec![1, 100, 1000],
                 resource_settle: Duration::from_secs(2),
                 resource_window: Duration::from_secs(20),
@@ -279,6 +284,13 @@ fn run() -> Result<()> {
             ),
         );
     }
+    emit(
+        &mut doc,
+        &format!(
+            "(net.unix.max_dgram_qlen = {} at the end of the run)\n",
+            dgram_qlen()
+        ),
+    );
     eprintln!("bench: done in {:.0} s", began.elapsed().as_secs_f64());
     if opts.keep {
         let kept = scratch.keep();
@@ -447,12 +459,11 @@ fn machine_header(opts: &Options, plan: &Plan, bin_dir: &Path) -> String {
         if opts.quick { "--quick" } else { "full" },
         bin_dir.display()
     );
-    let qlen = std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
-        .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned());
     let _ = writeln!(
         h,
-        "- net.unix.max_dgram_qlen = {qlen} (how many datagrams from other processes a Unix \
-         datagram socket such as ft.sock queues before senders get EAGAIN)"
+        "- net.unix.max_dgram_qlen = {} at the start (how many datagrams from other processes a \
+         Unix datagram socket such as ft.sock queues before senders get EAGAIN)",
+        dgram_qlen()
     );
     let _ = writeln!(
         h,
@@ -472,6 +483,12 @@ fn machine_header(opts: &Options, plan: &Plan, bin_dir: &Path) -> String {
         plan.resource_window.as_secs()
     );
     h
+}
+
+/// net.unix.max_dgram_qlen: watchd may raise it when it starts.
+fn dgram_qlen() -> String {
+    std::fs::read_to_string("/proc/sys/net/unix/max_dgram_qlen")
+        .map_or_else(|_| "unknown".to_owned(), |s| s.trim().to_owned())
 }
 
 /// The 1, 5 and 15 minute load averages: a busy machine shows here.
@@ -1066,47 +1083,66 @@ fn cpu_pct(ticks: u64, per_second: u64, from_ns: u64, to_ns: u64) -> f64 {
     100.0 * cpu_s / wall_s
 }
 
-#[allow(clippy::cast_precision_loss)]
-fn per_second(count: u64, seconds: f64) -> String {
-    format!("{:.0}", count as f64 / seconds)
-}
-
 fn throughput_section(paths: &Paths, reports: &mut Reports, plan: &Plan) -> Result<String> {
     let mut t = Table::new(&[
         "clients",
-        "seconds",
+        "runs",
         "sent/s (FT_OK)",
         "accepted/s (listener.accepted)",
+        "accepted/s min – max",
         "dropped/s (FT_EAGAIN)",
         "other errors",
         "watchd CPU % of one core",
         "restarts",
     ]);
     for &clients in &plan.flood_clients {
-        eprintln!(
-            "bench: throughput: {clients} client(s), {} s",
-            plan.flood_seconds
-        );
-        match flood(paths, reports, clients, plan.flood_seconds) {
-            Ok(r) => t.row(vec![
-                clients.to_string(),
-                format!("{:.2}", r.elapsed_s),
-                per_second(r.sent, r.elapsed_s),
-                per_second(r.accepted, r.elapsed_s),
-                per_second(r.eagain, r.elapsed_s),
-                r.other.to_string(),
-                format!("{:.0}", r.watchd_cpu_pct),
-                r.restarts.to_string(),
-            ]),
-            Err(e) => {
-                harness::check_interrupted()?;
-                t.row(vec![
-                    clients.to_string(),
-                    plan.flood_seconds.to_string(),
-                    format!("FAILED: {}", one_line(&e)),
-                ]);
+        let mut runs = Vec::with_capacity(plan.flood_repeats);
+        let mut failure = None;
+        for run in 0..plan.flood_repeats {
+            eprintln!(
+                "bench: throughput: {clients} client(s), {} s, run {} of {}",
+                plan.flood_seconds,
+                run + 1,
+                plan.flood_repeats
+            );
+            match flood(paths, reports, clients, plan.flood_seconds) {
+                Ok(r) => runs.push(r),
+                Err(e) => {
+                    harness::check_interrupted()?;
+                    failure = Some(e);
+                    break;
+                }
             }
         }
+        if let Some(e) = failure {
+            t.row(vec![
+                clients.to_string(),
+                plan.flood_repeats.to_string(),
+                format!("FAILED: {}", one_line(&e)),
+            ]);
+            continue;
+        }
+        #[allow(clippy::cast_precision_loss)]
+        let rate = |f: fn(&FloodRun) -> u64| -> Vec<f64> {
+            sorted(runs.iter().map(|r| f(r) as f64 / r.elapsed_s).collect())
+        };
+        let accepted = rate(|r| r.accepted);
+        let median = |v: &[f64]| format!("{:.0}", percentile(v, 50.0));
+        t.row(vec![
+            clients.to_string(),
+            format!("{} × {} s", runs.len(), plan.flood_seconds),
+            median(&rate(|r| r.sent)),
+            median(&accepted),
+            format!(
+                "{:.0} – {:.0}",
+                accepted.first().copied().unwrap_or(f64::NAN),
+                accepted.last().copied().unwrap_or(f64::NAN)
+            ),
+            median(&rate(|r| r.eagain)),
+            runs.iter().map(|r| r.other).sum::<u64>().to_string(),
+            median(&sorted(runs.iter().map(|r| r.watchd_cpu_pct).collect())),
+            runs.iter().map(|r| r.restarts).sum::<u64>().to_string(),
+        ]);
     }
     let mut s = String::new();
     let _ = writeln!(
@@ -1116,7 +1152,8 @@ fn throughput_section(paths: &Paths, reports: &mut Reports, plan: &Plan) -> Resu
          for the given time. sent = calls that returned FT_OK; dropped = FT_EAGAIN (ft.sock's \
          queue full: the datagram was not sent); accepted = the difference of `status` → \
          listener.accepted before the start and after the queue drained, divided by the \
-         clients' sending time.\n"
+         clients' sending time. Rates are medians over the runs (nearest rank), each run with a \
+         fresh watchd; watchd CPU is measured while the clients send.\n"
     );
     s.push_str(&t.render());
     s.push('\n');

@@ -30,7 +30,7 @@ pub const NOTIFY_SOCKET_FILE: &str = "notify.sock";
 /// The longest sd_notify datagram accepted (systemd's own limit is about this).
 pub const MAX_NOTIFY_DATAGRAM: usize = 4096;
 /// Kernel receive buffer asked for, so bursts of heartbeats are absorbed.
-const RECEIVE_BUFFER_BYTES: usize = 4 << 20;
+const RECEIVE_BUFFER_BYTES: usize = 8 << 20;
 /// After draining its socket the listener pauses this long before it blocks again, so that at a
 /// steady rate it wakes once per batch instead of once per datagram (context switches were most
 /// of watchd's CPU time with 1000 services heartbeating at 1 Hz). A burst still drains at once.
@@ -42,8 +42,9 @@ pub const DELIVERY_GRACE: Duration = Duration::from_millis(6);
 const COALESCE_WHEN_WITHIN: Duration = Duration::from_millis(20);
 /// Shorter pauses than this are not worth a sleep: the listener just waits for data.
 const MIN_PAUSE: Duration = Duration::from_micros(200);
-/// The socket queue length watchd asks for (systemd's choice for the same kind of socket).
-pub const MIN_DGRAM_QUEUE: usize = 512;
+/// The socket queue length watchd asks for: a burst of one heartbeat from each of a thousand
+/// services started together fits, pause included (systemd asks for 512 for its notify socket).
+pub const MIN_DGRAM_QUEUE: usize = 2048;
 const DGRAM_QUEUE_SYSCTL: &str = "/proc/sys/net/unix/max_dgram_qlen";
 /// How long a datagram from an unknown direct child of watchd waits for its spawn to be recorded.
 const FRESH_CHILD_WAIT: Duration = Duration::from_millis(50);
