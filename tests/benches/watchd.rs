@@ -552,7 +552,7 @@ fn spawn_floor(paths: &Paths, reports: &mut Reports, count: usize) -> Result<Vec
         let _ = child.wait();
         let r = r.with_context(|| format!("direct spawn {} of {count}", i + 1))?;
         let Report::Start { mono, .. } = r.report else {
-            unreachable!("wait_for matched a start report")
+            bail!("wait_for returned a report it was not asked for")
         };
         samples.push(ms_between(t0, mono));
         harness::sleep(FLOOR_SPACING)?;
@@ -605,7 +605,7 @@ fn crash_latency(
             )
             .with_context(|| format!("{}: crash {} of {count}", kind.name(), i + 1))?;
         let Report::Start { pid: new, mono, .. } = next.report else {
-            unreachable!("wait_for matched a start report")
+            bail!("wait_for returned a report it was not asked for")
         };
         samples.push(ms_between(t0, mono));
         pid = new;
@@ -860,7 +860,7 @@ fn hang_latency(paths: &Paths, reports: &mut Reports, count: usize) -> Result<Ha
                 })
                 .with_context(what)?;
             let Report::Heartbeat { mono, real, .. } = hb.report else {
-                unreachable!("wait_for matched a heartbeat")
+                bail!("wait_for returned a report it was not asked for")
             };
             if mono_ns().saturating_sub(hb.at) < nanos(HANG_FRESH) {
                 break (mono, real);
@@ -887,7 +887,7 @@ fn hang_latency(paths: &Paths, reports: &mut Reports, count: usize) -> Result<Ha
             ..
         } = next.report
         else {
-            unreachable!("wait_for matched a start report")
+            bail!("wait_for returned a report it was not asked for")
         };
         let event_ms = event["time_ms"].as_u64().context("event without time_ms")?;
         if valid {

@@ -158,6 +158,13 @@ pub async fn run(config_path: PathBuf, config: Config, options: Options) -> anyh
     root.stop(None);
     let _ = root_handle.await;
     registry.sync();
+    // Empty cgroups are ours to clean; one that still holds a process (a service that outlived
+    // its stop) stays, and rmdir refuses it.
+    if let Some(cgroups) = &shared.cgroups
+        && let Err(e) = cgroups.remove()
+    {
+        tracing::warn!(error = %e, "cgroups of this watchd left in place");
+    }
     let _ = std::fs::remove_file(&control_path);
     Ok(())
 }
