@@ -985,3 +985,34 @@ pub fn arg_u64(args: &BTreeMap<String, String>, name: &str, default: u64) -> u64
             .unwrap_or_else(|_| panic!("--{name}: {v:?} is not a number"))
     })
 }
+
+/// Compiles `examples/c/<source>` with `cc` against `libft/include/ft.h` and the built
+/// `libft.so` (with an rpath, so it runs without LD_LIBRARY_PATH), into a scratch directory
+/// that lives as long as the returned `Scratch`. Panics with cc's output when it fails.
+pub fn build_c_example(source: &str, exe_name: &str) -> (Scratch, PathBuf) {
+    let build = Scratch::new("cc");
+    let exe = build.file(exe_name);
+    let root = repo_root();
+    let lib_dir = libft_so()
+        .parent()
+        .expect("libft.so lives in a directory")
+        .to_owned();
+    let out = Command::new("cc")
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-I"])
+        .arg(root.join("libft/include"))
+        .arg(root.join("examples/c").join(source))
+        .arg("-o")
+        .arg(&exe)
+        .arg("-L")
+        .arg(&lib_dir)
+        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
+        .arg("-lft")
+        .output()
+        .expect("run cc");
+    assert!(
+        out.status.success(),
+        "cc {source} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (build, exe)
+}

@@ -3,12 +3,11 @@
 //! `ft.h` + `libft.so`.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use ftkit_tests::{
-    Scratch, Watchd, binary, libft_so, pid_alive, proc_state, q, repo_root, signal, unix_ms,
-    wait_gone, wait_stopped,
+    Watchd, binary, build_c_example, pid_alive, proc_state, q, signal, unix_ms, wait_gone,
+    wait_stopped,
 };
 use nix::sys::signal::Signal;
 
@@ -86,30 +85,7 @@ fn sigstop_of_hbdemo_is_a_hang() {
 
 #[test]
 fn c_program_heartbeats_through_libft_so() {
-    let build = Scratch::new("cc");
-    let root = repo_root();
-    let exe = build.file("hbdemo-c");
-    let lib_dir = libft_so()
-        .parent()
-        .expect("libft.so lives in a directory")
-        .to_owned();
-    let out = Command::new("cc")
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-I"])
-        .arg(root.join("libft/include"))
-        .arg(root.join("examples/c/hbdemo.c"))
-        .arg("-o")
-        .arg(&exe)
-        .arg("-L")
-        .arg(&lib_dir)
-        .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
-        .arg("-lft")
-        .output()
-        .expect("run cc");
-    assert!(
-        out.status.success(),
-        "cc failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (_build, exe) = build_c_example("hbdemo.c", "hbdemo-c");
     let w = Watchd::start("hang-c", &hbdemo_service("hbc", &exe));
     let pid = wait_heartbeating(&w, "hbc");
     let s = w.service("hbc");

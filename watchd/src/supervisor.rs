@@ -575,10 +575,13 @@ fn act(myself: &ActorRef<ServiceMsg>, st: &mut ServiceState, action: Action) {
         Action::Spawn => {
             // Whatever is on the board came from the process before.
             st.board.clear();
-            let spec = spawn_spec(st);
+            let (spec, ckpt_dir) = spawn_spec(st);
             let me = myself.clone();
             let directory = st.shared.directory.clone();
             tokio::task::spawn_blocking(move || {
+                // The service finds its checkpoint store ready (FT_CKPT_DIR); a failure shows
+                // to the service itself when it checkpoints.
+                let _ = std::fs::create_dir_all(&ckpt_dir);
                 let result = process::spawn(&spec).map_err(|e| e.to_string());
                 let pid = result.as_ref().ok().map(|s| s.pid);
                 let _ = me.cast(ServiceMsg::SpawnDone(result));
@@ -600,12 +603,12 @@ fn act(myself: &ActorRef<ServiceMsg>, st: &mut ServiceState, action: Action) {
     }
 }
 
-fn spawn_spec(st: &ServiceState) -> process::SpawnSpec {
+/// What to spawn, and the checkpoint directory it is told about (created off the event loop).
+fn spawn_spec(st: &ServiceState) -> (process::SpawnSpec, PathBuf) {
     let c = &st.config;
     let name = c.name().to_owned();
     let sh = &st.shared;
     let ckpt_dir = sh.data_dir.join("ckpt").join(&name);
-    let _ = std::fs::create_dir_all(&ckpt_dir);
     let mut env = vec![
         (
             ft::proto::ENV_SOCKET.to_owned(),
@@ -635,7 +638,7 @@ fn spawn_spec(st: &ServiceState) -> process::SpawnSpec {
         env.push(("WATCHDOG_USEC".to_owned(), w.as_micros().to_string()));
     }
     env.extend(c.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-    process::SpawnSpec {
+    let spec = process::SpawnSpec {
         service: name.clone(),
         command: c.command.clone(),
         args: c.args.clone(),
@@ -644,7 +647,8 @@ fn spawn_spec(st: &ServiceState) -> process::SpawnSpec {
         user: c.user.clone(),
         log_path: logs::log_path(&sh.data_dir, &name),
         cgroup: st.cgroup.clone(),
-    }
+    };
+    (spec, ckpt_dir)
 }
 
 fn escalate(st: &ServiceState, reason: String) {

@@ -9,11 +9,10 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use ftkit_tests::{
-    Scratch, Watchd, binary, libft_so, pid_alive, q, q_list, read_or_empty, repo_root, signal,
+    Scratch, Watchd, binary, build_c_example, pid_alive, q, q_list, read_or_empty, signal,
     wait_until,
 };
 use nix::sys::signal::Signal;
@@ -69,30 +68,7 @@ pub fn program(lang: Lang) -> Program {
             _build: None,
         },
         Lang::C => {
-            let build = Scratch::new("kvstate-cc");
-            let exe = build.file("kvstate-c");
-            let root = repo_root();
-            let lib_dir = libft_so()
-                .parent()
-                .expect("libft.so lives in a directory")
-                .to_owned();
-            let out = Command::new("cc")
-                .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-I"])
-                .arg(root.join("libft/include"))
-                .arg(root.join("examples/c/kvstate.c"))
-                .arg("-o")
-                .arg(&exe)
-                .arg("-L")
-                .arg(&lib_dir)
-                .arg(format!("-Wl,-rpath,{}", lib_dir.display()))
-                .arg("-lft")
-                .output()
-                .expect("run cc");
-            assert!(
-                out.status.success(),
-                "cc kvstate.c failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            let (build, exe) = build_c_example("kvstate.c", "kvstate-c");
             Program {
                 path: exe,
                 _build: Some(build),
