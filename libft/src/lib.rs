@@ -9,6 +9,7 @@
 pub mod capi;
 pub mod critical;
 pub mod proto;
+pub mod replog;
 pub mod watch;
 
 pub use watch::{Error, Region, Watch, current_tid};

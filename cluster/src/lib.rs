@@ -1,0 +1,3 @@
+//! The cluster core: what every multi-host feature of ftkit stands on. Today: the authenticated
+//! node-to-node transport ([`net`]) that file replication, membership and checkpoint shipping
+//! share.

@@ -1,0 +1,6 @@
+//! File replication (NT-SwiFT REPL): operations from the application are sequenced by the pump
+//! on the primary, appended durably by the bcplog on each backup and applied by replay to the
+//! replica directory. The operation types themselves live in libft (`ft::replog`), which the
+//! application links.
+
+pub use ft::replog::{Op, OpRecord, PathError, RelPath};
