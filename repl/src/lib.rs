@@ -4,3 +4,7 @@
 //! application links.
 
 pub use ft::replog::{Op, OpRecord, PathError, RelPath};
+
+pub mod pump;
+
+pub mod proto;

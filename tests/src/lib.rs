@@ -18,6 +18,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+pub mod netns;
+
 /// How often conditions are re-checked while waiting.
 pub const POLL: Duration = Duration::from_millis(25);
 /// How long a fresh watchd may take to answer `ftctl status`.
@@ -339,6 +341,8 @@ pub struct Watchd {
     node: String,
     config: PathBuf,
     data_dir: PathBuf,
+    /// The network namespace watchd runs in (a node of a [`netns::Lab`]), if any.
+    netns: Option<String>,
     child: Option<Child>,
     runs: u32,
     logs: Vec<PathBuf>,
@@ -359,6 +363,12 @@ impl Watchd {
     /// Starts watchd with extra `[watchd]` lines (`settings`, e.g. `cgroups = false`) and these
     /// services. The harness fills `data_dir` and a unique `node`.
     pub fn start_with(label: &str, settings: &str, services: &str) -> Watchd {
+        Watchd::start_in(None, label, settings, services)
+    }
+
+    /// Like [`Watchd::start_with`], inside the network namespace `netns` when given (see
+    /// [`netns::Lab::netns`]).
+    pub fn start_in(netns: Option<&str>, label: &str, settings: &str, services: &str) -> Watchd {
         let scratch = Scratch::new(label);
         let data_dir = scratch.file("data");
         let mut w = Watchd {
@@ -367,6 +377,7 @@ impl Watchd {
             node: unique(&format!("n-{label}")),
             config: scratch.file("watchd.toml"),
             data_dir,
+            netns: netns.map(str::to_owned),
             child: None,
             runs: 0,
             logs: Vec::new(),
@@ -408,15 +419,17 @@ impl Watchd {
         let log = self.scratch.file(&format!("watchd.{}.log", self.runs));
         let err = std::fs::File::create(&log).expect("create the watchd log file");
         let out = err.try_clone().expect("dup the watchd log file");
-        let child = Command::new(binary("watchd"))
-            .arg("--config")
+        let mut cmd = Command::new(binary("watchd"));
+        cmd.arg("--config")
             .arg(&self.config)
             .env("WATCHD_TEST_HOOKS", "1")
             .stdin(Stdio::null())
             .stdout(out)
-            .stderr(err)
-            .spawn()
-            .expect("cannot spawn watchd");
+            .stderr(err);
+        if let Some(ns) = &self.netns {
+            netns::enter_path(&format!("/run/netns/{ns}"), &mut cmd);
+        }
+        let child = cmd.spawn().expect("cannot spawn watchd");
         self.logs.push(log);
         self.child = Some(child);
         let deadline = Instant::now() + STARTUP_TIMEOUT;

@@ -12,6 +12,10 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+pub mod cluster;
+
+pub use cluster::{ClusterConfig, FilesetConfig, FilesetMode, NodeConfig};
+
 /// Where watchd keeps its registry, sockets and logs unless told otherwise.
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/ftkit";
 /// Time between SIGTERM and SIGKILL when stopping a service.
@@ -91,6 +95,14 @@ pub struct Config {
     /// The supervised programs.
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
+    /// This node's place among the hosts (needed by anything that spans hosts).
+    pub cluster: Option<ClusterConfig>,
+    /// The other hosts.
+    #[serde(default, rename = "node")]
+    pub nodes: Vec<NodeConfig>,
+    /// Replicated directories.
+    #[serde(default, rename = "fileset")]
+    pub filesets: Vec<FilesetConfig>,
 }
 
 /// The `[watchd]` table.
@@ -109,6 +121,11 @@ pub struct WatchdConfig {
     pub log_keep: u32,
     /// Events kept in memory.
     pub events_keep: usize,
+    /// Where the operation rings of filesets live (shared memory).
+    pub ring_dir: PathBuf,
+    /// The LD_PRELOAD shim for services with `repl_shim = true`; by default `libftrepl.so`
+    /// next to the watchd executable.
+    pub repl_shim: Option<PathBuf>,
 }
 
 impl Default for WatchdConfig {
@@ -120,6 +137,8 @@ impl Default for WatchdConfig {
             log_max_bytes: ByteSize(DEFAULT_LOG_MAX_BYTES),
             log_keep: DEFAULT_LOG_KEEP,
             events_keep: DEFAULT_EVENTS_KEEP,
+            ring_dir: PathBuf::from(cluster::DEFAULT_RING_DIR),
+            repl_shim: None,
         }
     }
 }
@@ -169,6 +188,13 @@ pub struct ServiceConfig {
     /// Checkpoints of critical memory taken by libft in the service.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// Filesets whose files the service changes: it gets `FT_REPL_FILESETS`, so libft's file
+    /// API (and the shim) log its changes for replication.
+    #[serde(default)]
+    pub filesets: Vec<String>,
+    /// Preload the replication shim (`LD_PRELOAD`), for programs that do not use libft.
+    #[serde(default)]
+    pub repl_shim: bool,
 }
 
 /// `[service.checkpoint]`: passed to the service's libft through its environment
@@ -467,6 +493,24 @@ impl Config {
         if self.watchd.data_dir.is_relative() {
             self.watchd.data_dir = base.join(&self.watchd.data_dir);
         }
+        if self.watchd.ring_dir.is_relative() {
+            self.watchd.ring_dir = base.join(&self.watchd.ring_dir);
+        }
+        if let Some(shim) = &mut self.watchd.repl_shim
+            && shim.is_relative()
+        {
+            *shim = base.join(&*shim);
+        }
+        if let Some(c) = &mut self.cluster
+            && c.secret_file.is_relative()
+        {
+            c.secret_file = base.join(&c.secret_file);
+        }
+        for f in &mut self.filesets {
+            if f.path.is_relative() {
+                f.path = base.join(&f.path);
+            }
+        }
         for s in &mut self.services {
             if s.command.contains('/') && Path::new(&s.command).is_relative() {
                 s.command = base.join(&s.command).display().to_string();
@@ -506,6 +550,21 @@ impl Config {
     /// Checks what the types cannot: unique names, present per-kind probe fields, sane numbers.
     /// Returns (byte offset, field, message) of the first problem.
     fn validate(&self) -> Result<(), (Option<usize>, String, String)> {
+        if let Some(c) = &self.cluster
+            && self.watchd.node.is_none()
+        {
+            return Err((
+                Some(c.name.span().start),
+                "watchd.node".into(),
+                "a node of a cluster needs an explicit `node` name in [watchd]".into(),
+            ));
+        }
+        cluster::validate(
+            &self.node_name(),
+            self.cluster.as_ref(),
+            &self.nodes,
+            &self.filesets,
+        )?;
         let mut seen = std::collections::HashSet::new();
         for (i, s) in self.services.iter().enumerate() {
             let at = Some(s.name.span().start);
@@ -585,6 +644,11 @@ impl Config {
                     field("checkpoint.every"),
                     "must be at least 10ms".into(),
                 ));
+            }
+            for f in &s.filesets {
+                if !self.filesets.iter().any(|x| x.name() == f) {
+                    return Err((at, field("filesets"), format!("no [[fileset]] named `{f}`")));
+                }
             }
             if s.checkpoint.keep == 0 {
                 return Err((at, field("checkpoint.keep"), "must be at least 1".into()));
