@@ -1,3 +1,5 @@
 //! The cluster core: what every multi-host feature of ftkit stands on. Today: the authenticated
 //! node-to-node transport ([`net`]) that file replication, membership and checkpoint shipping
 //! share.
+
+pub mod net;

@@ -123,6 +123,29 @@
  */
 #define FT_ECONFIG -23
 
+/**
+ * Not a handle returned by ft_create_file, or closed already.
+ */
+#define FT_EBADHANDLE -32
+
+/**
+ * The file operation itself failed; errno says why.
+ */
+#define FT_EFILE -33
+
+/**
+ * The operation was done locally but could not be logged for replication (the fileset's ring
+ * stayed full or is unusable); errno is EIO, or ENOSPC for a full ring.
+ */
+#define FT_EREPL -34
+
+/**
+ * Sync-mode fileset: the operation was done locally and logged, but the backups did not
+ * confirm it durable within FT_REPL_SYNC_TIMEOUT (default 10 s); errno is ETIMEDOUT. It
+ * stays queued and will be replicated.
+ */
+#define FT_ETIMEDOUT -35
+
 #ifdef __cplusplus
 extern "C" {
 #endif // __cplusplus
@@ -268,6 +291,66 @@ int t_safe_point(void);
  * A static, human-readable description of an FT_* code; never NULL, never to be freed.
  */
 const char *ft_strerror(int code);
+
+/**
+ * Opens (and with O_CREAT creates) a file for replicated I/O, like open(2): `flags` are
+ * O_RDONLY/O_WRONLY/O_RDWR with O_CREAT, O_EXCL, O_TRUNC, O_APPEND and other open(2) flags;
+ * `mode` the permission bits of a created file (before the umask). Returns a handle (>= 0)
+ * for ft_write_file, ft_read_file, ft_write_file_at, ft_sync_file and ft_close_file, or a
+ * negative FT_E* code (FT_EFILE with errno for a failed open, FT_EINVAL for a NULL path or
+ * an invalid access mode or mode).
+ *
+ * When the file lies beneath a directory replicated by watchd (FT_REPL_FILESETS), its
+ * creation, truncation, writes and syncs are logged to watchd, which copies them to the
+ * backup hosts; any other file behaves as a plain file. In a sync-mode fileset every change
+ * returns only once the backups have it durable (FT_ETIMEDOUT if they do not confirm in
+ * time: the change is then made locally and still queued). Thread-safe.
+ *
+ * # Safety
+ * `path` must be NULL or a NUL-terminated string valid for the duration of the call.
+ */
+int ft_create_file(const char *path, int flags, int mode);
+
+/**
+ * Writes all `len` bytes of `buf` at the handle's file offset (at the end with O_APPEND),
+ * retrying short writes. Returns the bytes written, or a negative FT_E* code when nothing
+ * could be written (FT_EFILE + errno), the handle is unknown (FT_EBADHANDLE), or the bytes
+ * were written locally but not logged (FT_EREPL) or not confirmed durable (FT_ETIMEDOUT).
+ *
+ * # Safety
+ * `buf` must be valid for reading `len` bytes for the duration of the call.
+ */
+int64_t ft_write_file(int handle, const void *buf, size_t len);
+
+/**
+ * Like ft_write_file, at `offset` and without moving the file offset (pwrite).
+ *
+ * # Safety
+ * `buf` must be valid for reading `len` bytes for the duration of the call.
+ */
+int64_t ft_write_file_at(int handle, const void *buf, size_t len, uint64_t offset);
+
+/**
+ * Reads up to `len` bytes at the handle's file offset into `buf`, like read(2). Returns the
+ * bytes read (0 at the end of the file), or FT_EFILE (+ errno), FT_EBADHANDLE, FT_EINVAL.
+ *
+ * # Safety
+ * `buf` must be valid for writing `len` bytes for the duration of the call.
+ */
+int64_t ft_read_file(int handle, void *buf, size_t len);
+
+/**
+ * Makes the file durable (fsync) locally and, in a replicated fileset, on the replicas; in a
+ * sync-mode fileset returns once the backups have every earlier change durable. FT_OK or a
+ * negative FT_E* code.
+ */
+int ft_sync_file(int handle);
+
+/**
+ * Closes a handle of ft_create_file (the descriptor is closed once calls running on the
+ * handle in other threads return). FT_OK or FT_EBADHANDLE.
+ */
+int ft_close_file(int handle);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -465,8 +465,316 @@ fn strerror(code: c_int) -> &'static CStr {
         FT_EBUSY => c"busy: another checkpoint operation is in progress",
         FT_ECKPT => c"checkpoint error (store, snapshot or dirty tracking)",
         FT_ECONFIG => c"invalid critical-memory configuration (FT_HEAP_*, FT_CKPT_*, FT_DIRTY)",
+        FT_EBADHANDLE => c"not an open ft_create_file handle",
+        FT_EFILE => c"file operation failed (see errno)",
+        FT_EREPL => c"done locally, but not logged for replication (ring full or unusable)",
+        FT_ETIMEDOUT => {
+            c"done locally and logged, but the backups did not confirm durability in time"
+        }
         _ => c"unknown libft error code",
     }
+}
+
+// Replicated files: ft_create_file and friends. Codes from -32 on belong to them.
+
+/// Not a handle returned by ft_create_file, or closed already.
+pub const FT_EBADHANDLE: c_int = -32;
+/// The file operation itself failed; errno says why.
+pub const FT_EFILE: c_int = -33;
+/// The operation was done locally but could not be logged for replication (the fileset's ring
+/// stayed full or is unusable); errno is EIO, or ENOSPC for a full ring.
+pub const FT_EREPL: c_int = -34;
+/// Sync-mode fileset: the operation was done locally and logged, but the backups did not
+/// confirm it durable within FT_REPL_SYNC_TIMEOUT (default 10 s); errno is ETIMEDOUT. It
+/// stays queued and will be replicated.
+pub const FT_ETIMEDOUT: c_int = -35;
+
+/// One open replicated file; the Mutex serialises calls on the same handle (they share its
+/// offset), calls on different handles run in parallel.
+type FileHandle = std::sync::Arc<Mutex<crate::fs::File>>;
+
+/// Open handles, indexed by handle number; closed slots are reused, like descriptors.
+static FILES: RwLock<Vec<Option<FileHandle>>> = RwLock::new(Vec::new());
+
+/// Maps an error of `ft::fs` to an FT_* code and sets errno.
+fn file_code(e: &std::io::Error) -> c_int {
+    let replication = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<crate::fs::ReplicationError>());
+    match replication {
+        Some(r) if r.is_durability_timeout() => {
+            set_errno(libc::ETIMEDOUT);
+            FT_ETIMEDOUT
+        }
+        Some(_) => {
+            let full = e.kind() == std::io::ErrorKind::StorageFull;
+            set_errno(if full { libc::ENOSPC } else { libc::EIO });
+            FT_EREPL
+        }
+        None => {
+            set_errno(e.raw_os_error().unwrap_or(libc::EIO));
+            FT_EFILE
+        }
+    }
+}
+
+/// `open(2)` flags and mode as `ft::fs` options; None for an invalid access mode.
+fn open_options(flags: c_int, mode: u32) -> Option<crate::fs::OpenOptions> {
+    let mut o = crate::fs::OpenOptions::new();
+    match flags & libc::O_ACCMODE {
+        libc::O_RDONLY => o.read(true),
+        libc::O_WRONLY => o.write(true),
+        libc::O_RDWR => o.read(true).write(true),
+        _ => return None,
+    };
+    let creat = flags & libc::O_CREAT != 0;
+    o.create(creat)
+        .create_new(creat && flags & libc::O_EXCL != 0)
+        .truncate(flags & libc::O_TRUNC != 0)
+        .append(flags & libc::O_APPEND != 0)
+        .mode(mode)
+        .custom_flags(
+            flags
+                & !(libc::O_ACCMODE
+                    | libc::O_CREAT
+                    | libc::O_EXCL
+                    | libc::O_TRUNC
+                    | libc::O_APPEND),
+        );
+    Some(o)
+}
+
+fn lookup_file(handle: c_int) -> Option<FileHandle> {
+    let index = usize::try_from(handle).ok()?;
+    FILES
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(index)?
+        .clone()
+}
+
+/// Runs `call` on the file behind `handle`, or returns FT_EBADHANDLE.
+fn with_file(handle: c_int, call: impl FnOnce(&mut crate::fs::File) -> i64) -> i64 {
+    boundary_or(i64::from(FT_EPANIC), || match lookup_file(handle) {
+        Some(file) => call(&mut file.lock().unwrap_or_else(PoisonError::into_inner)),
+        None => i64::from(FT_EBADHANDLE),
+    })
+}
+
+/// The caller's buffer as a slice; None when it cannot be one (NULL with a length, too long).
+///
+/// # Safety
+/// A non-NULL `buf` must be valid for `len` bytes for the lifetime `'a`.
+unsafe fn caller_bytes<'a>(buf: *const c_void, len: usize) -> Option<&'a [u8]> {
+    if len == 0 {
+        return Some(&[]);
+    }
+    if buf.is_null() || isize::try_from(len).is_err() {
+        return None;
+    }
+    // SAFETY: non-NULL, len fits isize, and the caller guarantees validity for len bytes.
+    Some(unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), len) })
+}
+
+/// Bytes done, or the code of the error that stopped the loop before any byte was done.
+fn written(done: usize, error: Option<&std::io::Error>) -> i64 {
+    match error {
+        // A replication error is reported even after progress: the bytes are written locally
+        // but the caller asked for them to be replicated (or durable) too.
+        Some(e)
+            if done == 0
+                || e.get_ref()
+                    .is_some_and(|i| i.is::<crate::fs::ReplicationError>()) =>
+        {
+            i64::from(file_code(e))
+        }
+        _ => i64::try_from(done).unwrap_or(i64::MAX),
+    }
+}
+
+/// Opens (and with O_CREAT creates) a file for replicated I/O, like open(2): `flags` are
+/// O_RDONLY/O_WRONLY/O_RDWR with O_CREAT, O_EXCL, O_TRUNC, O_APPEND and other open(2) flags;
+/// `mode` the permission bits of a created file (before the umask). Returns a handle (>= 0)
+/// for ft_write_file, ft_read_file, ft_write_file_at, ft_sync_file and ft_close_file, or a
+/// negative FT_E* code (FT_EFILE with errno for a failed open, FT_EINVAL for a NULL path or
+/// an invalid access mode or mode).
+///
+/// When the file lies beneath a directory replicated by watchd (FT_REPL_FILESETS), its
+/// creation, truncation, writes and syncs are logged to watchd, which copies them to the
+/// backup hosts; any other file behaves as a plain file. In a sync-mode fileset every change
+/// returns only once the backups have it durable (FT_ETIMEDOUT if they do not confirm in
+/// time: the change is then made locally and still queued). Thread-safe.
+///
+/// # Safety
+/// `path` must be NULL or a NUL-terminated string valid for the duration of the call.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ft_create_file(path: *const c_char, flags: c_int, mode: c_int) -> c_int {
+    boundary(|| {
+        if path.is_null() {
+            return FT_EINVAL;
+        }
+        // SAFETY: non-NULL and, by this function's contract, a NUL-terminated string that
+        // stays valid while the call runs.
+        let bytes = unsafe { CStr::from_ptr(path) }.to_bytes();
+        let path = std::path::Path::new(
+            <std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(bytes),
+        );
+        let Ok(mode) = u32::try_from(mode) else {
+            return FT_EINVAL;
+        };
+        let Some(options) = open_options(flags, mode) else {
+            return FT_EINVAL;
+        };
+        let file = match options.open(path) {
+            Ok(file) => file,
+            Err(e) => return file_code(&e),
+        };
+        let mut files = FILES.write().unwrap_or_else(PoisonError::into_inner);
+        let index = match files.iter().position(Option::is_none) {
+            Some(free) => free,
+            None => {
+                files.push(None);
+                files.len() - 1
+            }
+        };
+        let Ok(handle) = c_int::try_from(index) else {
+            set_errno(libc::EMFILE);
+            return FT_EFILE;
+        };
+        files[index] = Some(std::sync::Arc::new(Mutex::new(file)));
+        handle
+    })
+}
+
+/// Writes all `len` bytes of `buf` at the handle's file offset (at the end with O_APPEND),
+/// retrying short writes. Returns the bytes written, or a negative FT_E* code when nothing
+/// could be written (FT_EFILE + errno), the handle is unknown (FT_EBADHANDLE), or the bytes
+/// were written locally but not logged (FT_EREPL) or not confirmed durable (FT_ETIMEDOUT).
+///
+/// # Safety
+/// `buf` must be valid for reading `len` bytes for the duration of the call.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ft_write_file(handle: c_int, buf: *const c_void, len: usize) -> i64 {
+    // SAFETY: the caller guarantees `buf` is valid for `len` bytes during the call.
+    let Some(data) = (unsafe { caller_bytes(buf, len) }) else {
+        return i64::from(FT_EINVAL);
+    };
+    with_file(handle, |file| {
+        use std::io::Write;
+        let mut done = 0;
+        while done < data.len() {
+            match file.write(&data[done..]) {
+                Ok(0) => {
+                    return written(
+                        done,
+                        Some(&std::io::Error::from(std::io::ErrorKind::WriteZero)),
+                    );
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return written(done, Some(&e)),
+            }
+        }
+        written(done, None)
+    })
+}
+
+/// Like ft_write_file, at `offset` and without moving the file offset (pwrite).
+///
+/// # Safety
+/// `buf` must be valid for reading `len` bytes for the duration of the call.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ft_write_file_at(
+    handle: c_int,
+    buf: *const c_void,
+    len: usize,
+    offset: u64,
+) -> i64 {
+    // SAFETY: the caller guarantees `buf` is valid for `len` bytes during the call.
+    let Some(data) = (unsafe { caller_bytes(buf, len) }) else {
+        return i64::from(FT_EINVAL);
+    };
+    with_file(handle, |file| {
+        let mut done = 0;
+        while done < data.len() {
+            let at = offset.saturating_add(done as u64);
+            match file.write_at(&data[done..], at) {
+                Ok(0) => {
+                    return written(
+                        done,
+                        Some(&std::io::Error::from(std::io::ErrorKind::WriteZero)),
+                    );
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return written(done, Some(&e)),
+            }
+        }
+        written(done, None)
+    })
+}
+
+/// Reads up to `len` bytes at the handle's file offset into `buf`, like read(2). Returns the
+/// bytes read (0 at the end of the file), or FT_EFILE (+ errno), FT_EBADHANDLE, FT_EINVAL.
+///
+/// # Safety
+/// `buf` must be valid for writing `len` bytes for the duration of the call.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ft_read_file(handle: c_int, buf: *mut c_void, len: usize) -> i64 {
+    if len > 0 && (buf.is_null() || isize::try_from(len).is_err()) {
+        return i64::from(FT_EINVAL);
+    }
+    with_file(handle, |file| {
+        use std::io::Read;
+        if len == 0 {
+            return 0;
+        }
+        // SAFETY: non-NULL, len fits isize, and the caller guarantees `buf` is valid for
+        // writing len bytes and not accessed by anyone else during the call.
+        let out = unsafe { std::slice::from_raw_parts_mut(buf.cast::<u8>(), len) };
+        loop {
+            match file.read(out) {
+                Ok(n) => return i64::try_from(n).unwrap_or(i64::MAX),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return i64::from(file_code(&e)),
+            }
+        }
+    })
+}
+
+/// Makes the file durable (fsync) locally and, in a replicated fileset, on the replicas; in a
+/// sync-mode fileset returns once the backups have every earlier change durable. FT_OK or a
+/// negative FT_E* code.
+#[unsafe(no_mangle)]
+pub extern "C" fn ft_sync_file(handle: c_int) -> c_int {
+    let code = with_file(handle, |file| match file.sync_all() {
+        Ok(()) => i64::from(FT_OK),
+        Err(e) => i64::from(file_code(&e)),
+    });
+    c_int::try_from(code).unwrap_or(FT_EPANIC)
+}
+
+/// Closes a handle of ft_create_file (the descriptor is closed once calls running on the
+/// handle in other threads return). FT_OK or FT_EBADHANDLE.
+#[unsafe(no_mangle)]
+pub extern "C" fn ft_close_file(handle: c_int) -> c_int {
+    boundary(|| {
+        let Ok(index) = usize::try_from(handle) else {
+            return FT_EBADHANDLE;
+        };
+        let taken = FILES
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(index)
+            .and_then(Option::take);
+        match taken {
+            Some(file) => {
+                drop(file);
+                FT_OK
+            }
+            None => FT_EBADHANDLE,
+        }
+    })
 }
 
 #[cfg(test)]

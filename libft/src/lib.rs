@@ -8,6 +8,7 @@
 
 pub mod capi;
 pub mod critical;
+pub mod fs;
 pub mod proto;
 pub mod replog;
 pub mod watch;

@@ -5,6 +5,14 @@
 
 pub use ft::replog::{Op, OpRecord, PathError, RelPath};
 
+pub mod manifest;
+pub mod replay;
+pub mod segment;
+
 pub mod pump;
 
 pub mod proto;
+
+pub mod backup;
+pub mod bcplog;
+pub mod primary;

@@ -10,7 +10,7 @@
 //!   ── otherwise resync ──
 //!   ResyncBegin{next_seq}                    ──►
 //!                                            ◄──  Manifest{entries, last} …
-//!   ResyncOps{ops} …, ResyncEnd{next_seq, remove} ──►
+//!   ResyncOps{ops} …, ResyncEnd{next_seq}  ──►
 //!                                            ◄──  Ack{durable: next_seq - 1}
 //!   Ops{records} …  (stream from next_seq)
 //! ```
@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-type Entry = (); // TEMP-UNTIL-MANIFEST
+use crate::manifest::Entry;
 use crate::{Op, OpRecord, RelPath};
 
 /// The `cluster::net` channel of a fileset's stream.
@@ -61,8 +61,8 @@ pub enum ToBackup {
     ResyncBegin { next_seq: u64 },
     /// Operations that bring files up to date (no sequence numbers: applied at once).
     ResyncOps { ops: Vec<Op> },
-    /// End of a resync: remove these entries (deepest first), then continue at `next_seq`.
-    ResyncEnd { next_seq: u64, remove: Vec<RelPath> },
+    /// End of a resync (removals travelled as ops): continue at `next_seq`.
+    ResyncEnd { next_seq: u64 },
 }
 
 /// The encoding side of [`ToBackup::Ops`], so records shared between backups are serialized
@@ -81,7 +81,10 @@ pub enum ToPrimary {
     /// Everything through `durable` is durable in the backup's log.
     Ack { durable: u64 },
     /// Part of the backup's manifest during a resync.
-    Manifest { entries: Vec<Entry>, last: bool },
+    Manifest {
+        entries: Vec<(RelPath, Entry)>,
+        last: bool,
+    },
     /// The backup refuses the stream (stale epoch, wrong fileset); the connection closes.
     Refused { reason: String },
 }

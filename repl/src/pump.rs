@@ -418,6 +418,10 @@ impl Pump {
         let Some(b) = self.backups.get_mut(&backup) else {
             return;
         };
+        if matches!(b.link, LinkState::Resyncing { next_seq } if durable < next_seq) {
+            // The backup's ack of the resync's end can overtake the resync task's report.
+            return;
+        }
         let LinkState::Streaming { sent } = b.link else {
             out.push(Action::Close {
                 backup,

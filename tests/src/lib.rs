@@ -369,12 +369,24 @@ impl Watchd {
     /// Like [`Watchd::start_with`], inside the network namespace `netns` when given (see
     /// [`netns::Lab::netns`]).
     pub fn start_in(netns: Option<&str>, label: &str, settings: &str, services: &str) -> Watchd {
+        Watchd::start_node(netns, label, None, settings, services)
+    }
+
+    /// Like [`Watchd::start_in`] with this node name (a cluster's `[[node]]` tables name it);
+    /// `None` makes a unique one.
+    pub fn start_node(
+        netns: Option<&str>,
+        label: &str,
+        node: Option<&str>,
+        settings: &str,
+        services: &str,
+    ) -> Watchd {
         let scratch = Scratch::new(label);
         let data_dir = scratch.file("data");
         let mut w = Watchd {
             label: label.to_owned(),
             settings: settings.to_owned(),
-            node: unique(&format!("n-{label}")),
+            node: node.map_or_else(|| unique(&format!("n-{label}")), str::to_owned),
             config: scratch.file("watchd.toml"),
             data_dir,
             netns: netns.map(str::to_owned),

@@ -65,6 +65,8 @@ pub enum Request {
         /// Service name.
         service: String,
     },
+    /// The state of every replicated fileset on this node.
+    ReplStatus,
 }
 
 /// What watchd answers.
@@ -78,6 +80,11 @@ pub enum Response {
     },
     /// The answer to `status`.
     Status(StatusReport),
+    /// Answer to `ReplStatus`.
+    Repl {
+        /// One report per configured fileset.
+        filesets: Vec<crate::repl::FilesetReport>,
+    },
     /// One event (`events` sends one line per event, then `end` unless following).
     Event(EventRecord),
     /// The end of a finite event listing.

@@ -210,6 +210,20 @@ async fn connection(
             };
             send(&mut write, &response).await
         }
+        Request::ReplStatus => {
+            let response = match shared.repl.get() {
+                None => Response::Repl {
+                    filesets: Vec::new(),
+                },
+                Some(r) => match ractor::call_t!(r, crate::repl::ReplMsg::Status, 10_000) {
+                    Ok(filesets) => Response::Repl { filesets },
+                    Err(e) => Response::Error {
+                        message: format!("replication supervisor: {e}"),
+                    },
+                },
+            };
+            send(&mut write, &response).await
+        }
         Request::InjectPanic { service } => {
             if !shared.test_hooks {
                 return send(

@@ -106,6 +106,21 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         stream: u32,
     },
+    /// File replication.
+    Repl {
+        #[command(subcommand)]
+        command: ReplCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReplCommand {
+    /// Per fileset and backup: connected or not, acknowledged sequence, lag.
+    Status {
+        /// One JSON object per fileset per line.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
@@ -267,6 +282,7 @@ fn execute(
             service: service.clone(),
             stream: Some(*stream),
         },
+        Command::Repl { .. } => Request::ReplStatus,
     };
     let mut conn = Connection::open(socket, cli.timeout)?;
     conn.send(&request)?;
@@ -304,7 +320,115 @@ fn execute(
             other => negative_or_fail(other, err),
         },
         Command::Events { follow, json, .. } => stream_events(&mut conn, *follow, *json, out, err),
+        Command::Repl {
+            command: ReplCommand::Status { json },
+        } => match conn.answer()? {
+            Response::Repl { filesets } => {
+                print_repl(&filesets, *json, out)?;
+                Ok(Outcome::Success)
+            }
+            other => negative_or_fail(other, err),
+        },
     }
+}
+
+/// `ftctl repl status`: one line per (fileset, backup) on a primary, one per fileset on a
+/// backup.
+fn print_repl(
+    filesets: &[crate::repl::FilesetReport],
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    use crate::repl::Role;
+    if json {
+        for f in filesets {
+            let line = serde_json::to_string(f).map_err(|e| CtlError::Unexpected(e.to_string()))?;
+            writeln!(out, "{line}").map_err(output_error)?;
+        }
+        return Ok(());
+    }
+    let mut rows = vec![
+        [
+            "FILESET",
+            "ROLE",
+            "MODE",
+            "PEER",
+            "STATE",
+            "SEQ",
+            "ACKED",
+            "LAG-OPS",
+            "LAG-BYTES",
+            "LAG",
+        ]
+        .map(String::from),
+    ];
+    for f in filesets {
+        let mode = format!("{}/{}", f.mode, if f.sync { "sync" } else { "async" });
+        let role = match f.role {
+            Role::Primary => "primary",
+            Role::Backup => "backup",
+            Role::None => "-",
+        };
+        match (&f.pump, &f.bcplog) {
+            (Some(p), _) => {
+                for b in &p.backups {
+                    rows.push([
+                        f.name.clone(),
+                        role.into(),
+                        mode.clone(),
+                        b.name.clone(),
+                        b.state.clone(),
+                        p.next_seq.saturating_sub(1).to_string(),
+                        b.acked.to_string(),
+                        b.lag_ops.to_string(),
+                        b.lag_bytes.to_string(),
+                        format!("{}ms", b.lag_ms),
+                    ]);
+                }
+            }
+            (None, Some(b)) => rows.push([
+                f.name.clone(),
+                role.into(),
+                mode.clone(),
+                f.primary_node.clone(),
+                if b.connected { "connected" } else { "waiting" }.into(),
+                b.counters.received.to_string(),
+                b.counters.durable.to_string(),
+                b.counters
+                    .durable
+                    .saturating_sub(b.counters.applied)
+                    .to_string(),
+                b.counters.log_bytes.to_string(),
+                format!("applied {}", b.counters.applied),
+            ]),
+            (None, None) => rows.push([
+                f.name.clone(),
+                role.into(),
+                mode.clone(),
+                f.primary_node.clone(),
+                f.error
+                    .clone()
+                    .map_or_else(|| "-".into(), |e| format!("error: {e}")),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+            ]),
+        }
+    }
+    let widths: Vec<usize> = (0..10)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{:<w$}", sanitize(c), w = *w))
+            .collect();
+        writeln!(out, "{}", line.join("  ").trim_end()).map_err(output_error)?;
+    }
+    Ok(())
 }
 
 /// Prints events as they come. A finite listing ends with `End`; a followed one when watchd
@@ -375,6 +499,7 @@ fn response_name(r: &Response) -> &'static str {
     match r {
         Response::Ok { .. } => "ok",
         Response::Status(_) => "status",
+        Response::Repl { .. } => "repl",
         Response::Event(_) => "event",
         Response::End => "end",
         Response::Logs { .. } => "logs",

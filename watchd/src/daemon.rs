@@ -83,6 +83,23 @@ pub async fn run(config_path: PathBuf, config: Config, options: Options) -> anyh
         notify_socket.clone(),
         options.test_hooks,
     ));
+    if let Some(setup) = crate::repl::setup(&config, &instance_name(&data_dir))
+        .await
+        .context("cannot set up file replication")?
+    {
+        let _ = shared.repl_env.set(setup.env.clone());
+        let (repl, _) = Actor::spawn(
+            None,
+            crate::repl::ReplSupervisor,
+            crate::repl::ReplArgs {
+                setup,
+                events: events.clone(),
+            },
+        )
+        .await
+        .context("cannot start the replication supervisor")?;
+        let _ = shared.repl.set(repl);
+    }
     let ft_sender = listener::start(
         &ft_socket,
         Protocol::Ft,

@@ -17,4 +17,5 @@ pub mod machine;
 pub mod probe;
 pub mod process;
 pub mod registry;
+pub mod repl;
 pub mod supervisor;

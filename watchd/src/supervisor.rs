@@ -7,7 +7,7 @@
 //! caught by ractor; the root restarts the actor, which re-adopts the running process by pidfd
 //! instead of touching it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
@@ -54,6 +54,10 @@ pub struct Shared {
     pub notify_socket: PathBuf,
     /// Accept test-only control requests (fault injection).
     pub test_hooks: bool,
+    /// What services are told about replicated filesets (set once at start).
+    pub repl_env: std::sync::OnceLock<ReplEnv>,
+    /// The replication supervisor, when this node is in a cluster.
+    pub repl: std::sync::OnceLock<ActorRef<crate::repl::ReplMsg>>,
     /// The live service actors, by name.
     pub actors: RwLock<HashMap<String, ActorRef<ServiceMsg>>>,
     /// Configuration order of the services, for listings.
@@ -66,6 +70,20 @@ pub struct Shared {
     replies: Mutex<HashMap<String, (u32, nix::sys::socket::UnixAddr)>>,
     /// watchd's end of the libft socket, for those requests.
     ft_sender: Mutex<Option<std::os::unix::net::UnixDatagram>>,
+}
+
+/// The variable that lists a service's filesets for libft and the shim.
+pub const ENV_REPL_FILESETS: &str = ft::replog::fileset::ENV_FILESETS;
+
+/// The environment that tells a service's libft and the shim about its filesets.
+#[derive(Debug, Clone, Default)]
+pub struct ReplEnv {
+    /// Fileset name → its `FT_REPL_FILESETS` entry (`NAME|ROOT|RING`).
+    pub entries: BTreeMap<String, String>,
+    /// The LD_PRELOAD shim, for services with `repl_shim = true`.
+    pub shim: Option<PathBuf>,
+    /// How long a sync-mode write waits for the backups (the longest of the filesets).
+    pub sync_timeout: Option<Duration>,
 }
 
 #[derive(Debug)]
@@ -103,6 +121,8 @@ impl Shared {
             ft_socket,
             notify_socket,
             test_hooks,
+            repl_env: std::sync::OnceLock::new(),
+            repl: std::sync::OnceLock::new(),
             actors: RwLock::default(),
             order: RwLock::default(),
             live: Mutex::default(),
@@ -636,6 +656,27 @@ fn spawn_spec(st: &ServiceState) -> (process::SpawnSpec, PathBuf) {
     ));
     if let Some(w) = c.hang.watchdog {
         env.push(("WATCHDOG_USEC".to_owned(), w.as_micros().to_string()));
+    }
+    if let Some(repl) = sh.repl_env.get() {
+        let entries: Vec<&str> = c
+            .filesets
+            .iter()
+            .filter_map(|f| repl.entries.get(f).map(String::as_str))
+            .collect();
+        if !entries.is_empty() {
+            env.push((ENV_REPL_FILESETS.to_owned(), entries.join(";")));
+            if let Some(t) = repl.sync_timeout {
+                env.push((
+                    ft::replog::fileset::ENV_SYNC_TIMEOUT.to_owned(),
+                    format!("{}ms", t.as_millis()),
+                ));
+            }
+        }
+        if c.repl_shim
+            && let Some(shim) = &repl.shim
+        {
+            env.push(("LD_PRELOAD".to_owned(), shim.display().to_string()));
+        }
     }
     env.extend(c.env.iter().map(|(k, v)| (k.clone(), v.clone())));
     let spec = process::SpawnSpec {

@@ -1,0 +1,218 @@
+use super::*;
+use crate::RelPath;
+
+const GEN: u64 = 77;
+
+fn p(s: &str) -> RelPath {
+    RelPath::new(s.as_bytes()).expect("valid")
+}
+
+fn spec(dir: &Path) -> BackupSpec {
+    BackupSpec {
+        fileset: "data".into(),
+        root: dir.join("replica"),
+        state_dir: dir.join("state"),
+        segment: SegmentOptions::default(),
+    }
+}
+
+fn hello(epoch: u64) -> ToBackup {
+    ToBackup::Hello {
+        fileset: "data".into(),
+        generation: GEN,
+        epoch,
+        mode: Mode::Async,
+    }
+}
+
+fn write(seq: u64, path: &str, data: &[u8]) -> OpRecord {
+    OpRecord {
+        seq,
+        op: Op::Write {
+            path: p(path),
+            offset: 0,
+            data: data.to_vec(),
+        },
+    }
+}
+
+/// Greets, resyncs from nothing to `next_seq`, and returns the backup.
+fn resynced(dir: &Path, next_seq: u64, ops: Vec<Op>) -> Bcplog {
+    let mut b = Bcplog::open(spec(dir)).expect("open");
+    b.connected();
+    let r = b.handle(hello(1)).expect("hello");
+    assert_eq!(
+        r,
+        vec![ToPrimary::State {
+            generation: 0,
+            durable: 0
+        }]
+    );
+    let r = b.handle(ToBackup::ResyncBegin { next_seq }).expect("begin");
+    assert!(
+        matches!(&r[..], [ToPrimary::Manifest { last: true, .. }]),
+        "{r:?}"
+    );
+    b.handle(ToBackup::ResyncOps { ops }).expect("ops");
+    let r = b.handle(ToBackup::ResyncEnd { next_seq }).expect("end");
+    assert_eq!(
+        r,
+        vec![ToPrimary::Ack {
+            durable: next_seq - 1
+        }]
+    );
+    b
+}
+
+fn replay_all(b: &Bcplog) {
+    let mut last = Instant::now();
+    while replay_step(&b.shared(), &mut last).expect("replay") {}
+    // One more pass commits what the last batch applied.
+    let mut long_ago = Instant::now() - REPLAY_COMMIT_EVERY;
+    replay_step(&b.shared(), &mut long_ago).expect("replay");
+}
+
+#[test]
+fn resync_then_stream_then_replay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut b = resynced(
+        dir.path(),
+        10,
+        vec![
+            Op::Mkdir {
+                path: p("d"),
+                mode: 0o755,
+            },
+            Op::Write {
+                path: p("d/f"),
+                offset: 0,
+                data: b"old".to_vec(),
+            },
+        ],
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("replica/d/f")).expect("resynced"),
+        b"old"
+    );
+    b.handle(ToBackup::Ops {
+        records: vec![
+            write(10, "d/g", b"new"),
+            OpRecord {
+                seq: 11,
+                op: Op::Unlink { path: p("d/f") },
+            },
+        ],
+    })
+    .expect("append");
+    assert_eq!(
+        b.sync().expect("sync"),
+        Some(ToPrimary::Ack { durable: 11 })
+    );
+    replay_all(&b);
+    assert_eq!(
+        std::fs::read(dir.path().join("replica/d/g")).expect("replayed"),
+        b"new"
+    );
+    assert!(!dir.path().join("replica/d/f").exists());
+    let st = b.status();
+    assert_eq!(
+        (st.durable, st.applied, st.committed, st.generation),
+        (11, 11, 11, GEN)
+    );
+
+    // A restart: same stream, resumes where the log is; a repeated record is ignored.
+    drop(b);
+    let mut b = Bcplog::open(spec(dir.path())).expect("reopen");
+    b.connected();
+    let r = b.handle(hello(1)).expect("hello");
+    assert_eq!(
+        r,
+        vec![ToPrimary::State {
+            generation: GEN,
+            durable: 11
+        }]
+    );
+    b.handle(ToBackup::Ops {
+        records: vec![write(11, "x", b"dup"), write(12, "d/h", b"h")],
+    })
+    .expect("append");
+    assert_eq!(
+        b.sync().expect("sync"),
+        Some(ToPrimary::Ack { durable: 12 })
+    );
+    replay_all(&b);
+    assert!(
+        !dir.path().join("replica/x").exists(),
+        "the repeated record was not applied"
+    );
+    assert!(dir.path().join("replica/d/h").exists());
+}
+
+#[test]
+fn refusals_and_protocol_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut b = resynced(dir.path(), 1, Vec::new());
+    // A higher epoch is remembered; an older pump is then refused.
+    b.connected();
+    b.handle(hello(5)).expect("newer epoch");
+    b.connected();
+    let e = b.handle(hello(4)).expect_err("stale");
+    assert!(e.to_string().contains("stale epoch 4"), "{e}");
+    b.connected();
+    let e = b
+        .handle(ToBackup::Hello {
+            fileset: "other".into(),
+            generation: GEN,
+            epoch: 9,
+            mode: Mode::Sync,
+        })
+        .expect_err("other fileset");
+    assert!(matches!(e, BackupError::Refused(_)), "{e}");
+    // Ops before the greeting, and a gap.
+    b.connected();
+    let e = b
+        .handle(ToBackup::Ops {
+            records: vec![write(1, "a", b"")],
+        })
+        .expect_err("no hello");
+    assert!(matches!(e, BackupError::Protocol(_)), "{e}");
+    b.handle(hello(5)).expect("hello");
+    let e = b
+        .handle(ToBackup::Ops {
+            records: vec![write(3, "a", b"")],
+        })
+        .expect_err("gap");
+    assert!(e.to_string().contains("missing"), "{e}");
+    // The epoch survives a restart.
+    drop(b);
+    let mut b = Bcplog::open(spec(dir.path())).expect("reopen");
+    b.connected();
+    assert!(b.handle(hello(4)).is_err());
+}
+
+#[test]
+fn a_resync_cut_short_asks_for_another() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let b = resynced(dir.path(), 5, Vec::new());
+    drop(b);
+    let mut b = Bcplog::open(spec(dir.path())).expect("reopen");
+    b.connected();
+    b.handle(hello(1)).expect("hello");
+    b.handle(ToBackup::ResyncBegin { next_seq: 9 })
+        .expect("begin");
+    b.handle(ToBackup::ResyncOps {
+        ops: vec![Op::Mkdir {
+            path: p("half"),
+            mode: 0o700,
+        }],
+    })
+    .expect("ops");
+    drop(b); // the connection (or watchd) dies before ResyncEnd
+    let mut b = Bcplog::open(spec(dir.path())).expect("reopen");
+    b.connected();
+    let r = b.handle(hello(1)).expect("hello");
+    assert!(
+        matches!(&r[..], [ToPrimary::State { generation: 0, .. }]),
+        "{r:?}"
+    );
+}
