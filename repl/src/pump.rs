@@ -12,11 +12,13 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::OpRecord;
 use crate::proto::{Mode, ToBackup};
+use crate::{Op, OpRecord};
 
 /// Bytes a record is counted as beyond its data (headers, path), for windows and lag.
 const RECORD_OVERHEAD: usize = 64;
+/// Verification resyncs in a row before the pump gives up on converging (and says so).
+const MAX_VERIFY_ROUNDS: u32 = 3;
 
 /// Limits of the pump.
 #[derive(Debug, Clone)]
@@ -145,6 +147,11 @@ struct Backup {
     /// When `acked` last reached the newest record read (for the time lag when nothing is
     /// retained any more).
     behind_since: Option<Instant>,
+    /// A resync overlapped renames or links (see [`Pump::on_resync_done`]): once the backup has
+    /// acknowledged this seq, it is compared again.
+    verify_at: Option<u64>,
+    /// Verification resyncs in a row.
+    verify_rounds: u32,
 }
 
 /// The pump of one fileset.
@@ -189,6 +196,8 @@ impl Pump {
                         inflight: 0,
                         resyncs: 0,
                         behind_since: None,
+                        verify_at: None,
+                        verify_rounds: 0,
                     },
                 )
             })
@@ -448,6 +457,19 @@ impl Pump {
         b.inflight = b.inflight.saturating_sub(newly);
         b.acked = durable;
         b.behind_since = (durable < newest).then_some(now);
+        if b.verify_at.is_some_and(|v| durable >= v) {
+            b.verify_at = None;
+            b.link = LinkState::Resyncing {
+                next_seq: self.next_seq,
+            };
+            b.holds_release = false;
+            b.resyncs += 1;
+            out.push(Action::StartResync {
+                backup,
+                next_seq: self.next_seq,
+            });
+            return;
+        }
         self.send_more(&backup, out);
     }
 
@@ -480,6 +502,26 @@ impl Pump {
         b.acked = next_seq - 1;
         b.holds_release = true;
         b.inflight = 0;
+        // The resync copied files as they were while it ran, and the records from `next_seq`
+        // on are applied on top. That converges for path-local operations, but a rename or
+        // link among them may have moved a name that the copy already shows in its later
+        // state: compare the trees once more when the backup has caught up with them.
+        let overlapped = self.retained.iter().any(|r| {
+            r.rec.seq >= next_seq && matches!(r.rec.op, Op::Rename { .. } | Op::Link { .. })
+        });
+        if overlapped && b.verify_rounds < MAX_VERIFY_ROUNDS {
+            b.verify_at = Some(next - 1);
+            b.verify_rounds += 1;
+        } else {
+            if overlapped {
+                tracing::warn!(
+                    fileset = %self.fileset, %backup,
+                    "renames keep overlapping resyncs; the replica is compared again at the next resync"
+                );
+            }
+            b.verify_at = None;
+            b.verify_rounds = 0;
+        }
         b.behind_since = (next_seq - 1 < next - 1).then_some(now);
         self.send_more(&backup, out);
     }

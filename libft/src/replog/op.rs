@@ -116,9 +116,12 @@ impl<'de> Deserialize<'de> for RelPath {
     }
 }
 
-/// One file operation. Every variant is idempotent when replayed in sequence order from any
-/// earlier point: a write at an offset, a truncation to a length, a create that does not
-/// truncate; a rename, unlink, mkdir or rmdir whose effect is already present is a no-op.
+/// One file operation. Path-local variants are idempotent when replayed in sequence order from
+/// any earlier point: a write at an offset, a truncation to a length, a create that does not
+/// truncate; an unlink, mkdir or rmdir whose effect is already present is a no-op. Renames and
+/// links are not (the source name may hold a newer file by then): replay makes the replica
+/// durable right before and after each of them, so a crash re-applies one only to the state
+/// just before or just after it.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Op {
     /// Create a regular file if it does not exist (never truncates: a truncating open is

@@ -1,6 +1,16 @@
 use super::*;
 use crate::{Op, RelPath};
 
+fn rename(seq: u64) -> OpRecord {
+    OpRecord {
+        seq,
+        op: Op::Rename {
+            from: RelPath::new(&b"a"[..]).expect("valid"),
+            to: RelPath::new(&b"b"[..]).expect("valid"),
+        },
+    }
+}
+
 const GEN: u64 = 0xfeed;
 
 fn rec(seq: u64, bytes: usize) -> OpRecord {
@@ -450,4 +460,63 @@ fn random_schedules_keep_the_invariants() {
         caught_up > 300 && resyncs > 300 && releases > 3000,
         "{caught_up} {resyncs} {releases}"
     );
+}
+
+#[test]
+fn a_rename_during_a_resync_triggers_one_more_comparison() {
+    let now = Instant::now();
+    let mut p = pump(Mode::Async, &["b"]);
+    let a = connect(&mut p, now, "b", GEN + 1, 0);
+    assert!(
+        matches!(&a[..], [Action::StartResync { next_seq: 1, .. }]),
+        "{a:?}"
+    );
+    // While the resync copies files, the application renames one.
+    p.step(now, Input::Records(vec![rec(1, 10), rename(2), rec(3, 10)]));
+    let a = p.step(
+        now,
+        Input::ResyncDone {
+            backup: "b".into(),
+            next_seq: 1,
+        },
+    );
+    assert_eq!(sent_seqs(&a, "b"), vec![1, 2, 3]);
+    p.step(now, Input::Records(vec![rec(4, 10)]));
+    // Caught up past the overlapping records: compared again, from the current position.
+    let a = p.step(
+        now,
+        Input::Ack {
+            backup: "b".into(),
+            durable: 3,
+        },
+    );
+    assert!(
+        matches!(&a[..], [Action::StartResync { next_seq: 5, .. }, ..]),
+        "{a:?}"
+    );
+    // No rename overlapped this one: streaming goes on.
+    let a = p.step(
+        now,
+        Input::ResyncDone {
+            backup: "b".into(),
+            next_seq: 5,
+        },
+    );
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::StartResync { .. })),
+        "{a:?}"
+    );
+    p.step(now, Input::Records(vec![rec(5, 10)]));
+    let a = p.step(
+        now,
+        Input::Ack {
+            backup: "b".into(),
+            durable: 5,
+        },
+    );
+    assert!(
+        !a.iter().any(|x| matches!(x, Action::StartResync { .. })),
+        "{a:?}"
+    );
+    assert_eq!(p.view(now)[0].resyncs, 2);
 }
