@@ -15,4 +15,5 @@ pub mod proto;
 
 pub mod backup;
 pub mod bcplog;
+pub mod copy;
 pub mod primary;

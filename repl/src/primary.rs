@@ -20,6 +20,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
+use crate::copy::{CopyConfig, CopyOutput, CopySource};
 use crate::manifest::{self, Entry};
 use crate::proto::{self, OpsRef, ToBackup, ToPrimary};
 use crate::pump::{Action, BackupView, Input, LinkState, Pump, PumpConfig};
@@ -217,6 +218,8 @@ pub struct PumpState {
     stop: Arc<AtomicBool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
     source_thread: Option<std::thread::JoinHandle<()>>,
+    /// Copy mode's watcher (dropping it stops it).
+    copy_source: Option<CopySource>,
     source_error: Option<String>,
     generation: u64,
 }
@@ -234,6 +237,7 @@ impl Actor for PumpActor {
         std::fs::create_dir_all(&spec.root)?;
         let release = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
+        let (mut copy_task, mut copy_source) = (None, None);
         let (generation, head_seq, source_thread) = match &spec.source {
             SourceSpec::Ring { path, capacity } => {
                 let sync = spec.pump.mode == proto::Mode::Sync;
@@ -249,12 +253,33 @@ impl Actor for PumpActor {
                     .spawn(move || ring_source(consumer, me, rel, st, sync))?;
                 (generation, head_seq, Some(thread))
             }
-            SourceSpec::Copy { .. } => {
-                return Err(format!(
-                    "fileset {}: copy mode is not available in this build",
-                    spec.fileset
-                )
-                .into());
+            SourceSpec::Copy { quiet } => {
+                // Sequence numbers start over with every start: a fresh generation makes the
+                // backups compare their trees (a resync) before records flow.
+                let cfg = CopyConfig::new(*quiet, SOURCE_BATCH_BYTES);
+                let root = spec.root.clone();
+                let (source, mut rx) =
+                    tokio::task::spawn_blocking(move || CopySource::start_with(&root, cfg))
+                        .await??;
+                let me = myself.clone();
+                copy_task = Some(tokio::spawn(async move {
+                    while let Some(out) = rx.recv().await {
+                        let event = match out {
+                            CopyOutput::Records(r) => SourceEvent::Records(r),
+                            CopyOutput::Rescan { next_seq } => SourceEvent::Lost {
+                                seq: next_seq.saturating_sub(1),
+                            },
+                        };
+                        if me.cast(PumpMsg::Source(event)).is_err() {
+                            return;
+                        }
+                    }
+                    let _ = me.cast(PumpMsg::Source(SourceEvent::Failed(
+                        "copy mode stopped watching".into(),
+                    )));
+                }));
+                copy_source = Some(source);
+                (rand::random::<u64>() | 1, 1, None)
             }
         };
         let pump = Pump::new(
@@ -265,7 +290,7 @@ impl Actor for PumpActor {
             head_seq,
             spec.backups.iter().map(|b| b.name.clone()),
         );
-        let mut tasks = Vec::new();
+        let mut tasks: Vec<_> = copy_task.into_iter().collect();
         for peer in &spec.backups {
             tasks.push(tokio::spawn(link_task(
                 myself.clone(),
@@ -283,6 +308,7 @@ impl Actor for PumpActor {
             stop,
             tasks,
             source_thread,
+            copy_source,
             source_error: None,
             generation,
         })
@@ -299,6 +325,9 @@ impl Actor for PumpActor {
         }
         if let Some(t) = st.source_thread.take() {
             let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+        if let Some(c) = st.copy_source.take() {
+            let _ = tokio::task::spawn_blocking(move || drop(c)).await;
         }
         Ok(())
     }

@@ -38,7 +38,7 @@ impl Pair {
     }
 
     /// The configuration of node `me` (0 = primary "a", 1 = backup "b").
-    fn config(&self, me: usize, sync: bool, services: &str) -> String {
+    fn config(&self, me: usize, fileset_extra: &str, services: &str) -> String {
         let (name, other, path) = if me == 0 {
             ("a", "b", &self.primary_dir)
         } else {
@@ -48,7 +48,7 @@ impl Pair {
         format!(
             "[cluster]\nname = \"t\"\nsecret_file = {}\nlisten = [\"{}:{PORT}\"]\n\n\
              [[node]]\nname = \"{other}\"\naddresses = [\"{}:{PORT}\"]\n\n\
-             [[fileset]]\nname = \"data\"\npath = {}\nprimary = \"a\"\nbackups = [\"b\"]\nsync = {sync}\n\n{services}",
+             [[fileset]]\nname = \"data\"\npath = {}\nprimary = \"a\"\nbackups = [\"b\"]\n{fileset_extra}\n\n{services}",
             q(&self.secret),
             self.lab.addr(me),
             self.lab.addr(1 - me),
@@ -57,6 +57,11 @@ impl Pair {
     }
 
     fn start(&self, me: usize, sync: bool, services: &str) -> Watchd {
+        self.start_with(me, &format!("sync = {sync}"), services)
+    }
+
+    /// Starts node `me` with extra lines in the `[[fileset]]` table.
+    fn start_with(&self, me: usize, fileset_extra: &str, services: &str) -> Watchd {
         let node = if me == 0 { "a" } else { "b" };
         // Rings go to the test's scratch directory, not /dev/shm, so nothing outlives the test.
         let scratch_rings = std::env::temp_dir().join(ftkit_tests::unique("ft-rings"));
@@ -66,7 +71,7 @@ impl Pair {
             &format!("repl-{node}"),
             Some(node),
             &format!("ring_dir = {}", q(&scratch_rings)),
-            &self.config(me, sync, services),
+            &self.config(me, fileset_extra, services),
         )
     }
 }
@@ -437,4 +442,38 @@ fn a_c_program_through_libft_and_through_stdio_is_replicated() {
         std::fs::read_to_string(p.replica_dir.join("stdio/snapshot")).expect("snapshot"),
         "1500 records\n"
     );
+}
+
+/// Copy mode: no interception at all; the primary's directory is watched and files are copied
+/// once quiet. Changes made directly in the directory (by this test) reach the replica, renames
+/// and removals included, also across a kill -9 of the primary's watchd.
+#[test]
+fn copy_mode_follows_a_watched_directory() {
+    let p = Pair::new("repl-copy");
+    std::fs::create_dir_all(p.primary_dir.join("pre")).expect("mkdir");
+    std::fs::write(p.primary_dir.join("pre/existing"), b"before watchd").expect("write");
+    let copy = "mode = \"copy\"\nquiet = \"50ms\"";
+    let _b = p.start_with(1, copy, "");
+    let mut a = p.start_with(0, copy, "");
+    wait_identical(&p.primary_dir, &p.replica_dir, "the initial resync");
+    for i in 0..200 {
+        let dir = p.primary_dir.join(format!("d{}", i % 10));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(
+            dir.join(format!("f{i}")),
+            format!("file {i}\n").repeat(i + 1),
+        )
+        .expect("write");
+    }
+    std::fs::rename(p.primary_dir.join("d3"), p.primary_dir.join("renamed")).expect("rename");
+    std::fs::remove_dir_all(p.primary_dir.join("d4")).expect("rm");
+    wait_identical(&p.primary_dir, &p.replica_dir, "copy mode");
+    a.kill9();
+    std::fs::write(
+        p.primary_dir.join("while-down"),
+        b"written while watchd was dead",
+    )
+    .expect("write");
+    a.restart();
+    wait_identical(&p.primary_dir, &p.replica_dir, "after watchd was restarted");
 }
