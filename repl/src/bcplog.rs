@@ -20,6 +20,10 @@ use crate::proto::{ToBackup, ToPrimary};
 
 /// Pause of the replay thread after an error (disk full, I/O error) before it tries again.
 const REPLAY_RETRY: Duration = Duration::from_secs(1);
+/// Group commit: the log is made durable (and acknowledged) at least after this many messages
+/// or this long, even while more keep arriving, so acknowledgements never starve.
+const GROUP_MAX_MESSAGES: usize = 64;
+const GROUP_MAX_TIME: Duration = Duration::from_millis(5);
 
 /// Everything the bcplog of one fileset needs.
 #[derive(Debug)]
@@ -253,7 +257,10 @@ fn worker(mut b: Bcplog, jobs: std_mpsc::Receiver<Job>, fileset: &str) -> String
             return "the actor is gone".into();
         };
         let mut next = Some(first);
+        let started = std::time::Instant::now();
+        let mut handled = 0;
         while let Some(job) = next.take() {
+            handled += 1;
             match job {
                 Job::Connected { link, out } => {
                     b.connected();
@@ -299,7 +306,9 @@ fn worker(mut b: Bcplog, jobs: std_mpsc::Receiver<Job>, fileset: &str) -> String
                     });
                 }
             }
-            next = jobs.try_recv().ok();
+            if handled < GROUP_MAX_MESSAGES && started.elapsed() < GROUP_MAX_TIME {
+                next = jobs.try_recv().ok();
+            }
         }
         match b.sync() {
             Ok(Some(ack)) => {
