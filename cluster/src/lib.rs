@@ -2,4 +2,6 @@
 //! node-to-node transport ([`net`]) that file replication, membership and checkpoint shipping
 //! share.
 
+pub mod membership;
 pub mod net;
+pub mod quorum;
