@@ -1,4 +1,4 @@
-//! Failpoints: named places in the commit path where a test can make this process crash
+//! Failpoints: named places in the commit and compaction paths where a test can make this process crash
 //! (SIGKILL on itself) or fail with an injected I/O error, selected by `FT_CKPT_FAILPOINT`.
 //! Owns the parsing and caching of that variable; it must never cost more than one atomic
 //! load when the variable is unset, and must never panic on a malformed value.
@@ -28,6 +28,26 @@ pub const COMMIT_POINTS: [&str; 5] = [
     COMMIT_SYNCED,
     COMMIT_RENAMED,
     COMMIT_DIR_SYNCED,
+];
+
+/// After the temp file of a compacted image was created (in `Store::compact`).
+pub const COMPACT_CREATED: &str = "compact.created";
+/// After the compacted image was written whole, before `fdatasync`.
+pub const COMPACT_WRITTEN: &str = "compact.written";
+/// After `fdatasync` of the compacted image, before it replaces the increment.
+pub const COMPACT_SYNCED: &str = "compact.synced";
+/// After the rename over the increment, before the directory fsync.
+pub const COMPACT_RENAMED: &str = "compact.renamed";
+/// After the directory fsync, before retention.
+pub const COMPACT_DIR_SYNCED: &str = "compact.dir_synced";
+
+/// Every failpoint of the compaction path, in the order a compaction passes them.
+pub const COMPACT_POINTS: [&str; 5] = [
+    COMPACT_CREATED,
+    COMPACT_WRITTEN,
+    COMPACT_SYNCED,
+    COMPACT_RENAMED,
+    COMPACT_DIR_SYNCED,
 ];
 
 /// What happens when a selected failpoint is hit.
@@ -191,7 +211,7 @@ mod tests {
     #[test]
     fn unselected_point_passes() {
         // The test binary never sets the variable for itself, so no point is selected.
-        for name in COMMIT_POINTS {
+        for name in COMMIT_POINTS.iter().chain(&COMPACT_POINTS) {
             assert!(hit(name).is_ok());
         }
     }

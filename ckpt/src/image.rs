@@ -1,7 +1,8 @@
 //! Checkpoint image format v1: one file = header, checksummed chunks, footer (all integers
-//! little-endian, checksums xxh3-64). Owns encoding (`ImageWriter`, streaming) and verification
-//! (`read_image`); it must never accept an image that is truncated, bit-flipped, reordered, of
-//! another application or followed by garbage, and never buffers a whole image in memory.
+//! little-endian, checksums xxh3-64). Owns encoding (`ImageWriter`, streaming, allocation-free
+//! after its header) and verification (`read_image`, `ImageReader`, `read_chunk_at`); it must
+//! never accept an image that is truncated, bit-flipped, reordered, of another application or
+//! followed by garbage, and never buffers a whole image in memory.
 //!
 //! Layout, with the byte ranges each checksum covers:
 //! ```text
@@ -17,7 +18,7 @@
 //! region index is caught at that chunk, not applied to the wrong place.
 
 use std::fmt;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, IoSlice, Read, Seek, SeekFrom, Write};
 
 use xxhash_rust::xxh3::{Xxh3, xxh3_64};
 
@@ -53,6 +54,14 @@ pub const CHUNK_RECORD_LEN: usize = CHUNK_FIELDS_LEN + CHECKSUM_LEN;
 pub const FOOTER_LEN: usize = 8 + 8 + 8 + CHECKSUM_LEN;
 /// Read-side buffer; large enough that a reader passed unbuffered still reads in big blocks.
 const READ_BUFFER: usize = 64 * 1024;
+/// Chunks that `ImageWriter::chunks` hands to one vectored write at most (two I/O slices each,
+/// far below IOV_MAX = 1024): small chunks (an increment's single pages) cost one system call
+/// per batch instead of one or two each.
+const CHUNK_BATCH: usize = 64;
+/// Data bytes after which `ImageWriter::chunks` writes its batch out: checksumming and writing
+/// then alternate in small steps, so the sink sees a steady stream (and can start writeback
+/// early) instead of one huge write after all the checksums.
+const BATCH_BYTES: usize = MAX_CHUNK;
 
 /// One memory region an image describes: `len` bytes that live at `base` in the process.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,6 +184,8 @@ pub enum ImageError {
     BadFooter { offset: u64, reason: &'static str },
     #[error("an earlier write to this image failed ({kind}); the image is incomplete")]
     Poisoned { kind: io::ErrorKind },
+    #[error("the image is finished (its footer is written); it takes no more chunks")]
+    Finished,
 }
 
 impl ImageError {
@@ -379,8 +390,11 @@ fn decode_header(b: &[u8]) -> Result<ImageHeader, ImageError> {
     Ok(h)
 }
 
-/// Writes one image, streaming: the header at `new`, each chunk as it comes, the footer at
-/// `finish`. Nothing but the current chunk's record is ever buffered here.
+/// Writes one image, streaming: the header at `new`, the chunks as they come, the footer at
+/// `finish`. Nothing but the chunk records of the current batch is ever buffered here, and
+/// after `new` nothing allocates: a copy-on-write snapshot child (a clone of a possibly
+/// multi-threaded process, where any allocator lock may be held forever) drives a copy of a
+/// writer through `chunks` and `finish_in_place`.
 pub struct ImageWriter<W: Write> {
     out: W,
     pos: u64,
@@ -390,6 +404,8 @@ pub struct ImageWriter<W: Write> {
     data_bytes: u64,
     /// Set by the first failed write: the bytes on `out` no longer form a valid prefix.
     failed: Option<io::ErrorKind>,
+    /// The footer was written: the image is complete.
+    finished: bool,
 }
 
 impl<W: Write> fmt::Debug for ImageWriter<W> {
@@ -400,6 +416,7 @@ impl<W: Write> fmt::Debug for ImageWriter<W> {
             .field("chunks", &self.chunks)
             .field("data_bytes", &self.data_bytes)
             .field("failed", &self.failed)
+            .field("finished", &self.finished)
             .finish_non_exhaustive()
     }
 }
@@ -419,37 +436,50 @@ impl<W: Write> ImageWriter<W> {
             chunks: 0,
             data_bytes: 0,
             failed: None,
+            finished: false,
         };
-        w.write(&bytes)?;
+        w.write_slices(&mut [IoSlice::new(&bytes)])?;
         Ok(w)
     }
 
-    fn write(&mut self, bytes: &[u8]) -> Result<(), ImageError> {
+    /// Refuses a writer that failed or is finished.
+    fn usable(&self) -> Result<(), ImageError> {
         if let Some(kind) = self.failed {
             return Err(ImageError::Poisoned { kind });
         }
-        match self.out.write_all(bytes) {
-            Ok(()) => {
-                self.pos += bytes.len() as u64;
-                Ok(())
+        if self.finished {
+            return Err(ImageError::Finished);
+        }
+        Ok(())
+    }
+
+    /// Writes every byte of `bufs` (vectored, retrying short writes); the first failure
+    /// poisons the writer.
+    fn write_slices(&mut self, mut bufs: &mut [IoSlice<'_>]) -> Result<(), ImageError> {
+        while !bufs.is_empty() {
+            match self.out.write_vectored(bufs) {
+                Ok(0) => return Err(self.fail(io::Error::from(io::ErrorKind::WriteZero))),
+                Ok(n) => {
+                    self.pos += n as u64;
+                    IoSlice::advance_slices(&mut bufs, n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.fail(e)),
             }
-            Err(source) => {
-                self.failed = Some(source.kind());
-                Err(ImageError::Io {
-                    offset: self.pos,
-                    source,
-                })
-            }
+        }
+        Ok(())
+    }
+
+    fn fail(&mut self, source: io::Error) -> ImageError {
+        self.failed = Some(source.kind());
+        ImageError::Io {
+            offset: self.pos,
+            source,
         }
     }
 
-    /// Appends `data` as the bytes at `offset` of region `region_index` (an index into the
-    /// header's region list). Data longer than `MAX_CHUNK` is split into several chunks; empty
-    /// data writes nothing. Refuses data that does not lie inside the region.
-    pub fn chunk(&mut self, region_index: u32, offset: u64, data: &[u8]) -> Result<(), ImageError> {
-        if let Some(kind) = self.failed {
-            return Err(ImageError::Poisoned { kind });
-        }
+    /// Checks that `len` bytes at `offset` lie inside region `region_index`.
+    fn check_range(&self, region_index: u32, offset: u64, len: usize) -> Result<(), ImageError> {
         let regions = self.regions.len();
         let region_len = usize::try_from(region_index)
             .ok()
@@ -461,7 +491,7 @@ impl<W: Write> ImageWriter<W> {
                 region_index,
                 regions,
             })?;
-        let end = offset.checked_add(data.len() as u64);
+        let end = offset.checked_add(len as u64);
         if end.is_none_or(|e| e > region_len) {
             return Err(ImageError::ChunkOutsideRegion {
                 chunk: self.chunks,
@@ -472,50 +502,122 @@ impl<W: Write> ImageWriter<W> {
                 region_len,
             });
         }
-        let mut at = offset;
-        for piece in data.chunks(MAX_CHUNK) {
-            let len = u32::try_from(piece.len()).expect("a piece is at most MAX_CHUNK bytes");
-            let mut record = [0u8; CHUNK_RECORD_LEN];
-            record[0..4].copy_from_slice(&region_index.to_le_bytes());
-            record[4..12].copy_from_slice(&at.to_le_bytes());
-            record[12..16].copy_from_slice(&len.to_le_bytes());
-            let sum = chunk_checksum(&record[..CHUNK_FIELDS_LEN], piece);
-            record[16..24].copy_from_slice(&sum.to_le_bytes());
-            self.write(&record)?;
-            self.write(piece)?;
-            self.sequence_hash.update(&sum.to_le_bytes());
-            self.chunks += 1;
-            self.data_bytes += u64::from(len);
-            at += u64::from(len);
-        }
         Ok(())
     }
 
-    /// Writes the footer, flushes `out` and hands it back with the image's totals.
-    pub fn finish(mut self) -> Result<(W, ImageSummary), ImageError> {
+    /// Appends `data` as the bytes at `offset` of region `region_index` (an index into the
+    /// header's region list). Data longer than `MAX_CHUNK` is split into several chunks; empty
+    /// data writes nothing. Refuses data that does not lie inside the region (writing nothing).
+    pub fn chunk(&mut self, region_index: u32, offset: u64, data: &[u8]) -> Result<(), ImageError> {
+        self.chunks(std::iter::once((region_index, offset, data)))
+    }
+
+    /// Appends each `(region_index, offset, data)` as `chunk` does, with as few write calls as
+    /// possible: the records and the data of up to `CHUNK_BATCH` chunks go to `out` in one
+    /// vectored write, straight from where the data lies. A refused chunk is written not at
+    /// all; the chunks before it are. Allocates nothing.
+    pub fn chunks<'d, I>(&mut self, chunks: I) -> Result<(), ImageError>
+    where
+        I: IntoIterator<Item = (u32, u64, &'d [u8])>,
+    {
+        self.usable()?;
+        let mut records = [[0u8; CHUNK_RECORD_LEN]; CHUNK_BATCH];
+        let mut datas: [&[u8]; CHUNK_BATCH] = [&[]; CHUNK_BATCH];
+        let mut queued = 0;
+        let mut queued_bytes = 0;
+        for (region_index, offset, data) in chunks {
+            if let Err(e) = self.check_range(region_index, offset, data.len()) {
+                // Flush first, so the error names the offset where the chunk would have gone.
+                self.write_batch(&records[..queued], &datas[..queued])?;
+                return Err(self
+                    .check_range(region_index, offset, data.len())
+                    .err()
+                    .unwrap_or(e));
+            }
+            let mut at = offset;
+            for piece in data.chunks(MAX_CHUNK) {
+                if queued == CHUNK_BATCH || queued_bytes >= BATCH_BYTES {
+                    self.write_batch(&records[..queued], &datas[..queued])?;
+                    queued = 0;
+                    queued_bytes = 0;
+                }
+                let len = u32::try_from(piece.len()).unwrap_or(u32::MAX);
+                let record = &mut records[queued];
+                record[0..4].copy_from_slice(&region_index.to_le_bytes());
+                record[4..12].copy_from_slice(&at.to_le_bytes());
+                record[12..16].copy_from_slice(&len.to_le_bytes());
+                let sum = chunk_checksum(&record[..CHUNK_FIELDS_LEN], piece);
+                record[16..24].copy_from_slice(&sum.to_le_bytes());
+                datas[queued] = piece;
+                queued += 1;
+                queued_bytes += piece.len();
+                // The footer covers the chunk sequence; a failed write poisons the writer, so
+                // counting before the bytes are out never yields a bad image.
+                self.sequence_hash.update(&sum.to_le_bytes());
+                self.chunks += 1;
+                self.data_bytes += u64::from(len);
+                at += u64::from(len);
+            }
+        }
+        self.write_batch(&records[..queued], &datas[..queued])
+    }
+
+    fn write_batch(
+        &mut self,
+        records: &[[u8; CHUNK_RECORD_LEN]],
+        datas: &[&[u8]],
+    ) -> Result<(), ImageError> {
+        let mut iov = [IoSlice::new(&[]); 2 * CHUNK_BATCH];
+        let mut used = 0;
+        for ((record, data), pair) in records.iter().zip(datas).zip(iov.chunks_exact_mut(2)) {
+            pair[0] = IoSlice::new(record);
+            pair[1] = IoSlice::new(data);
+            used += 2;
+        }
+        self.write_slices(&mut iov[..used])
+    }
+
+    /// Writes the footer and flushes `out`; the image is then complete and the writer takes no
+    /// more chunks. Allocates nothing (see `chunks`).
+    pub fn finish_in_place(&mut self) -> Result<ImageSummary, ImageError> {
+        self.usable()?;
         let mut footer = [0u8; FOOTER_LEN];
         footer[0..8].copy_from_slice(&FOOTER_MAGIC);
         footer[8..16].copy_from_slice(&self.chunks.to_le_bytes());
         footer[16..24].copy_from_slice(&self.data_bytes.to_le_bytes());
         footer[24..32].copy_from_slice(&self.sequence_hash.digest().to_le_bytes());
-        self.write(&footer)?;
+        self.write_slices(&mut [IoSlice::new(&footer)])?;
         if let Err(source) = self.out.flush() {
-            return Err(ImageError::Io {
-                offset: self.pos,
-                source,
-            });
+            return Err(self.fail(source));
         }
-        let summary = ImageSummary {
+        self.finished = true;
+        Ok(ImageSummary {
             chunks: self.chunks,
             data_bytes: self.data_bytes,
             file_bytes: self.pos,
-        };
+        })
+    }
+
+    /// Writes the footer, flushes `out` and hands it back with the image's totals.
+    pub fn finish(mut self) -> Result<(W, ImageSummary), ImageError> {
+        let summary = self.finish_in_place()?;
         Ok((self.out, summary))
     }
 
     /// Bytes written so far.
     pub fn position(&self) -> u64 {
         self.pos
+    }
+
+    /// Gives up the writer without writing a footer: the sink and the bytes written so far
+    /// (which form no complete image unless `finish_in_place` ran, here or in a copy).
+    pub fn into_parts(self) -> (W, u64) {
+        (self.out, self.pos)
+    }
+
+    /// The sink the image is written to.
+    pub fn get_ref(&self) -> &W {
+        &self.out
     }
 }
 
@@ -676,17 +778,94 @@ pub fn read_image(
     expect_app: &str,
     mut visit: Option<&mut ChunkVisitor<'_>>,
 ) -> Result<(ImageHeader, ImageSummary), ImageError> {
-    let mut src = Source {
-        inner: io::BufReader::with_capacity(READ_BUFFER, r),
-        pos: 0,
-    };
-    let (header, header_sum) = read_header_from(&mut src, expect_app)?;
-    let mut sequence_hash = Xxh3::new();
-    sequence_hash.update(&header_sum.to_le_bytes());
-    let mut chunks: u64 = 0;
-    let mut data_bytes: u64 = 0;
-    let mut data = Vec::new();
-    loop {
+    let mut reader = ImageReader::new(r, expect_app)?;
+    while let Some(chunk) = reader.next_chunk()? {
+        if let Some(v) = visit.as_mut() {
+            v(chunk.region_index, chunk.offset, chunk.data);
+        }
+    }
+    let summary = reader
+        .summary
+        .clone()
+        .expect("next_chunk returns None only after it verified the footer");
+    Ok((reader.header, summary))
+}
+
+/// One verified chunk handed out by `ImageReader::next_chunk`.
+#[derive(Debug)]
+pub struct ChunkRef<'a> {
+    /// Index of its region in the header's region list.
+    pub region_index: u32,
+    /// Offset of its data in the region.
+    pub offset: u64,
+    /// Byte offset of its record in the image (`read_chunk_at` reads it again from there).
+    pub record_pos: u64,
+    /// Its data, verified; the reader's own buffer, so a caller may patch it in place.
+    pub data: &'a mut [u8],
+}
+
+/// Reads an image chunk by chunk, verifying as it goes: the header in `new`, each chunk's
+/// checksum before handing it out, and the footer (counts, sequence checksum, nothing after
+/// it) before `next_chunk` returns None. Like `read_image`, a caller that must not act on part
+/// of a bad image only commits to what it did once `next_chunk` returned None.
+pub struct ImageReader<R: Read> {
+    src: Source<io::BufReader<R>>,
+    header: ImageHeader,
+    sequence_hash: Xxh3,
+    chunks: u64,
+    data_bytes: u64,
+    data: Vec<u8>,
+    summary: Option<ImageSummary>,
+}
+
+impl<R: Read> fmt::Debug for ImageReader<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ImageReader")
+            .field("pos", &self.src.pos)
+            .field("seq", &self.header.seq)
+            .field("chunks", &self.chunks)
+            .field("summary", &self.summary)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<R: Read> ImageReader<R> {
+    /// Reads and verifies the header; refuses an image of another application.
+    pub fn new(r: R, expect_app: &str) -> Result<Self, ImageError> {
+        let mut src = Source {
+            inner: io::BufReader::with_capacity(READ_BUFFER, r),
+            pos: 0,
+        };
+        let (header, header_sum) = read_header_from(&mut src, expect_app)?;
+        let mut sequence_hash = Xxh3::new();
+        sequence_hash.update(&header_sum.to_le_bytes());
+        Ok(ImageReader {
+            src,
+            header,
+            sequence_hash,
+            chunks: 0,
+            data_bytes: 0,
+            data: Vec::new(),
+            summary: None,
+        })
+    }
+
+    /// The verified header.
+    pub fn header(&self) -> &ImageHeader {
+        &self.header
+    }
+
+    /// The image's totals, once `next_chunk` returned None (the whole image verified).
+    pub fn summary(&self) -> Option<&ImageSummary> {
+        self.summary.as_ref()
+    }
+
+    /// The next chunk, verified; None once the footer verified and nothing follows it.
+    pub fn next_chunk(&mut self) -> Result<Option<ChunkRef<'_>>, ImageError> {
+        if self.summary.is_some() {
+            return Ok(None);
+        }
+        let src = &mut self.src;
         let at = src.pos;
         let mut record = [0u8; CHUNK_RECORD_LEN];
         src.fill(&mut record[..8], "chunk record or footer")?;
@@ -696,23 +875,23 @@ pub fn read_image(
             let stored_chunks = le_u64(&rest, 0);
             let stored_bytes = le_u64(&rest, 8);
             let stored_sum = le_u64(&rest, 16);
-            if stored_chunks != chunks {
+            if stored_chunks != self.chunks {
                 return Err(ImageError::FooterMismatch {
                     offset: at,
                     what: "chunk count",
                     stored: stored_chunks,
-                    counted: chunks,
+                    counted: self.chunks,
                 });
             }
-            if stored_bytes != data_bytes {
+            if stored_bytes != self.data_bytes {
                 return Err(ImageError::FooterMismatch {
                     offset: at,
                     what: "data byte count",
                     stored: stored_bytes,
-                    counted: data_bytes,
+                    counted: self.data_bytes,
                 });
             }
-            let computed = sequence_hash.digest();
+            let computed = self.sequence_hash.digest();
             if stored_sum != computed {
                 return Err(ImageError::FooterChecksum {
                     offset: at,
@@ -724,64 +903,128 @@ pub fn read_image(
             if !src.at_end()? {
                 return Err(ImageError::TrailingGarbage { offset: end });
             }
-            let summary = ImageSummary {
-                chunks,
-                data_bytes,
+            self.summary = Some(ImageSummary {
+                chunks: self.chunks,
+                data_bytes: self.data_bytes,
                 file_bytes: end,
-            };
-            return Ok((header, summary));
+            });
+            return Ok(None);
         }
         src.fill(&mut record[8..], "chunk record")?;
-        let region_index = le_u32(&record, 0);
-        let offset = le_u64(&record, 4);
-        let len = le_u32(&record, 12);
-        let stored = le_u64(&record, 16);
-        let region = usize::try_from(region_index)
-            .ok()
-            .and_then(|i| header.regions.get(i))
-            .ok_or(ImageError::NoSuchRegion {
-                chunk: chunks,
-                offset: at,
-                region_index,
-                regions: header.regions.len(),
-            })?;
-        let len_usize = usize::try_from(len).unwrap_or(usize::MAX);
-        if len == 0 || len_usize > MAX_CHUNK {
-            return Err(ImageError::ChunkLength {
-                chunk: chunks,
-                offset: at,
-                len: u64::from(len),
-            });
-        }
-        let end = offset.checked_add(u64::from(len));
-        if end.is_none_or(|e| e > region.len) {
-            return Err(ImageError::ChunkOutsideRegion {
-                chunk: chunks,
-                offset: at,
-                region_index,
-                chunk_offset: offset,
-                chunk_end: end.unwrap_or(u64::MAX),
-                region_len: region.len,
-            });
-        }
-        data.resize(len_usize, 0);
-        src.fill(&mut data, "chunk data")?;
-        let computed = chunk_checksum(&record[..CHUNK_FIELDS_LEN], &data);
-        if stored != computed {
-            return Err(ImageError::ChunkChecksum {
-                chunk: chunks,
-                offset: at,
-                stored,
-                computed,
-            });
-        }
-        sequence_hash.update(&stored.to_le_bytes());
-        chunks += 1;
-        data_bytes += u64::from(len);
-        if let Some(v) = visit.as_mut() {
-            v(region_index, offset, &data);
-        }
+        let (region_index, offset, len) =
+            check_record(&record, &self.header.regions, self.chunks, at)?;
+        self.data.resize(len, 0);
+        src.fill(&mut self.data, "chunk data")?;
+        verify_chunk(&record, &self.data, self.chunks, at)?;
+        self.sequence_hash.update(&record[16..24]);
+        self.chunks += 1;
+        self.data_bytes += len as u64;
+        Ok(Some(ChunkRef {
+            region_index,
+            offset,
+            record_pos: at,
+            data: &mut self.data,
+        }))
     }
+}
+
+/// Checks a chunk record's fields against the region table: (region index, offset, length).
+fn check_record(
+    record: &[u8; CHUNK_RECORD_LEN],
+    regions: &[RegionDesc],
+    chunk: u64,
+    at: u64,
+) -> Result<(u32, u64, usize), ImageError> {
+    let region_index = le_u32(record, 0);
+    let offset = le_u64(record, 4);
+    let len = le_u32(record, 12);
+    let region = usize::try_from(region_index)
+        .ok()
+        .and_then(|i| regions.get(i))
+        .ok_or(ImageError::NoSuchRegion {
+            chunk,
+            offset: at,
+            region_index,
+            regions: regions.len(),
+        })?;
+    let len_usize = check_len(len, chunk, at)?;
+    let end = offset.checked_add(u64::from(len));
+    if end.is_none_or(|e| e > region.len) {
+        return Err(ImageError::ChunkOutsideRegion {
+            chunk,
+            offset: at,
+            region_index,
+            chunk_offset: offset,
+            chunk_end: end.unwrap_or(u64::MAX),
+            region_len: region.len,
+        });
+    }
+    Ok((region_index, offset, len_usize))
+}
+
+fn check_len(len: u32, chunk: u64, at: u64) -> Result<usize, ImageError> {
+    let len_usize = usize::try_from(len).unwrap_or(usize::MAX);
+    if len == 0 || len_usize > MAX_CHUNK {
+        return Err(ImageError::ChunkLength {
+            chunk,
+            offset: at,
+            len: u64::from(len),
+        });
+    }
+    Ok(len_usize)
+}
+
+fn verify_chunk(
+    record: &[u8; CHUNK_RECORD_LEN],
+    data: &[u8],
+    chunk: u64,
+    at: u64,
+) -> Result<(), ImageError> {
+    let stored = le_u64(record, 16);
+    let computed = chunk_checksum(&record[..CHUNK_FIELDS_LEN], data);
+    if stored != computed {
+        return Err(ImageError::ChunkChecksum {
+            chunk,
+            offset: at,
+            stored,
+            computed,
+        });
+    }
+    Ok(())
+}
+
+/// Reads again the chunk whose record starts at byte `record_pos` of `file` (as
+/// `ChunkRef::record_pos` reported it) and verifies its checksum; its data lands in `data`.
+/// Returns its region index and offset. Only the chunk itself is checked (the image it belongs
+/// to was verified whole before): `chunk` is its index, for error messages.
+pub fn read_chunk_at(
+    file: &std::fs::File,
+    record_pos: u64,
+    chunk: u64,
+    data: &mut Vec<u8>,
+) -> Result<(u32, u64), ImageError> {
+    use std::os::unix::fs::FileExt;
+    let truncated = |e: io::Error, offset: u64, what: &'static str, needed: usize| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            ImageError::Truncated {
+                offset,
+                what,
+                needed,
+            }
+        } else {
+            ImageError::Io { offset, source: e }
+        }
+    };
+    let mut record = [0u8; CHUNK_RECORD_LEN];
+    file.read_exact_at(&mut record, record_pos)
+        .map_err(|e| truncated(e, record_pos, "chunk record", CHUNK_RECORD_LEN))?;
+    let len = check_len(le_u32(&record, 12), chunk, record_pos)?;
+    let data_pos = record_pos + CHUNK_RECORD_LEN as u64;
+    data.resize(len, 0);
+    file.read_exact_at(data, data_pos)
+        .map_err(|e| truncated(e, data_pos, "chunk data", len))?;
+    verify_chunk(&record, data, chunk, record_pos)?;
+    Ok((le_u32(&record, 0), le_u64(&record, 4)))
 }
 
 #[cfg(test)]
@@ -1140,6 +1383,92 @@ mod tests {
         let (img, s) = w.finish().unwrap();
         assert_eq!(s.chunks, 1);
         assert_eq!(read(&img).unwrap().1, s);
+    }
+
+    #[test]
+    fn batched_chunks_match_single_chunks_and_stop_at_a_refused_one() {
+        let h = header(&[1 << 16, 300]);
+        let pieces: Vec<(u32, u64, Vec<u8>)> = (0..3 * CHUNK_BATCH as u64 + 5)
+            .map(|i| {
+                let data: Vec<u8> = (0..1 + i % 7).map(|b| (b + i).to_le_bytes()[0]).collect();
+                (u32::from(i % 3 == 0), i * 8 % 290, data)
+            })
+            .collect();
+        let mut one = ImageWriter::new(Vec::new(), &h).unwrap();
+        for (r, o, d) in &pieces {
+            one.chunk(*r, *o, d).unwrap();
+        }
+        let mut batched = ImageWriter::new(Vec::new(), &h).unwrap();
+        batched
+            .chunks(pieces.iter().map(|(r, o, d)| (*r, *o, d.as_slice())))
+            .unwrap();
+        let (a, sa) = one.finish().unwrap();
+        let (b, sb) = batched.finish().unwrap();
+        assert_eq!((a.clone(), sa.clone()), (b, sb));
+        assert_eq!(read(&a).unwrap().1, sa);
+
+        // A refused chunk in the middle of a batch: the chunks before it are written, it and
+        // the rest are not, and the image is still good.
+        let mut w = ImageWriter::new(Vec::new(), &h).unwrap();
+        let bad = [
+            (0u32, 0u64, &[1u8; 4][..]),
+            (1, 299, &[2; 2][..]),
+            (0, 8, &[3; 4][..]),
+        ];
+        let e = w.chunks(bad).unwrap_err();
+        assert!(
+            matches!(e, ImageError::ChunkOutsideRegion { chunk: 1, .. }),
+            "{e}"
+        );
+        let (img, s) = w.finish().unwrap();
+        assert_eq!(s.chunks, 1);
+        assert_eq!(read(&img).unwrap().1, s);
+    }
+
+    #[test]
+    fn a_finished_writer_takes_no_more_chunks() {
+        let mut w = ImageWriter::new(Vec::new(), &header(&[64])).unwrap();
+        w.chunk(0, 0, &[5; 64]).unwrap();
+        let s = w.finish_in_place().unwrap();
+        assert!(matches!(w.chunk(0, 0, &[1]), Err(ImageError::Finished)));
+        assert!(matches!(w.finish_in_place(), Err(ImageError::Finished)));
+        let (img, n) = w.into_parts();
+        assert_eq!(n, s.file_bytes);
+        assert_eq!(read(&img).unwrap().1, s);
+    }
+
+    #[test]
+    fn reader_reports_record_positions_that_read_chunk_at_reads_again() {
+        let img = small_image();
+        let dir = std::env::temp_dir().join(format!("ckpt-image-test-{}", std::process::id()));
+        std::fs::write(&dir, &img).unwrap();
+        let file = std::fs::File::open(&dir).unwrap();
+        let mut reader = ImageReader::new(&img[..], APP).unwrap();
+        let mut seen = Vec::new();
+        while let Some(c) = reader.next_chunk().unwrap() {
+            seen.push((c.region_index, c.offset, c.record_pos, c.data.to_vec()));
+        }
+        assert_eq!(reader.summary().unwrap().chunks, 4);
+        assert!(reader.next_chunk().unwrap().is_none());
+        let mut buf = Vec::new();
+        for (i, (r, o, pos, data)) in seen.iter().enumerate() {
+            assert_eq!(chunk_span(&img, i).start as u64, *pos);
+            let got = read_chunk_at(&file, *pos, i as u64, &mut buf).unwrap();
+            assert_eq!((got, &buf), ((*r, *o), data));
+        }
+        // A flipped data byte is caught when read again; so is a position past the end.
+        let mut bad = img.clone();
+        bad[chunk_span(&img, 2).start + CHUNK_RECORD_LEN + 3] ^= 1;
+        std::fs::write(&dir, &bad).unwrap();
+        let file = std::fs::File::open(&dir).unwrap();
+        let e = read_chunk_at(&file, seen[2].2, 2, &mut buf).unwrap_err();
+        assert!(
+            matches!(e, ImageError::ChunkChecksum { chunk: 2, .. }),
+            "{e}"
+        );
+        let e = read_chunk_at(&file, img.len() as u64, 9, &mut buf).unwrap_err();
+        assert!(matches!(e, ImageError::Truncated { .. }), "{e}");
+        std::fs::remove_file(&dir).unwrap();
     }
 
     /// A sink that accepts `room` bytes, then fails like a full disk.

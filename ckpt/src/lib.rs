@@ -1,6 +1,7 @@
-//! ckpt: checkpoint images (format v1), the local checkpoint store of one application stream,
-//! and the failpoints of its commit path. Linked into user programs through libft, so it must
-//! never pull in an async runtime, an actor framework or a database.
+//! ckpt: checkpoint images (format v1), the local checkpoint store of one application stream
+//! (atomic commit, compaction of incremental chains into full images, retention, recovery),
+//! and the failpoints of its commit and compaction paths. Linked into user programs through
+//! libft, so it must never pull in an async runtime, an actor framework or a database.
 //!
 //! ```
 //! use ckpt::{ImageHeader, RegionDesc, Store, StorePolicy};
@@ -30,16 +31,22 @@
 //!     .unwrap()
 //!     .expect("one good image");
 //! assert_eq!((recovery.seq, restored), (1, memory));
+//!
+//! // When the plan says `compact`, the increment it allows is written and then replaced by
+//! // the full image of the same state (libft does this on a background thread):
+//! // `store.compact(seq, &mut || true)`.
 //! ```
 
+mod compact;
 pub mod failpoint;
 pub mod image;
 pub mod store;
 
 pub use image::{
-    ChunkVisitor, ImageError, ImageHeader, ImageSummary, ImageWriter, MAX_CHUNK, RegionDesc,
-    read_header, read_image, unix_now_ns,
+    CHUNK_RECORD_LEN, ChunkRef, ChunkVisitor, ImageError, ImageHeader, ImageReader, ImageSummary,
+    ImageWriter, MAX_CHUNK, RegionDesc, read_chunk_at, read_header, read_image, unix_now_ns,
 };
 pub use store::{
-    ApplyFn, ImageInfo, ListEntry, Pending, Plan, Recovery, Store, StoreError, StorePolicy,
+    ApplyFn, CompactGate, ImageFile, ImageInfo, ListEntry, Pending, Plan, Recovery, Store,
+    StoreError, StorePolicy,
 };

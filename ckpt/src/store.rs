@@ -1,26 +1,38 @@
 //! The local checkpoint store: one directory per application stream holding committed images
 //! `<seq:020>.ckpt` and in-flight `.tmp-<seq>-<pid>` files. Owns the atomic commit recipe,
+//! compaction (an increment replaced by the equivalent full image, so chains stay short),
 //! retention and recovery (newest image whose whole chain verifies). It must never rename an
-//! unsynced image into place, never delete an image a kept checkpoint needs, and never apply a
-//! byte of a chain before the whole chain has verified.
+//! unsynced image into place, never delete an image a kept checkpoint needs, never replace an
+//! image by anything but the same state, and never apply a byte of a chain before the whole
+//! chain has verified.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, BufWriter, Seek, SeekFrom};
+use std::io::{self, IoSlice, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::compact::{self, ComposeError, Link};
 use crate::failpoint;
-use crate::image::{self, ImageError, ImageHeader, ImageWriter};
+use crate::image::{self, ImageError, ImageHeader, ImageSummary, ImageWriter};
 
 /// Default number of good checkpoints retention keeps.
 pub const DEFAULT_KEEP: usize = 3;
 /// Default number of increments after which the next image is a full one.
 pub const DEFAULT_FULL_EVERY: u32 = 8;
-/// Write buffer of an image being committed; large chunks bypass it.
-const WRITE_BUFFER: usize = 256 * 1024;
+/// An image being written has each step of this many bytes handed to writeback as soon as it
+/// is written (`sync_file_range`), so the disk works while the rest is written and the final
+/// fdatasync waits for little more than the last step.
+pub const WRITEBACK_STEP: u64 = 4 << 20;
+/// A chain may outgrow `full_every` by as many increments again (at least this many) while
+/// its compaction fails or lags; past that the next image must be full.
+pub const COMPACTION_SLACK_MIN: u32 = 4;
+/// Walks of a chain that found a link gone (a compaction replaced the image they started
+/// from, and retention removed its old ancestors) are started again this many times.
+const CHAIN_WALK_ATTEMPTS: usize = 3;
 /// Suffix of committed images.
 const IMAGE_SUFFIX: &str = ".ckpt";
 /// Digits of the zero-padded sequence in an image's name (u64::MAX has 20).
@@ -36,8 +48,20 @@ pub struct StorePolicy {
     /// Good checkpoints kept by retention (at least 1 is always kept), plus every image their
     /// chains need. Default 3.
     pub keep: usize,
-    /// A full image after this many increments; 0 means every image is full. Default 8.
+    /// A full image after this many increments; 0 means every image is full. Default 8. The
+    /// image after `full_every` increments may itself be written as an increment and then
+    /// compacted into a full image (see `Plan::compact`).
     pub full_every: u32,
+}
+
+impl StorePolicy {
+    /// The most increments a chain may hold: `full_every` plus as many again (at least
+    /// `COMPACTION_SLACK_MIN`) for compactions that fail or lag. `plan` asks for a full image
+    /// and `begin` refuses an increment beyond it, so recovery never reads a longer chain.
+    pub fn chain_limit(&self) -> u32 {
+        self.full_every
+            .saturating_add(self.full_every.max(COMPACTION_SLACK_MIN))
+    }
 }
 
 impl Default for StorePolicy {
@@ -74,16 +98,26 @@ pub struct Recovery {
 /// region, data).
 pub type ApplyFn<'a> = dyn FnMut(&ImageHeader, u32, u64, &[u8]) + 'a;
 
+/// Asked by `Store::compact` before each chunk it reads or writes: true to go on, false to
+/// abandon the compaction. It may block, to keep a long compaction out of the way of more
+/// urgent work (libft holds it while the application is paused for a checkpoint).
+pub type CompactGate<'a> = dyn FnMut() -> bool + 'a;
+
 /// One committed image file of `Store::list_entries`: its sequence and its cheap description,
 /// or why even that could not be read.
 pub type ListEntry = (u64, Result<ImageInfo, StoreError>);
 
-/// The next image to write: its sequence, and the image it may be an increment against
-/// (`None`: it must be full).
+/// The next image to write: its sequence, the image it may be an increment against (`None`:
+/// it must be full), and whether such an increment is due for compaction.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub seq: u64,
     pub parent: Option<u64>,
+    /// True when an increment against `parent` would carry more than `full_every` increments:
+    /// the policy wants a full image now. Either write a full image, or write the increment
+    /// (cheap to capture) and then `Store::compact` it, which replaces it with the equivalent
+    /// full image in the background.
+    pub compact: bool,
 }
 
 /// Why a store operation failed.
@@ -128,6 +162,12 @@ pub enum StoreError {
         #[source]
         source: ImageError,
     },
+    #[error("{path}: the image is not what its writer reported: {reason}")]
+    Unfinished { path: PathBuf, reason: String },
+    #[error("cannot compact image {seq}: {reason}")]
+    Uncompactable { seq: u64, reason: String },
+    #[error("compaction of image {seq} was cancelled")]
+    Cancelled { seq: u64 },
 }
 
 impl StoreError {
@@ -220,6 +260,107 @@ fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
     }
 }
 
+/// The file an image is written to: writes go straight to it (vectored, no buffer copy), and
+/// every `WRITEBACK_STEP` bytes the range just written is handed to writeback. Allocates
+/// nothing, so a copy-on-write snapshot child may write through a copy of it (onto the same
+/// open file, whose offset it then advances).
+#[derive(Debug)]
+pub struct ImageFile {
+    file: File,
+    written: u64,
+    flushed_to: u64,
+}
+
+impl ImageFile {
+    /// Writes to `file` from its current offset (images are written from offset 0).
+    pub fn new(file: File) -> ImageFile {
+        ImageFile {
+            file,
+            written: 0,
+            flushed_to: 0,
+        }
+    }
+
+    /// The open file.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    fn advance(&mut self, n: usize) {
+        self.written += n as u64;
+        let pending = self.written - self.flushed_to;
+        if pending >= WRITEBACK_STEP {
+            let (Ok(start), Ok(len)) = (
+                libc::off64_t::try_from(self.flushed_to),
+                libc::off64_t::try_from(pending),
+            ) else {
+                return;
+            };
+            // SAFETY: sync_file_range on a file descriptor we own; no memory is passed. Its
+            // result is ignored on purpose: it only starts writeback early, and any I/O error
+            // it could see is reported again by the fdatasync of the commit.
+            unsafe {
+                libc::sync_file_range(
+                    self.file.as_raw_fd(),
+                    start,
+                    len,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            };
+            self.flushed_to = self.written;
+        }
+    }
+}
+
+impl Write for ImageFile {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = (&self.file).write(buf)?;
+        self.advance(n);
+        Ok(n)
+    }
+
+    fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        let n = (&self.file).write_vectored(bufs)?;
+        self.advance(n);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The failpoints one run of the commit recipe passes: a commit's or a compaction's.
+#[derive(Debug)]
+struct Points {
+    written: &'static str,
+    synced: &'static str,
+    renamed: &'static str,
+    dir_synced: &'static str,
+}
+
+const COMMIT_POINTS: Points = Points {
+    written: failpoint::COMMIT_WRITTEN,
+    synced: failpoint::COMMIT_SYNCED,
+    renamed: failpoint::COMMIT_RENAMED,
+    dir_synced: failpoint::COMMIT_DIR_SYNCED,
+};
+
+const COMPACT_POINTS: Points = Points {
+    written: failpoint::COMPACT_WRITTEN,
+    synced: failpoint::COMPACT_SYNCED,
+    renamed: failpoint::COMPACT_RENAMED,
+    dir_synced: failpoint::COMPACT_DIR_SYNCED,
+};
+
+fn pass(point: &'static str, path: &Path) -> Result<(), StoreError> {
+    failpoint::hit(point).map_err(|source| StoreError::Io {
+        op: "pass a failpoint with",
+        path: path.to_owned(),
+        source,
+    })
+}
+
 /// Identity of a file's current contents, for the verification cache.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct FileIdent {
@@ -263,6 +404,19 @@ enum ChainFault {
     Fatal(StoreError),
 }
 
+/// Why one walk down a chain stopped: a fault, or a link that vanished under the walk (walk
+/// again; the sequences walked so far are listed, to be checked again).
+enum WalkStop {
+    Fault(ChainFault),
+    Vanished(Vec<u64>),
+}
+
+impl From<ChainFault> for WalkStop {
+    fn from(f: ChainFault) -> WalkStop {
+        WalkStop::Fault(f)
+    }
+}
+
 /// Per-call memo of image checks, so a broken base is judged once, not once per descendant.
 type Memo = HashMap<u64, Result<Rc<Checked>, String>>;
 
@@ -271,7 +425,10 @@ struct Inner {
     dir: PathBuf,
     app: String,
     policy: StorePolicy,
-    verified: Mutex<HashMap<u64, Verified>>,
+    /// Per sequence, the files of that name this process verified or wrote, newest first: two
+    /// while a compaction replaces an increment (a reader may still hold the old file), else
+    /// one.
+    verified: Mutex<HashMap<u64, Vec<Verified>>>,
 }
 
 /// The checkpoint store of one application stream (one directory).
@@ -336,31 +493,43 @@ impl Store {
     }
 
     /// The next sequence (above every committed image, good or not) and whether it may be an
-    /// increment: against the newest good image when the chain since its full base has fewer
-    /// than `full_every` increments, else it must be full.
+    /// increment: against the newest good image, unless `full_every` is 0 or its chain already
+    /// holds `chain_limit` increments. `compact` says the increment would carry more than
+    /// `full_every` increments: write a full image, or the increment and then `compact` it.
     pub fn plan(&self) -> Result<Plan, StoreError> {
         let seqs = self.inner.scan()?;
         let seq = seqs.last().map_or(1, |s| s.saturating_add(1));
+        let policy = &self.inner.policy;
+        let full_every = usize::try_from(policy.full_every).unwrap_or(usize::MAX);
+        let limit = usize::try_from(policy.chain_limit()).unwrap_or(usize::MAX);
         let mut memo = Memo::new();
         for &cand in seqs.iter().rev() {
             match self.inner.good_chain(cand, true, &mut memo) {
                 Ok(chain) => {
                     let increments = chain.len() - 1;
-                    let full_every =
-                        usize::try_from(self.inner.policy.full_every).unwrap_or(usize::MAX);
-                    let parent = (increments < full_every).then_some(cand);
-                    return Ok(Plan { seq, parent });
+                    if full_every == 0 || increments >= limit {
+                        break;
+                    }
+                    return Ok(Plan {
+                        seq,
+                        parent: Some(cand),
+                        compact: increments >= full_every,
+                    });
                 }
                 Err(ChainFault::Refused(_)) => continue,
                 Err(ChainFault::Fatal(e)) => return Err(e),
             }
         }
-        Ok(Plan { seq, parent: None })
+        Ok(Plan {
+            seq,
+            parent: None,
+            compact: false,
+        })
     }
 
     /// Starts writing image `header.seq`: creates its temp file (exclusively) and writes the
     /// header. The sequence must be above every committed image, and a parent must be a
-    /// verifiable image of this store.
+    /// verifiable image of this store whose chain holds fewer than `chain_limit` increments.
     pub fn begin(&self, header: &ImageHeader) -> Result<Pending, StoreError> {
         let inner = &self.inner;
         if header.app != inner.app {
@@ -380,7 +549,20 @@ impl Store {
         if let Some(parent) = header.parent {
             let mut memo = Memo::new();
             match inner.good_chain(parent, true, &mut memo) {
-                Ok(_) => {}
+                Ok(chain) => {
+                    let limit = inner.policy.chain_limit();
+                    if chain.len() > usize::try_from(limit).unwrap_or(usize::MAX) {
+                        return Err(StoreError::ParentUnusable {
+                            seq: header.seq,
+                            parent,
+                            reason: format!(
+                                "its chain holds {} increments, the most a chain may hold is \
+                                 {limit}: write a full image",
+                                chain.len() - 1
+                            ),
+                        });
+                    }
+                }
                 Err(ChainFault::Fatal(e)) => return Err(e),
                 Err(ChainFault::Refused(reason)) => {
                     return Err(StoreError::ParentUnusable {
@@ -391,27 +573,7 @@ impl Store {
                 }
             }
         }
-        let pid = rustix::process::getpid().as_raw_nonzero().get();
-        let tmp_path = inner.dir.join(temp_name(header.seq, pid));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(IMAGE_MODE)
-            .open(&tmp_path)
-            .map_err(io_err("create temp file", &tmp_path))?;
-        let remove_tmp = |e: StoreError| {
-            let _ = fs::remove_file(&tmp_path);
-            e
-        };
-        failpoint::hit(failpoint::COMMIT_CREATED)
-            .map_err(io_err("pass failpoint commit.created for", &tmp_path))
-            .map_err(remove_tmp)?;
-        let writer = ImageWriter::new(BufWriter::with_capacity(WRITE_BUFFER, file), header)
-            .map_err(|source| StoreError::Image {
-                path: tmp_path.clone(),
-                source,
-            })
-            .map_err(remove_tmp)?;
+        let (writer, tmp_path) = inner.create_temp(header, failpoint::COMMIT_CREATED)?;
         Ok(Pending {
             inner: Arc::clone(inner),
             header: header.clone(),
@@ -506,6 +668,107 @@ impl Store {
         self.inner.retain()
     }
 
+    /// Compaction: replaces image `seq`, an increment, with the full image of the same state
+    /// (the same sequence, header and creation time, no parent), composed from its chain on
+    /// disk: every image of the chain is verified on the way, and the result is committed with
+    /// the atomic recipe (temp file, fdatasync, rename over the increment, directory fsync),
+    /// passing the `compact.*` failpoints. Whatever step a crash interrupts, image `seq` is
+    /// either the old increment with its chain intact or the new full image. The old chain
+    /// stays until retention (the next commit, or `retain`) finds that no kept checkpoint
+    /// needs it any more. A full image is left alone.
+    ///
+    /// Takes as long as writing a full image; `gate` is asked before every chunk and may hold
+    /// the compaction back or abandon it (nothing of it remains then). Images newer than `seq`
+    /// stay valid: they hold the same state on top of it.
+    pub fn compact(&self, seq: u64, gate: &mut CompactGate<'_>) -> Result<ImageInfo, StoreError> {
+        let inner = &self.inner;
+        let mut memo = Memo::new();
+        let chain = match inner.good_chain(seq, true, &mut memo) {
+            Ok(chain) => chain,
+            Err(ChainFault::Fatal(e)) => return Err(e),
+            Err(ChainFault::Refused(reason)) => {
+                return Err(StoreError::Uncompactable { seq, reason });
+            }
+        };
+        let newest = chain
+            .last()
+            .expect("a good chain holds at least its newest image");
+        if chain.len() == 1 {
+            return Ok(newest.info.clone());
+        }
+        let header = ImageHeader {
+            parent: None,
+            ..newest.header.clone()
+        };
+        let (mut writer, tmp_path) = inner.create_temp(&header, failpoint::COMPACT_CREATED)?;
+        let links: Vec<Link<'_>> = chain
+            .iter()
+            .map(|c| Link {
+                file: &c.file,
+                path: &c.info.path,
+                header: &c.header,
+            })
+            .collect();
+        let composed = compact::compose(&links, &inner.app, &mut writer, gate);
+        let result = composed
+            .map_err(|e| match e {
+                ComposeError::Source { path, source } => StoreError::Image { path, source },
+                ComposeError::Output(source) => StoreError::Image {
+                    path: tmp_path.clone(),
+                    source,
+                },
+                ComposeError::Layout(reason) => StoreError::Uncompactable { seq, reason },
+                ComposeError::Reread { path, record_pos } => StoreError::Uncompactable {
+                    seq,
+                    reason: format!(
+                        "the chunk at offset {record_pos} of {} changed since it was verified",
+                        path.display()
+                    ),
+                },
+                ComposeError::Cancelled => StoreError::Cancelled { seq },
+            })
+            .and_then(|()| {
+                writer.finish().map_err(|source| StoreError::Image {
+                    path: tmp_path.clone(),
+                    source,
+                })
+            })
+            .and_then(|(out, summary)| {
+                // Replace the increment only if it is still the file this chain was read from.
+                let final_path = &newest.info.path;
+                let current = fs::metadata(final_path).map_err(io_err("stat", final_path))?;
+                let read = newest.file.metadata().map_err(io_err("stat", final_path))?;
+                if FileIdent::of(&current) != FileIdent::of(&read) {
+                    return Err(StoreError::Uncompactable {
+                        seq,
+                        reason: "the image changed while it was compacted".to_owned(),
+                    });
+                }
+                let mut renamed = false;
+                let sealed = inner.seal(
+                    &out.file,
+                    &tmp_path,
+                    final_path,
+                    &header,
+                    &summary,
+                    &COMPACT_POINTS,
+                    true,
+                    &mut renamed,
+                );
+                if sealed.is_err() && renamed {
+                    // The full image replaced the increment but its directory entry may not be
+                    // durable: either one holds the same state, so both may stay. Only the
+                    // cache must not vouch for a file this process did not see through.
+                    inner.forget(seq);
+                }
+                sealed
+            });
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp_path);
+        }
+        result
+    }
+
     /// Finds the newest image whose whole chain (back to its full base) verifies, verifying
     /// BEFORE applying anything, then applies base..=newest in order through `apply`. Returns
     /// None when there is no good image.
@@ -553,6 +816,107 @@ impl Store {
 }
 
 impl Inner {
+    /// Creates the temp file of image `header.seq` (exclusively), passes failpoint `created`
+    /// and writes the header; on failure nothing remains.
+    fn create_temp(
+        &self,
+        header: &ImageHeader,
+        created: &'static str,
+    ) -> Result<(ImageWriter<ImageFile>, PathBuf), StoreError> {
+        let pid = rustix::process::getpid().as_raw_nonzero().get();
+        let tmp_path = self.dir.join(temp_name(header.seq, pid));
+        // Readable too: a commit reads back the footer of an image another process finished.
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(IMAGE_MODE)
+            .open(&tmp_path)
+            .map_err(io_err("create temp file", &tmp_path))?;
+        let remove_tmp = |e: StoreError| {
+            let _ = fs::remove_file(&tmp_path);
+            e
+        };
+        pass(created, &tmp_path).map_err(remove_tmp)?;
+        let writer = ImageWriter::new(ImageFile::new(file), header)
+            .map_err(|source| StoreError::Image {
+                path: tmp_path.clone(),
+                source,
+            })
+            .map_err(remove_tmp)?;
+        Ok((writer, tmp_path))
+    }
+
+    /// The atomic recipe for a temp file whose image is complete: fdatasync, rename to
+    /// `final_path` (over an existing file only when `replace`, which compaction does), fsync of
+    /// the directory, each step followed by its failpoint in `points`; then the image counts as
+    /// verified for this process. Sets `renamed` once the rename happened.
+    #[allow(clippy::too_many_arguments)] // one private recipe for commit and compaction
+    fn seal(
+        &self,
+        file: &File,
+        tmp: &Path,
+        final_path: &Path,
+        header: &ImageHeader,
+        summary: &ImageSummary,
+        points: &Points,
+        replace: bool,
+        renamed: &mut bool,
+    ) -> Result<ImageInfo, StoreError> {
+        pass(points.written, tmp)?;
+        file.sync_data().map_err(io_err("fdatasync", tmp))?;
+        pass(points.synced, tmp)?;
+        let meta = file.metadata().map_err(io_err("stat", tmp))?;
+        let ident = FileIdent::of(&meta);
+        let info = ImageInfo {
+            seq: header.seq,
+            parent: header.parent,
+            created_unix_ns: header.created_unix_ns,
+            file_bytes: summary.file_bytes,
+            data_bytes: summary.data_bytes,
+            path: final_path.to_owned(),
+        };
+        // This process wrote and synced the image, so it counts as verified for planning and
+        // retention (recovery re-verifies regardless). Known before the rename (which keeps
+        // the identity): a thread that opens the file the moment it appears must not verify
+        // a whole image while its application is paused.
+        self.remember(Verified {
+            ident: ident.clone(),
+            header: header.clone(),
+            info: info.clone(),
+        });
+        let renaming = if replace {
+            fs::rename(tmp, final_path)
+        } else {
+            rename_noreplace(tmp, final_path)
+        };
+        if let Err(e) = renaming {
+            self.unremember(header.seq, &ident);
+            return Err(io_err("rename", tmp)(e));
+        }
+        *renamed = true;
+        pass(points.renamed, final_path)?;
+        fsync_dir(&self.dir)?;
+        pass(points.dir_synced, final_path)?;
+        Ok(info)
+    }
+
+    /// Records a verified (or written) file of sequence `v.info.seq`, keeping the newest two.
+    fn remember(&self, v: Verified) {
+        let mut cache = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        let files = cache.entry(v.info.seq).or_default();
+        files.retain(|f| f.ident != v.ident);
+        files.insert(0, v);
+        files.truncate(2);
+    }
+
+    fn unremember(&self, seq: u64, ident: &FileIdent) {
+        let mut cache = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(files) = cache.get_mut(&seq) {
+            files.retain(|f| f.ident != *ident);
+        }
+    }
+
     /// Sequences of committed image files, ascending.
     fn scan(&self) -> Result<Vec<u64>, StoreError> {
         let mut seqs = Vec::new();
@@ -590,7 +954,10 @@ impl Inner {
         let ident = FileIdent::of(&file.metadata().map_err(io_err("stat", &path))?);
         if trust_cache {
             let cache = self.verified.lock().unwrap_or_else(PoisonError::into_inner);
-            if let Some(v) = cache.get(&seq).filter(|v| v.ident == ident) {
+            if let Some(v) = cache
+                .get(&seq)
+                .and_then(|files| files.iter().find(|v| v.ident == ident))
+            {
                 return Ok(Checked {
                     header: v.header.clone(),
                     info: v.info.clone(),
@@ -618,27 +985,47 @@ impl Inner {
             data_bytes: summary.data_bytes,
             path,
         };
-        self.verified
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(
-                seq,
-                Verified {
-                    ident,
-                    header: header.clone(),
-                    info: info.clone(),
-                },
-            );
+        self.remember(Verified {
+            ident,
+            header: header.clone(),
+            info: info.clone(),
+        });
         Ok(Checked { header, info, file })
     }
 
-    /// The chain of `seq` (full base first) if every image in it checks out.
+    /// The chain of `seq` (full base first) if every image in it checks out. A link found
+    /// missing under an image that was checked is most likely a compaction at work (the image
+    /// replaced by its full equivalent, the old ancestors removed): the walk starts again, up
+    /// to `CHAIN_WALK_ATTEMPTS` times.
     fn good_chain(
         &self,
         seq: u64,
         trust_cache: bool,
         memo: &mut Memo,
     ) -> Result<Vec<Rc<Checked>>, ChainFault> {
+        let mut attempt = 1;
+        loop {
+            let retry = attempt < CHAIN_WALK_ATTEMPTS;
+            match self.walk_chain(seq, trust_cache, memo, retry) {
+                Ok(chain) => return Ok(chain),
+                Err(WalkStop::Fault(f)) => return Err(f),
+                Err(WalkStop::Vanished(walked)) => {
+                    for s in walked {
+                        memo.remove(&s);
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    fn walk_chain(
+        &self,
+        seq: u64,
+        trust_cache: bool,
+        memo: &mut Memo,
+        retry: bool,
+    ) -> Result<Vec<Rc<Checked>>, WalkStop> {
         let mut chain: Vec<Rc<Checked>> = Vec::new();
         let mut cur = seq;
         loop {
@@ -647,7 +1034,14 @@ impl Inner {
                 None => {
                     let r = match self.check(cur, trust_cache) {
                         Ok(c) => Ok(Rc::new(c)),
-                        Err(e @ StoreError::Io { .. }) => return Err(ChainFault::Fatal(e)),
+                        Err(e @ StoreError::Io { .. }) => {
+                            return Err(ChainFault::Fatal(e).into());
+                        }
+                        Err(StoreError::NotFound { .. }) if retry && cur != seq => {
+                            return Err(WalkStop::Vanished(
+                                chain.iter().map(|c| c.info.seq).collect(),
+                            ));
+                        }
                         Err(e) => Err(e.to_string()),
                     };
                     memo.insert(cur, r.clone());
@@ -656,11 +1050,12 @@ impl Inner {
             };
             let checked = match checked {
                 Ok(c) => c,
-                Err(reason) if cur == seq => return Err(ChainFault::Refused(reason)),
+                Err(reason) if cur == seq => return Err(ChainFault::Refused(reason).into()),
                 Err(reason) => {
                     return Err(ChainFault::Refused(format!(
                         "chain broken: image {cur}, needed by image {seq}, is refused: {reason}"
-                    )));
+                    ))
+                    .into());
                 }
             };
             if let Some(child) = chain.last()
@@ -669,7 +1064,8 @@ impl Inner {
                 return Err(ChainFault::Refused(format!(
                     "chain broken: image {cur} is of stream {} but image {} of stream {}",
                     checked.header.stream, child.info.seq, child.header.stream
-                )));
+                ))
+                .into());
             }
             let parent = checked.header.parent;
             chain.push(checked);
@@ -736,13 +1132,14 @@ pub struct Pending {
     tmp_path: PathBuf,
     final_path: PathBuf,
     /// Present until `commit` takes it; `commit` and `abort` consume the Pending.
-    writer: Option<ImageWriter<BufWriter<File>>>,
+    writer: Option<ImageWriter<ImageFile>>,
     done: bool,
 }
 
 impl Pending {
-    /// The image writer: add the chunks through it.
-    pub fn writer(&mut self) -> &mut ImageWriter<BufWriter<File>> {
+    /// The image writer: add the chunks through it (`chunks` writes many with few system
+    /// calls, straight from where the data lies).
+    pub fn writer(&mut self) -> &mut ImageWriter<ImageFile> {
         self.writer
             .as_mut()
             .expect("the writer is present until commit or abort consumes the Pending")
@@ -762,23 +1159,97 @@ impl Pending {
         self.header.seq
     }
 
+    /// The header being written.
+    pub fn header(&self) -> &ImageHeader {
+        &self.header
+    }
+
     /// The temp file being written.
     pub fn temp_path(&self) -> &Path {
         &self.tmp_path
     }
 
-    /// The atomic recipe: finish (footer), flush, fdatasync, rename to the final name, fsync
-    /// the directory; then retention. On error nothing of the new image remains (temp file or
+    /// The atomic recipe: finish (footer), fdatasync, rename to the final name, fsync the
+    /// directory; then retention. On error nothing of the new image remains (temp file or
     /// renamed file removed) and the previous checkpoints are intact. A retention failure does
     /// not fail the commit (the image is committed); the next commit or `Store::retain` retries.
     pub fn commit(mut self) -> Result<ImageInfo, StoreError> {
-        self.done = true;
         let writer = self
             .writer
             .take()
             .expect("the writer is present until commit or abort consumes the Pending");
+        let tmp = self.tmp_path.clone();
+        self.finish_and_seal(|| {
+            writer
+                .finish()
+                .map(|(out, summary)| (out.file, summary))
+                .map_err(|source| StoreError::Image { path: tmp, source })
+        })
+    }
+
+    /// Commits an image that was completed, footer included, through a copy of this Pending's
+    /// writer in another process: a copy-on-write snapshot child that wrote onto the same open
+    /// file and reported `summary` (what its `finish_in_place` returned). Checks the file
+    /// against that report (its length, the footer's counts), then runs the recipe as
+    /// `commit` does. This process's own writer must not have written anything after `begin`.
+    pub fn commit_finished(mut self, summary: &ImageSummary) -> Result<ImageInfo, StoreError> {
+        let writer = self
+            .writer
+            .take()
+            .expect("the writer is present until commit or abort consumes the Pending");
+        let tmp = self.tmp_path.clone();
+        let summary = summary.clone();
+        self.finish_and_seal(move || {
+            let (out, _) = writer.into_parts();
+            let file = out.file;
+            let unfinished = |reason: String| StoreError::Unfinished {
+                path: tmp.clone(),
+                reason,
+            };
+            let len = file.metadata().map_err(io_err("stat", &tmp))?.len();
+            if len != summary.file_bytes {
+                return Err(unfinished(format!(
+                    "it holds {len} bytes, its writer reported {}",
+                    summary.file_bytes
+                )));
+            }
+            let (chunks, data_bytes) =
+                image::read_footer(&mut &file).map_err(|source| StoreError::Image {
+                    path: tmp.clone(),
+                    source,
+                })?;
+            if (chunks, data_bytes) != (summary.chunks, summary.data_bytes) {
+                return Err(unfinished(format!(
+                    "its footer counts {chunks} chunks of {data_bytes} bytes, its writer \
+                     reported {} chunks of {} bytes",
+                    summary.chunks, summary.data_bytes
+                )));
+            }
+            Ok((file, summary))
+        })
+    }
+
+    /// Runs `finish` (which yields the completed temp file) and the atomic recipe; cleans up
+    /// on error, runs retention on success.
+    fn finish_and_seal(
+        &mut self,
+        finish: impl FnOnce() -> Result<(File, ImageSummary), StoreError>,
+    ) -> Result<ImageInfo, StoreError> {
+        self.done = true;
         let mut renamed = false;
-        match self.commit_steps(writer, &mut renamed) {
+        let result = finish().and_then(|(file, summary)| {
+            self.inner.seal(
+                &file,
+                &self.tmp_path,
+                &self.final_path,
+                &self.header,
+                &summary,
+                &COMMIT_POINTS,
+                false,
+                &mut renamed,
+            )
+        });
+        match result {
             Ok(info) => {
                 // Retention is housekeeping: the image is durable whatever it says.
                 let _ = self.inner.retain();
@@ -794,61 +1265,6 @@ impl Pending {
                 Err(e)
             }
         }
-    }
-
-    fn commit_steps(
-        &self,
-        writer: ImageWriter<BufWriter<File>>,
-        renamed: &mut bool,
-    ) -> Result<ImageInfo, StoreError> {
-        let tmp = &self.tmp_path;
-        let (buffered, summary) = writer.finish().map_err(|source| StoreError::Image {
-            path: tmp.clone(),
-            source,
-        })?;
-        let file = buffered
-            .into_inner()
-            .map_err(|e| io_err("flush", tmp)(e.into_error()))?;
-        failpoint::hit(failpoint::COMMIT_WRITTEN)
-            .map_err(io_err("pass failpoint commit.written for", tmp))?;
-        file.sync_data().map_err(io_err("fdatasync", tmp))?;
-        failpoint::hit(failpoint::COMMIT_SYNCED)
-            .map_err(io_err("pass failpoint commit.synced for", tmp))?;
-        rename_noreplace(tmp, &self.final_path).map_err(io_err("rename", tmp))?;
-        *renamed = true;
-        failpoint::hit(failpoint::COMMIT_RENAMED).map_err(io_err(
-            "pass failpoint commit.renamed for",
-            &self.final_path,
-        ))?;
-        fsync_dir(&self.inner.dir)?;
-        failpoint::hit(failpoint::COMMIT_DIR_SYNCED).map_err(io_err(
-            "pass failpoint commit.dir_synced for",
-            &self.final_path,
-        ))?;
-        let meta = file.metadata().map_err(io_err("stat", &self.final_path))?;
-        let info = ImageInfo {
-            seq: self.header.seq,
-            parent: self.header.parent,
-            created_unix_ns: self.header.created_unix_ns,
-            file_bytes: summary.file_bytes,
-            data_bytes: summary.data_bytes,
-            path: self.final_path.clone(),
-        };
-        // This process wrote and synced the image, so it counts as verified for planning and
-        // retention (recovery re-verifies regardless).
-        self.inner
-            .verified
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(
-                self.header.seq,
-                Verified {
-                    ident: FileIdent::of(&meta),
-                    header: self.header.clone(),
-                    info: info.clone(),
-                },
-            );
-        Ok(info)
     }
 
     /// Removes the temp file; nothing is committed.

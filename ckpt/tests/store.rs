@@ -32,28 +32,81 @@ fn plan_gives_a_full_image_every_full_every() {
         let mut increments = 0;
         for seq in 1..=20u64 {
             let plan = store.plan().unwrap();
-            let expect_parent = if seq == 1 || increments == full_every {
-                None
-            } else {
-                Some(seq - 1)
-            };
-            assert_eq!(
-                plan,
+            // Past full_every increments the next image is an increment that is compacted
+            // into a full one (with full_every 0, every image is captured full).
+            let due = seq > 1 && increments == full_every;
+            let expect = if seq == 1 || full_every == 0 {
                 Plan {
                     seq,
-                    parent: expect_parent
-                },
-                "full_every {full_every}"
-            );
-            increments = if expect_parent.is_some() {
-                increments + 1
+                    parent: None,
+                    compact: false,
+                }
             } else {
-                0
+                Plan {
+                    seq,
+                    parent: Some(seq - 1),
+                    compact: due,
+                }
             };
+            assert_eq!(plan, expect, "full_every {full_every}");
             touch(&mut model, seq);
             let info = model.checkpoint_with(&store, &plan).unwrap();
-            assert_eq!((info.seq, info.parent), (seq, expect_parent));
+            let full = expect.parent.is_none() || due;
+            assert_eq!(
+                (info.seq, info.parent),
+                (seq, if full { None } else { Some(seq - 1) }),
+                "full_every {full_every}"
+            );
+            increments = if full { 0 } else { increments + 1 };
         }
+        let (bufs, r) = recover(&store, &model);
+        assert_eq!(r.unwrap().seq, 20);
+        assert_eq!(bufs, model.regions);
+    }
+}
+
+#[test]
+fn chains_stay_bounded_when_nobody_compacts() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = policy(100, 3);
+    assert_eq!(p.chain_limit(), 3 + ckpt::store::COMPACTION_SLACK_MIN);
+    assert_eq!(policy(3, 8).chain_limit(), 16);
+    assert_eq!(
+        policy(3, 0).chain_limit(),
+        ckpt::store::COMPACTION_SLACK_MIN
+    );
+    let store = Store::open(dir.path(), APP, p.clone()).unwrap();
+    let mut model = small_model();
+    let limit = u64::from(p.chain_limit());
+    for seq in 1..=limit + 2 {
+        let plan = store.plan().unwrap();
+        let increments = seq - 1; // what an increment against the newest image would carry
+        if seq == 1 || increments > limit {
+            assert_eq!(plan.parent, None, "seq {seq}");
+        } else {
+            assert_eq!(plan.parent, Some(seq - 1), "seq {seq}");
+            assert_eq!(plan.compact, increments > 3, "seq {seq}");
+        }
+        // Write what the plan allows, never compacting.
+        let header = model.header(plan.seq, plan.parent);
+        let mut pending = store.begin(&header).unwrap();
+        for (ri, region) in model.regions.iter().enumerate() {
+            pending
+                .chunk(u32::try_from(ri).unwrap(), 0, region)
+                .unwrap();
+        }
+        let info = pending.commit().unwrap();
+        if seq == limit + 1 {
+            // The newest chain holds `limit` increments: no further increment is accepted.
+            assert_eq!(info.parent, Some(seq - 1));
+            let e = store
+                .begin(&model.header(seq + 1, Some(seq)))
+                .map(|_| ())
+                .unwrap_err();
+            assert!(matches!(e, StoreError::ParentUnusable { .. }), "{e}");
+            assert!(e.to_string().contains("write a full image"), "{e}");
+        }
+        touch(&mut model, seq);
     }
 }
 
@@ -66,7 +119,8 @@ fn plan_default_policy_is_keep_3_full_every_8() {
         store.plan().unwrap(),
         Plan {
             seq: 1,
-            parent: None
+            parent: None,
+            compact: false
         }
     );
     assert!(store.dir().is_dir());
@@ -89,7 +143,8 @@ fn plan_skips_a_corrupt_newest_image() {
         store.plan().unwrap(),
         Plan {
             seq: 4,
-            parent: Some(2)
+            parent: Some(2),
+            compact: false
         }
     );
 }
@@ -315,7 +370,8 @@ fn abort_and_drop_remove_the_temp_file() {
         store.plan().unwrap(),
         Plan {
             seq: 1,
-            parent: None
+            parent: None,
+            compact: false
         }
     );
 }
@@ -381,4 +437,47 @@ fn commit_never_replaces_an_existing_image() {
         b"someone else's image"
     );
     assert_eq!(dir_names(other.dir()).len(), 1);
+}
+
+#[test]
+fn commit_finished_checks_the_file_against_its_writers_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), APP, policy(10, 8)).unwrap();
+    let mut model = small_model();
+    touch(&mut model, 1);
+    // As a snapshot child does with its copy of the writer: chunks, then the footer in place.
+    let finish = |seq: u64, model: &Model| {
+        let mut p = store.begin(&model.header(seq, None)).unwrap();
+        let w = p.writer();
+        w.chunks(
+            model
+                .regions
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (u32::try_from(i).unwrap(), 0, r.as_slice())),
+        )
+        .unwrap();
+        let summary = w.finish_in_place().unwrap();
+        (p, summary)
+    };
+    let (p, summary) = finish(1, &model);
+    let mut wrong = summary.clone();
+    wrong.chunks += 1;
+    let e = p.commit_finished(&wrong).unwrap_err();
+    assert!(matches!(e, StoreError::Unfinished { .. }), "{e}");
+    assert!(dir_names(dir.path()).is_empty(), "the temp file is removed");
+
+    let (p, summary) = finish(1, &model);
+    let mut short = summary.clone();
+    short.file_bytes -= 1;
+    let e = p.commit_finished(&short).unwrap_err();
+    assert!(e.to_string().contains("bytes"), "{e}");
+
+    let (p, summary) = finish(1, &model);
+    let info = p.commit_finished(&summary).unwrap();
+    assert_eq!(info.file_bytes, summary.file_bytes);
+    assert_eq!(store.verify(1).unwrap(), info);
+    let (bufs, r) = recover(&store, &model);
+    assert_eq!(r.unwrap().seq, 1);
+    assert_eq!(bufs, model.regions);
 }

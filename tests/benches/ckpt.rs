@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail, ensure};
-use ckpt::{ImageHeader, ImageWriter, MAX_CHUNK, RegionDesc, StorePolicy};
+use ckpt::{ImageFile, ImageHeader, ImageWriter, MAX_CHUNK, RegionDesc, StorePolicy};
 use ft::critical::{
     CaptureMethod, CheckpointConfig, Checkpointer, DEFAULT_STAGING_MAX, DirtyMode,
     ENV_CKPT_STAGING_MAX, HeapConfig, TrackerKind, parse_size,
@@ -62,10 +62,11 @@ const DIRTY_PERMILLE: [usize; 3] = [1, 10, 100];
 const STEADY_PERMILLE: usize = 10;
 /// A recovery chain: one full image and this many increments.
 const CHAIN_INCREMENTS: usize = 7;
-/// ckpt::store writes images through a BufWriter of this capacity (its WRITE_BUFFER); the
-/// phase measurement mirrors it.
+/// ckpt::store wrote images through a BufWriter of this capacity before it wrote them
+/// vectored and unbuffered; the emulation of libft's previous fork path mirrors it.
 const STORE_WRITE_BUFFER: usize = 256 * 1024;
-/// Pipe capacity of libft's fork path (snapshot.rs PIPE_CAPACITY), mirrored by the phases.
+/// Pipe capacity of libft's previous fork path (a pipe from the snapshot child to the writer
+/// thread), mirrored by the phases.
 const PIPE_CAPACITY: libc::c_int = 1 << 20;
 /// Linux's MADV_POPULATE_WRITE (5.14+), which the libc crate does not export.
 const MADV_POPULATE_WRITE: libc::c_int = 23;
@@ -846,13 +847,24 @@ fn table_full(results: &Results) -> String {
         "### 1. Full checkpoint until durable vs a plain write of the same bytes\n\n\
          libft: `checkpoint(0)` then `wait(0)` (= `checkpoint_sync`), heap filled with random \
          data (every page written), store policy full_every 0 and keep > reps, so every image \
-         is full and no retention delete falls inside a measurement. Plain: `write` of the image's \
-         length from the same memory to a new file in the store directory, `fdatasync`, then \
-         `rename` + `fsync` of the directory. One warm-up round of both first (not counted), \
+         is full and no retention delete falls inside a measurement; each image is removed \
+         after its measurement, as the plain write's file is (on this VM, page cache recycled \
+         from a file just removed is much cheaper to write into than memory taken anew, so \
+         both sides must recycle alike). \"staging\": the pages \
+         are copied into the staging buffer during the pause and the writer thread writes the \
+         image from it; \"fork\": a copy-on-write child writes the image file itself and the \
+         writer thread waits for it, then commits. Either way the image goes out in vectored \
+         writes straight from memory, and writeback of each {writeback} MiB written starts at \
+         once (`sync_file_range`), so the final `fdatasync` waits for little more than the \
+         last piece (table 5 shows what that alone is worth to a plain writer). Plain: `write` \
+         of the image's length from the same memory to a new file in the store directory, \
+         `fdatasync`, then `rename` + `fsync` of the directory. One warm-up round of both first \
+         (not counted), \
          then the two alternate in order within each rep; `syncfs` before each one. \"ratio\" = libft throughput / plain throughput from the medians; \"paired \
          ratio\" = the median of the per-rep ratios (each rep's two runs are back to back); the \
          verdict uses the ratio of medians.\n\n{}\n{notes}\n",
-        t.render()
+        t.render(),
+        writeback = ckpt::store::WRITEBACK_STEP >> 20,
     )
 }
 
@@ -984,31 +996,31 @@ fn table_pause(results: &Results) -> Result<String> {
         let kind = all
             .first()
             .map_or(*tracker, |s| s.text("kind").unwrap_or(tracker));
-        let subsets: [(&str, Vec<&Sample>); 4] = [
-            ("all (full every 9th)", all.clone()),
+        let increment = |s: &&Sample| s.text("incremental").ok() == Some("1");
+        let compacts = |s: &&Sample| s.text("compacts").ok() == Some("1");
+        let subsets: [(&str, Vec<&Sample>); 5] = [
+            ("all (every 9th a full image)", all.clone()),
             (
-                "increments only",
+                "increments not compacted",
                 all.iter()
                     .copied()
-                    .filter(|s| s.text("incremental").ok() == Some("1"))
+                    .filter(|s| increment(s) && !compacts(s))
                     .collect(),
+            ),
+            (
+                "increments compacted into the full image",
+                all.iter().copied().filter(compacts).collect(),
             ),
             (
                 "increments right after a full image",
                 all.iter()
                     .copied()
-                    .filter(|s| {
-                        s.text("incremental").ok() == Some("1")
-                            && s.text("after_full").ok() == Some("1")
-                    })
+                    .filter(|s| increment(s) && s.text("after_full").ok() == Some("1"))
                     .collect(),
             ),
             (
-                "full images only",
-                all.iter()
-                    .copied()
-                    .filter(|s| s.text("incremental").ok() != Some("1"))
-                    .collect(),
+                "full captures",
+                all.iter().copied().filter(|s| !increment(s)).collect(),
             ),
         ];
         for (which, rows) in subsets {
@@ -1082,12 +1094,18 @@ fn table_pause(results: &Results) -> Result<String> {
             first.join(", ")
         )
     };
+    let limit = StorePolicy::default().chain_limit();
     Ok(format!(
         "### 3. The application's pause per checkpoint\n\n\
          `Started::pause` of `checkpoint(0)`: planning (store directory scan), collecting the \
-         dirty pages and capturing them; not counting the wait for the previous image. Steady \
-         state: 1 % of the pages (random) written between checkpoints while the previous image \
-         is written in the background, default store policy (a full image after 8 increments). \
+         dirty pages and capturing them; not counting the wait for the previous image (nor, \
+         when a chain reached the store's limit of {limit} increments, for its running compaction). \
+         Steady state: 1 % of the pages (random) written between checkpoints while the \
+         previous image is written in the background, default store policy (a full image \
+         after 8 increments): the 9th image is captured as an increment like the others and, \
+         once committed, compacted into the full image on a background thread (composed from \
+         the chain on disk), so no checkpoint after the first forks. \"Increments right after \
+         a full image\" follow a compacted one (its compaction usually still running). \
          Percentiles are nearest-rank.\n\n{}\n{first}",
         t.render()
     ))
@@ -1141,7 +1159,8 @@ fn table_recover(results: &Results) -> String {
         "### 4. Recovery in a fresh process\n\n\
          A writer child fills the heap, takes a full checkpoint (and 7 increments of 1 % random \
          pages) and exits; then a fresh child maps the heap at the same address and calls \
-         `recover(0)` (which verifies the whole chain before applying it). \"cold\": the images' \
+         `recover(0)` (which verifies the whole chain before applying it, then copies each \
+         chunk into the wiped heap after one `MADV_POPULATE_WRITE` of its pages). \"cold\": the images' \
          pages were dropped from the page cache first (`posix_fadvise(DONTNEED)` on each image; \
          \"cached before\" is what `mincore` saw); \"warm\": right after a cold run. \"restored \
          correctly\": the xxh3 of the recovered buffer equals the writer's and the whole chain \
@@ -1164,7 +1183,7 @@ fn table_phases(results: &Results) -> Result<String> {
         "xxh3 of all chunks",
         "copy into untouched memory",
         "MADV_POPULATE_WRITE + copy",
-        "image write to page cache (incl. xxh3)",
+        "image write to page cache (incl. xxh3, early writeback)",
         "its fdatasync",
         "its rename + dir fsync",
         "plain write / fdatasync of the same bytes",
@@ -1173,9 +1192,10 @@ fn table_phases(results: &Results) -> Result<String> {
         "critical memory",
         "n",
         "image from memory (no capture)",
-        "fork path emulated, child `write`s",
-        "fork path emulated, child `vmsplice`s",
+        "child writes the image (libft's fork path)",
+        "child streams into a pipe (libft's previous fork path)",
         "plain write+fdatasync",
+        "plain write+fdatasync, early writeback",
         "libft (table 1, other moment)",
         "plain write+fdatasync (table 1, other moment)",
     ]);
@@ -1237,8 +1257,8 @@ fn table_phases(results: &Results) -> Result<String> {
             mib(*size),
             recipe.len().to_string(),
             ms_mbs(recipe_total, bytes),
+            ms_mbs(med("by_child_ns"), bytes),
             ms_mbs(med("from_write_ns"), bytes),
-            ms_mbs(med("from_vmsplice_ns"), bytes),
             ms_mbs(
                 median(
                     recipe
@@ -1250,6 +1270,7 @@ fn table_phases(results: &Results) -> Result<String> {
                 ),
                 bytes,
             ),
+            ms_mbs(med("plain_early_ns"), bytes),
             from_full("full", "total_ns").map_or_else(dash, |v| ms_mbs(v, bytes)),
             plain_total.map_or_else(dash, |v| ms_mbs(v, bytes)),
         ]);
@@ -1258,22 +1279,27 @@ fn table_phases(results: &Results) -> Result<String> {
         "### 5. Where the time of a full checkpoint goes\n\n\
          Measured in one child per size, on the same random data, without libft. Steps: a \
          `fork`ed copy-on-write child streaming the memory through a 1 MiB pipe while the \
-         parent reads it in 1 MiB pieces (libft's fork path uses `write` in the child), the \
-         same with `vmsplice` in the child, the memory copied out of a waiting forked child \
-         with `process_vm_readv`; xxh3-64 over 1 MiB chunks (ckpt's checksums); a copy into a fresh, never-touched \
-         anonymous mapping (first-touch page faults, as recovery's apply pass has), and the same after one \
-         `madvise(MADV_POPULATE_WRITE)` of the whole range; the image \
-         written with `ckpt::ImageWriter` through a 256 KiB BufWriter (as `ckpt::Store` does) \
-         from memory, then `fdatasync`, `rename`, `fsync` of the directory (the store's commit \
-         recipe).\n\n{}\n\
-         End to end until durable (medians over rounds that run these four one after the \
+         parent reads it in 1 MiB pieces (libft's previous fork path, `write` in the child), \
+         the same with `vmsplice` in the child, the memory copied out of a waiting forked \
+         child with `process_vm_readv`; xxh3-64 over 1 MiB chunks (ckpt's checksums); a copy \
+         into a fresh, never-touched anonymous mapping (first-touch page faults), and the same \
+         after one `madvise(MADV_POPULATE_WRITE)` of the whole range (what recovery's apply \
+         pass now does before each chunk); the image written with `ckpt::ImageWriter` onto a \
+         `ckpt::ImageFile` (vectored writes straight from memory, writeback started every \
+         {writeback} MiB, as `ckpt::Store` does) from memory, then `fdatasync`, `rename`, \
+         `fsync` of the directory (the store's commit recipe).\n\n{}\n\
+         End to end until durable (medians over rounds that run these five one after the \
          other; `syncfs` before each): the image written from memory; libft's fork path \
-         emulated (fork, child streams into the pipe, one thread reads 1 MiB pieces into \
-         `ImageWriter`, commit recipe) with the child using `write` (as libft) or `vmsplice`; \
-         a plain `write` + `fdatasync` of the same bytes. The last two columns come from \
-         table 1, measured at another moment on the same disk.\n\n{}\n",
+         emulated (fork, the child writes the image onto the temp file itself, the parent \
+         waits and runs the commit recipe); libft's previous fork path emulated (the child \
+         streams into a pipe, one thread reads 1 MiB pieces into `ImageWriter` through a \
+         256 KiB BufWriter, commit recipe); a plain `write` + `fdatasync` of the same bytes, \
+         and the same written in 1 MiB pieces with writeback started every {writeback} MiB. \
+         The last two columns come from table 1, measured at another moment on the same \
+         disk.\n\n{}\n",
         steps.render(),
-        ends.render()
+        ends.render(),
+        writeback = ckpt::store::WRITEBACK_STEP >> 20,
     ))
 }
 
@@ -1755,6 +1781,12 @@ mod child {
         };
         let stream_dir = c.stream_dir(0);
         fs::create_dir_all(&stream_dir)?;
+        // Removes each measured image afterwards, as the plain write removes its file: on a
+        // VM with free page reporting, page cache recycled from a file just deleted is far
+        // cheaper to write into than memory the guest takes anew, so both sides must recycle
+        // alike (a kept image would make libft's next one draw fresh memory every time).
+        let remover = ckpt::Store::open(&stream_dir, APP, c.policy.clone())
+            .context("opening the store to remove measured images")?;
         let cp = Checkpointer::new(c).context("creating the checkpointer")?;
         let mut rng = Rng::new(SEED);
         let _buf = Buffer::fill(&cp, size, &mut rng)?;
@@ -1784,6 +1816,9 @@ mod child {
                     f.push(("rep", rep.to_string()));
                     f.push(("kind", kind(&cp).to_owned()));
                     emit(full_tag, &f);
+                    remover
+                        .delete(info.seq)
+                        .context("removing the measured image")?;
                 } else {
                     ensure!(
                         image_bytes > 0 && image_bytes <= heap_size,
@@ -1877,6 +1912,7 @@ mod child {
         let pages = size / page_size();
         // The first image (full, at start-up) is not part of the steady state.
         cp.checkpoint_sync(0).context("first checkpoint")?;
+        // Whether the previous image was (or became, by compaction) a full one.
         let mut after_full = true;
         for i in 0..count {
             buf.dirty(pages * STEADY_PERMILLE / 1000, &mut rng);
@@ -1889,11 +1925,12 @@ mod child {
                     ("method", method(s.method).to_owned()),
                     ("pages", s.pages.to_string()),
                     ("incremental", u8::from(s.parent.is_some()).to_string()),
+                    ("compacts", u8::from(s.compacts).to_string()),
                     ("after_full", u8::from(after_full).to_string()),
                     ("kind", kind(&cp).to_owned()),
                 ],
             );
-            after_full = s.parent.is_none();
+            after_full = s.parent.is_none() || s.compacts;
         }
         cp.wait(0).context("writing the last image")?;
         drop(cp);
@@ -2086,9 +2123,10 @@ mod child {
         };
         for rep in 0..reps {
             let (bytes, written, synced, renamed) = image_from_memory(mem.bytes(), &dir, &header)?;
+            let by_child = image_by_child(mem.bytes(), &dir, &header)?;
             let from_write = image_from_child(mem.bytes(), Feed::Write, &dir, &header)?;
-            let from_vmsplice = image_from_child(mem.bytes(), Feed::Vmsplice, &dir, &header)?;
-            let (plain_written, plain_synced) = plain_from_memory(mem.bytes(), &dir)?;
+            let (plain_written, plain_synced) = plain_from_memory(mem.bytes(), &dir, false)?;
+            let (_, early_synced) = plain_from_memory(mem.bytes(), &dir, true)?;
             emit(
                 "recipe",
                 &[
@@ -2097,9 +2135,10 @@ mod child {
                     ("image_write_ns", nanos(written).to_string()),
                     ("image_sync_ns", nanos(synced - written).to_string()),
                     ("image_rename_ns", nanos(renamed - synced).to_string()),
+                    ("by_child_ns", nanos(by_child).to_string()),
                     ("from_write_ns", nanos(from_write).to_string()),
-                    ("from_vmsplice_ns", nanos(from_vmsplice).to_string()),
                     ("plain_write_ns", nanos(plain_written).to_string()),
+                    ("plain_early_ns", nanos(early_synced).to_string()),
                     (
                         "plain_sync_ns",
                         nanos(plain_synced - plain_written).to_string(),
@@ -2123,8 +2162,10 @@ mod child {
         Ok(())
     }
 
-    /// A plain `write` of `data` to a new file and `fdatasync`: (written, synced).
-    fn plain_from_memory(data: &[u8], dir: &Path) -> Result<(Duration, Duration)> {
+    /// A plain `write` of `data` to a new file and `fdatasync`: (written, synced). With
+    /// `early`, written in MAX_CHUNK pieces with writeback started every WRITEBACK_STEP bytes,
+    /// as `ckpt::ImageFile` does.
+    fn plain_from_memory(data: &[u8], dir: &Path, early: bool) -> Result<(Duration, Duration)> {
         quiesce(dir)?;
         let path = dir.join("plain.dat");
         let t = Instant::now();
@@ -2134,7 +2175,28 @@ mod child {
             .mode(0o600)
             .open(&path)
             .with_context(|| format!("creating {}", path.display()))?;
-        f.write_all(data)?;
+        if early {
+            let step = usize::try_from(ckpt::store::WRITEBACK_STEP)?;
+            let mut started = 0usize;
+            for (i, piece) in data.chunks(MAX_CHUNK).enumerate() {
+                f.write_all(piece)?;
+                let end = i * MAX_CHUNK + piece.len();
+                if end - started >= step {
+                    // SAFETY: sync_file_range on a descriptor we own; no memory is passed.
+                    unsafe {
+                        libc::sync_file_range(
+                            f.as_raw_fd(),
+                            i64::try_from(started)?,
+                            i64::try_from(end - started)?,
+                            libc::SYNC_FILE_RANGE_WRITE,
+                        )
+                    };
+                    started = end;
+                }
+            }
+        } else {
+            f.write_all(data)?;
+        }
         let written = t.elapsed();
         f.sync_data()?;
         let synced = t.elapsed();
@@ -2160,21 +2222,60 @@ mod child {
             .mode(0o600)
             .open(&tmp)
             .with_context(|| format!("creating {}", tmp.display()))?;
-        let mut w = ImageWriter::new(BufWriter::with_capacity(STORE_WRITE_BUFFER, file), header)?;
-        for (i, chunk) in data.chunks(MAX_CHUNK).enumerate() {
-            w.chunk(0, (i * MAX_CHUNK) as u64, chunk)?;
-        }
-        let (buffered, summary) = w.finish()?;
-        let file = buffered.into_inner().map_err(|e| e.into_error())?;
+        let mut w = ImageWriter::new(ImageFile::new(file), header)?;
+        w.chunks(std::iter::once((0, 0, data)))?;
+        let (out, summary) = w.finish()?;
+        let file = out.file();
         let written = t.elapsed();
         file.sync_data()?;
         let synced = t.elapsed();
         fs::rename(&tmp, &done)?;
         fsync_dir(dir)?;
         let renamed = t.elapsed();
-        drop(file);
+        drop(out);
         fs::remove_file(&done)?;
         Ok((summary.file_bytes, written, synced, renamed))
+    }
+
+    /// libft's fork path without libft: the header written, a forked child writes the chunks
+    /// and the footer itself (the same `ImageWriter` over `ckpt::ImageFile`), the parent waits
+    /// for it and runs the commit recipe. Returns the time until durable.
+    fn image_by_child(data: &[u8], dir: &Path, header: &ImageHeader) -> Result<Duration> {
+        quiesce(dir)?;
+        let tmp = dir.join("by-child.tmp");
+        let done = dir.join("by-child.ckpt");
+        let t = Instant::now();
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        let mut w = ImageWriter::new(ImageFile::new(file), header)?;
+        // SAFETY: this role's process has only its main thread (libft is not used here), so
+        // the child may run any code; it writes the image and calls _exit.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let ok = w.chunks(std::iter::once((0, 0, data))).is_ok() && w.finish_in_place().is_ok();
+            // SAFETY: ends the child without running the parent's destructors.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        ensure!(pid > 0, "fork: {}", std::io::Error::last_os_error());
+        let mut status = 0;
+        // SAFETY: waits for the child forked above.
+        unsafe { libc::waitpid(pid, &mut status, 0) };
+        ensure!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the image-writing child failed (status {status})"
+        );
+        let (out, _) = w.into_parts();
+        out.file().sync_data()?;
+        fs::rename(&tmp, &done)?;
+        fsync_dir(dir)?;
+        let elapsed = t.elapsed();
+        drop(out);
+        fs::remove_file(&done)?;
+        Ok(elapsed)
     }
 
     /// A pipe (close-on-exec): (read end, write end).
@@ -2331,9 +2432,10 @@ mod child {
         Ok((fork, streamed))
     }
 
-    /// libft's fork path without libft: a forked child streams `data`, one thread reads it in
-    /// MAX_CHUNK pieces into an image (ckpt::ImageWriter, as libft's writer thread does), then
-    /// the commit recipe. Returns the time until durable.
+    /// libft's previous fork path without libft: a forked child streams `data`, one thread
+    /// reads it in MAX_CHUNK pieces into an image (ckpt::ImageWriter through a 256 KiB
+    /// BufWriter, as libft's writer thread did), then the commit recipe. Returns the time until
+    /// durable.
     fn image_from_child(
         data: &[u8],
         feed: Feed,

@@ -1,6 +1,7 @@
 //! Shared by the store, recovery, crash and disk-full tests: a model of an application's
 //! critical memory with page-level dirty tracking, checkpointed through the real store the way
-//! libft does it (plan, begin, chunks of dirty pages or everything, commit).
+//! libft does it (plan, begin, chunks of dirty pages or everything, commit, and compaction when
+//! the plan asks for it).
 #![allow(dead_code)]
 
 use std::collections::BTreeSet;
@@ -101,6 +102,14 @@ impl Model {
             d.clear();
         }
         self.last_committed = Some(info.seq);
+        if plan.compact && parent.is_some() {
+            // As libft does in the background: the increment is committed, then replaced by
+            // the full image of the same state; retention (libft's next commit) then drops
+            // the chain nothing needs any more.
+            let full = store.compact(info.seq, &mut || true)?;
+            store.retain()?;
+            return Ok(full);
+        }
         Ok(info)
     }
 

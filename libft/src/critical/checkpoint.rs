@@ -1,11 +1,15 @@
 //! Checkpoints of critical memory: the [`Checkpointer`] ties the heap, the registered regions
-//! and dirty tracking to one `ckpt::Store` per checkpoint stream, owns libft's writer thread,
-//! schedules periodic checkpoints at safe points, and recovers.
+//! and dirty tracking to one `ckpt::Store` per checkpoint stream, owns libft's writer thread
+//! and its compaction threads, schedules periodic checkpoints at safe points, and recovers.
 //!
 //! The caller of a checkpoint is paused only to collect the dirty set and capture the pages
-//! (staging copy, or a copy-on-write child); image writing, checksums and fsync run on the
-//! writer thread. A failed image never loses dirty pages: they go back to the stream's pending
-//! set, or the stream's next image is full. Application memory is written only by `recover`.
+//! (staging copy, or a copy-on-write child that writes the image itself); image writing,
+//! checksums and fsync run on the writer thread or in that child. Only the first image of a
+//! stream (or one larger than the staging limit) is captured whole: when the store's policy
+//! wants a full image, an increment is captured and, once committed, compacted into the full
+//! image on a background thread. A failed image never loses dirty pages: they go back to the
+//! stream's pending set, or the stream's next image is full. Application memory is written
+//! only by `recover`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,7 +18,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError, mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ckpt::{ImageHeader, ImageInfo, MAX_CHUNK, RegionDesc, Store, StorePolicy};
+use ckpt::{ImageHeader, ImageInfo, Pending, RegionDesc, Store, StorePolicy};
 
 use super::Error;
 use super::dirty::{Area, DirtyMode, DirtySet, Tracker, TrackerKind};
@@ -52,6 +56,9 @@ const FALLBACK_IDENTITY: &str = "ft-app";
 const MAX_IDENTITY: usize = 255;
 /// `next_due` when no periodic checkpoint is scheduled.
 const NEVER: u64 = u64::MAX;
+/// Niceness added to a compaction thread: composing a full image is background work that
+/// must not take the CPU from the application it protects.
+const COMPACTION_NICENESS: libc::c_int = 10;
 
 /// The application's identity for images and default heap addresses: `FT_SERVICE`, else the
 /// file name of argv[0].
@@ -183,6 +190,9 @@ pub struct Started {
     pub seq: u64,
     /// The image it is an increment against; None for a full image.
     pub parent: Option<u64>,
+    /// Whether the increment, once committed, is compacted into a full image in the
+    /// background (the store's policy wanted a full image now).
+    pub compacts: bool,
     /// Pages captured (area pages; a region's last page may be short).
     pub pages: usize,
     /// Bytes captured.
@@ -191,7 +201,7 @@ pub struct Started {
     pub method: CaptureMethod,
     /// How long the caller was paused: planning (a scan of the store directory), collecting
     /// the dirty pages and capturing them — not counting waiting for the stream's previous
-    /// image.
+    /// image (or for its compaction, when the chain reached the store's limit).
     pub pause: Duration,
 }
 
@@ -257,12 +267,23 @@ pub struct Checkpointer {
 }
 
 /// Called by the writer thread after each committed image: stream, image, caller's pause.
+/// (Not called again when a compaction later replaces the image with its full equivalent.)
 pub type CommitHook = Box<dyn Fn(u32, &ImageInfo, Duration) + Send + Sync>;
 
 struct Shared {
     state: Mutex<State>,
     done: Condvar,
     on_commit: Mutex<Option<CommitHook>>,
+    /// Raised when the Checkpointer is dropped: running compactions give up.
+    cancel: AtomicBool,
+    /// Pauses in progress. A compaction holds back while there is one: a thread of this
+    /// process streaming file I/O makes the paused thread's dirty-page scan (page-table work
+    /// with TLB flushes) several times slower, and competes with its copy for memory bandwidth.
+    pausing: Mutex<usize>,
+    /// Signalled when the last pause in progress ends.
+    resumed: Condvar,
+    /// Compaction threads, joined when the Checkpointer is dropped.
+    compactors: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -294,6 +315,10 @@ struct Stream {
     /// Pages written since `last_seq` was captured.
     pending: DirtySet,
     in_flight: bool,
+    /// A compaction of one of this stream's images is running.
+    compacting: bool,
+    /// How the last compaction ended: the full image, or why not (kept for diagnostics).
+    compaction: Option<Result<ImageInfo, String>>,
     /// Result of the last written image, until someone takes it (a failure is reported once).
     outcome: Option<Result<ImageInfo, Error>>,
     /// Reused across checkpoints of the staging path.
@@ -309,12 +334,51 @@ impl Stream {
             last_seq: None,
             pending: DirtySet::for_areas(areas),
             in_flight: false,
+            compacting: false,
+            compaction: None,
             outcome: None,
             staging: Vec::new(),
             every: None,
             due: NEVER,
         }
     }
+}
+
+/// Marks a pause in progress for as long as it lives (see `Shared::pausing`).
+struct PauseGuard<'a> {
+    shared: &'a Shared,
+}
+
+impl<'a> PauseGuard<'a> {
+    fn enter(shared: &'a Shared) -> PauseGuard<'a> {
+        *shared
+            .pausing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) += 1;
+        PauseGuard { shared }
+    }
+}
+
+impl Drop for PauseGuard<'_> {
+    fn drop(&mut self) {
+        let mut n = self
+            .shared
+            .pausing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.shared.resumed.notify_all();
+        }
+    }
+}
+
+/// What one attempt to start a checkpoint came to.
+#[derive(Debug)]
+enum Attempt {
+    Started(Started),
+    /// Nothing was captured: wait for the stream's compaction, then try again.
+    AwaitCompaction,
 }
 
 #[derive(Debug)]
@@ -335,12 +399,20 @@ struct Job {
     source: Source,
     /// For an increment: its pages, merged back into the stream if the image fails.
     carried: Option<DirtySet>,
+    /// Compact the image into a full one once it is committed.
+    compact: bool,
 }
 
 #[derive(Debug)]
 enum Source {
+    /// The captured bytes, in extent order; the writer thread writes the image from them.
     Staging(Vec<u8>),
-    Fork(ForkSnapshot),
+    /// A child writing the image onto `pending`'s temp file; the writer thread waits for it
+    /// and commits.
+    Fork {
+        snap: ForkSnapshot,
+        pending: Box<Pending>,
+    },
 }
 
 impl Checkpointer {
@@ -376,6 +448,10 @@ impl Checkpointer {
                 }),
                 done: Condvar::new(),
                 on_commit: Mutex::new(None),
+                cancel: AtomicBool::new(false),
+                pausing: Mutex::new(0),
+                resumed: Condvar::new(),
+                compactors: Mutex::new(Vec::new()),
             }),
             epoch: Instant::now(),
             next_due: AtomicU64::new(NEVER),
@@ -469,14 +545,15 @@ impl Checkpointer {
 
     /// Takes a checkpoint of every used page's changes on stream `stream` and returns once they
     /// are captured; the image is written in the background. Waits first for the stream's
-    /// previous image; if that one failed, returns its error instead (no new checkpoint is
+    /// previous image (and, should its chain have reached the store's limit, for the running
+    /// compaction); if that image failed, returns its error instead (no new checkpoint is
     /// taken: its pages are kept for the next one, so call again).
     pub fn checkpoint(&self, stream: u32) -> Result<Started, Error> {
         let mut st = self.wait_idle(self.state(), stream);
         if let Some(Err(e)) = stream_mut(&mut st, stream).outcome.take() {
             return Err(e);
         }
-        self.start(&mut st, stream)
+        self.start(st, stream).1
     }
 
     /// Takes a checkpoint and returns once its image is committed (durable). An earlier
@@ -484,7 +561,8 @@ impl Checkpointer {
     pub fn checkpoint_sync(&self, stream: u32) -> Result<ImageInfo, Error> {
         let mut st = self.wait_idle(self.state(), stream);
         stream_mut(&mut st, stream).outcome = None;
-        self.start(&mut st, stream)?;
+        let (st, started) = self.start(st, stream);
+        started?;
         let mut st = self.wait_idle(st, stream);
         match stream_mut(&mut st, stream).outcome.take() {
             Some(result) => result,
@@ -492,11 +570,22 @@ impl Checkpointer {
         }
     }
 
-    /// Waits until the stream has no image being written; returns the last image written
-    /// (None if none since the last call) or its failure.
+    /// Waits until the stream has no image being written, nor being compacted; returns the
+    /// last image written (None if none since the last call) or its failure.
     pub fn wait(&self, stream: u32) -> Result<Option<ImageInfo>, Error> {
-        let mut st = self.wait_idle(self.state(), stream);
+        let st = self.wait_idle(self.state(), stream);
+        let mut st = self.wait_while(st, stream, |s| s.compacting);
         stream_mut(&mut st, stream).outcome.take().transpose()
+    }
+
+    /// How the stream's last compaction ended (the full image it committed, or why it failed),
+    /// if one ran. A failed compaction loses nothing: the increment stays, with its chain, and
+    /// the next image asks for a compaction again.
+    pub fn last_compaction(&self, stream: u32) -> Option<Result<ImageInfo, String>> {
+        self.state()
+            .streams
+            .get(&stream)
+            .and_then(|s| s.compaction.clone())
     }
 
     /// Collects the dirty pages and returns how many the stream's next incremental image
@@ -525,7 +614,7 @@ impl Checkpointer {
     /// may access them, while this runs: their bytes are replaced.
     pub unsafe fn recover(&self, stream: u32) -> Result<Option<Recovered>, Error> {
         let mut st = self.state();
-        if st.streams.values().any(|s| s.in_flight) {
+        if st.streams.values().any(|s| s.in_flight || s.compacting) {
             return Err(Error::Busy("a checkpoint image is being written"));
         }
         let result = self.recover_locked(&mut st, stream);
@@ -588,7 +677,11 @@ impl Checkpointer {
             s.due = s.every.map_or(NEVER, |d| now.saturating_add(nanos(d)));
             let started = match s.outcome.take() {
                 Some(Err(e)) => Err(e),
-                _ => self.start(&mut st, id).map(Some),
+                // A chain waiting for its compaction: the next period tries again.
+                _ => self.try_start(&mut st, id).map(|a| match a {
+                    Attempt::Started(s) => Some(s),
+                    Attempt::AwaitCompaction => None,
+                }),
             };
             if result.is_ok() {
                 result = started;
@@ -621,13 +714,19 @@ impl Checkpointer {
     }
 
     /// Creates the stream if needed and waits until no image of it is being written.
-    fn wait_idle<'a>(
+    fn wait_idle<'a>(&'a self, st: MutexGuard<'a, State>, stream: u32) -> MutexGuard<'a, State> {
+        self.wait_while(st, stream, |s| s.in_flight)
+    }
+
+    /// Creates the stream if needed and waits while `busy` says so of it.
+    fn wait_while<'a>(
         &'a self,
         mut st: MutexGuard<'a, State>,
         stream: u32,
+        busy: impl Fn(&Stream) -> bool,
     ) -> MutexGuard<'a, State> {
         ensure_stream(&mut st, stream);
-        while st.streams.get(&stream).is_some_and(|s| s.in_flight) {
+        while st.streams.get(&stream).is_some_and(&busy) {
             st = self
                 .shared
                 .done
@@ -674,11 +773,35 @@ impl Checkpointer {
         }
     }
 
+    /// Starts a checkpoint of the idle stream `id`, first waiting for its running compaction
+    /// when its chain has reached the store's limit (so a lagging compaction slows the
+    /// checkpoints down instead of making the next one a full capture).
+    fn start<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+        id: u32,
+    ) -> (MutexGuard<'a, State>, Result<Started, Error>) {
+        loop {
+            match self.try_start(&mut st, id) {
+                Ok(Attempt::Started(s)) => return (st, Ok(s)),
+                Ok(Attempt::AwaitCompaction) => st = self.wait_while(st, id, |s| s.compacting),
+                Err(e) => return (st, Err(e)),
+            }
+        }
+    }
+
     /// Collects, captures and queues one image of `id`; the stream must be idle.
-    fn start(&self, st: &mut State, id: u32) -> Result<Started, Error> {
+    fn try_start(&self, st: &mut State, id: u32) -> Result<Attempt, Error> {
+        let _quiet = PauseGuard::enter(&self.shared);
         let paused = Instant::now();
         let store = self.store(st, id)?;
         let plan = store.plan()?;
+        let s = stream_mut(st, id);
+        if plan.parent.is_none() && s.compacting && s.last_seq.is_some() {
+            // The chain reached its limit while its compaction still runs; once that ends the
+            // chain is short again and this checkpoint an increment.
+            return Ok(Attempt::AwaitCompaction);
+        }
         let mut heap = self.heap.lock();
         let used = heap.used_span();
         self.collect_into_streams(st, used)?;
@@ -705,20 +828,36 @@ impl Checkpointer {
             page_size: u32::try_from(page_size()).unwrap_or(u32::MAX),
             regions: region_descs(&areas),
         };
+        // Only an increment can be compacted, and one compaction per stream runs at a time
+        // (the running one shortens this image's chain too).
+        let compact = incremental && plan.compact && !stream.compacting;
         let (source, method) = if bytes <= self.config.staging_max {
             let mut buf = std::mem::take(&mut stream.staging);
             copy_to_staging(&extents, &mut buf);
             (Source::Staging(buf), CaptureMethod::Staging)
         } else {
-            match ForkSnapshot::start(&extents, CloneFlavor::Clone3) {
-                Ok(snap) => (Source::Fork(snap), CaptureMethod::Fork),
+            // The child writes onto the temp file, which must exist (header written) before
+            // the clone; the rest of the commit runs on the writer thread.
+            let forked = store
+                .begin(&header)
+                .map_err(Error::from)
+                .and_then(|mut pending| {
+                    ForkSnapshot::start(&extents, pending.writer(), CloneFlavor::Clone3)
+                        .map(|snap| Source::Fork {
+                            snap,
+                            pending: Box::new(pending),
+                        })
+                        .map_err(Error::Snapshot)
+                });
+            match forked {
+                Ok(source) => (source, CaptureMethod::Fork),
                 Err(e) => {
                     if incremental {
                         stream.pending.union_with(&carried);
                     } else {
                         stream.last_seq = None;
                     }
-                    return Err(Error::Snapshot(e));
+                    return Err(e);
                 }
             }
         };
@@ -733,6 +872,7 @@ impl Checkpointer {
             extents,
             source,
             carried: incremental.then_some(carried),
+            compact,
         });
         let stream = stream_mut(st, id);
         if let Err((job, e)) = submitted {
@@ -743,15 +883,16 @@ impl Checkpointer {
             return Err(Error::Writer(e));
         }
         stream.in_flight = true;
-        Ok(Started {
+        Ok(Attempt::Started(Started {
             stream: id,
             seq: plan.seq,
             parent: if incremental { plan.parent } else { None },
+            compacts: compact,
             pages,
             bytes,
             method,
             pause,
-        })
+        }))
     }
 
     /// Hands a job to the writer thread, starting it (again) if needed. Gives the job back
@@ -819,16 +960,14 @@ impl Checkpointer {
             });
             match area {
                 Some(a) if fits => {
+                    let dst = a.base + super::heap::to_usize(offset);
+                    populate(dst, data.len());
                     // SAFETY: the destination lies inside a tracked area (checked just above),
                     // which is mapped writable: the heap is ours and locked; regions were
                     // checked at registration and their owner promised they stay valid. The
                     // caller of `recover` guarantees nobody else accesses them now.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            data.as_ptr(),
-                            (a.base + super::heap::to_usize(offset)) as *mut u8,
-                            data.len(),
-                        );
+                        std::ptr::copy_nonoverlapping(data.as_ptr(), dst as *mut u8, data.len());
                     }
                 }
                 _ => {
@@ -889,16 +1028,30 @@ impl Drop for Checkpointer {
             .get_mut()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
+        // Running compactions give up (leaving the increments they were replacing); queued
+        // images are still written.
+        self.shared.cancel.store(true, Ordering::Relaxed);
         if let Some(Writer { jobs, thread }) = writer {
             // Closing the queue lets the thread finish the queued images and exit.
             drop(jobs);
             let _ = thread.join();
         }
+        let compactors = std::mem::take(
+            &mut *self
+                .shared
+                .compactors
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner),
+        );
+        for handle in compactors {
+            let _ = handle.join();
+        }
     }
 }
 
 impl Shared {
-    /// Records the result of a written image and wakes waiters.
+    /// Records the result of a written image and wakes waiters. Returns the image to compact
+    /// when `compact` asked for it and it was committed (the stream then counts as compacting).
     fn complete(
         &self,
         id: u32,
@@ -906,11 +1059,21 @@ impl Shared {
         carried: Option<DirtySet>,
         result: Result<ImageInfo, Error>,
         staging: Option<Vec<u8>>,
-    ) {
+        compact: bool,
+    ) -> Option<u64> {
         let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let current = st.layout;
+        let mut to_compact = None;
         if let Some(s) = st.streams.get_mut(&id) {
             s.in_flight = false;
+            if let Ok(info) = &result
+                && compact
+                && !s.compacting
+                && !self.cancel.load(Ordering::Relaxed)
+            {
+                s.compacting = true;
+                to_compact = Some(info.seq);
+            }
             if let Some(mut buf) = staging {
                 buf.clear();
                 s.staging = buf;
@@ -928,15 +1091,41 @@ impl Shared {
             s.outcome = Some(result);
         }
         self.done.notify_all();
+        to_compact
+    }
+
+    /// Blocks while an application thread is paused for a checkpoint.
+    fn wait_out_pauses(&self) {
+        let mut n = self.pausing.lock().unwrap_or_else(PoisonError::into_inner);
+        while *n > 0 {
+            n = self.resumed.wait(n).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// Records how a compaction ended and wakes waiters.
+    fn compacted(&self, id: u32, seq: u64, result: Result<ImageInfo, ckpt::StoreError>) {
+        if let Err(e) = &result
+            && !matches!(e, ckpt::StoreError::Cancelled { .. })
+        {
+            // Nothing is lost (the increment and its chain stay), but chains grow until a
+            // compaction succeeds, which someone running the program should hear about.
+            eprintln!("libft: compacting checkpoint {seq} of stream {id} failed: {e}");
+        }
+        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = st.streams.get_mut(&id) {
+            s.compacting = false;
+            s.compaction = Some(result.map_err(|e| e.to_string()));
+        }
+        self.done.notify_all();
     }
 }
 
-fn writer_loop(shared: &Shared, jobs: &mpsc::Receiver<Job>) {
-    let mut buf = Vec::new();
+fn writer_loop(shared: &Arc<Shared>, jobs: &mpsc::Receiver<Job>) {
     while let Ok(job) = jobs.recv() {
-        let (stream, layout, pause) = (job.stream, job.layout, job.pause);
+        let (stream, layout, pause, compact) = (job.stream, job.layout, job.pause, job.compact);
+        let store = job.store.clone();
         let carried = job.carried.clone();
-        let (result, staging) = write_image(job, &mut buf);
+        let (result, staging) = write_image(job);
         if let Ok(info) = &result {
             let hook = shared
                 .on_commit
@@ -946,12 +1135,68 @@ fn writer_loop(shared: &Shared, jobs: &mpsc::Receiver<Job>) {
                 hook(stream, info, pause);
             }
         }
-        shared.complete(stream, layout, carried, result, staging);
+        if let Some(seq) = shared.complete(stream, layout, carried, result, staging, compact) {
+            start_compaction(shared, stream, store, seq);
+        }
+    }
+}
+
+/// Compacts image `seq` of `stream` on a thread of its own, at a lower priority, so that the
+/// stream's next increments are written meanwhile.
+fn start_compaction(shared: &Arc<Shared>, stream: u32, store: Store, seq: u64) {
+    let worker = Arc::clone(shared);
+    let spawned = std::thread::Builder::new()
+        .name("ft-ckpt-compact".to_owned())
+        .spawn(move || {
+            // SAFETY: setpriority on this thread's own id (Linux applies PRIO_PROCESS to a
+            // thread); it only lowers this thread's priority. Failing to is harmless.
+            unsafe {
+                let tid = libc::id_t::try_from(libc::gettid()).unwrap_or(0);
+                if tid != 0 {
+                    let now = libc::getpriority(libc::PRIO_PROCESS, tid);
+                    libc::setpriority(
+                        libc::PRIO_PROCESS,
+                        tid,
+                        now.saturating_add(COMPACTION_NICENESS),
+                    );
+                }
+            }
+            let mut gate = || {
+                worker.wait_out_pauses();
+                !worker.cancel.load(Ordering::Relaxed)
+            };
+            let result = store.compact(seq, &mut gate);
+            worker.compacted(stream, seq, result);
+        });
+    match spawned {
+        Ok(handle) => {
+            let mut handles = shared
+                .compactors
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // Join the finished ones, so handles do not pile up.
+            let (done, running): (Vec<_>, Vec<_>) =
+                handles.drain(..).partition(JoinHandle::is_finished);
+            *handles = running;
+            handles.push(handle);
+            drop(handles);
+            for h in done {
+                let _ = h.join();
+            }
+        }
+        Err(e) => shared.compacted(
+            stream,
+            seq,
+            Err(ckpt::StoreError::Uncompactable {
+                seq,
+                reason: format!("cannot start a compaction thread: {e}"),
+            }),
+        ),
     }
 }
 
 /// Writes and commits one image; returns the staging buffer for reuse.
-fn write_image(job: Job, buf: &mut Vec<u8>) -> (Result<ImageInfo, Error>, Option<Vec<u8>>) {
+fn write_image(job: Job) -> (Result<ImageInfo, Error>, Option<Vec<u8>>) {
     let Job {
         store,
         header,
@@ -964,51 +1209,61 @@ fn write_image(job: Job, buf: &mut Vec<u8>) -> (Result<ImageInfo, Error>, Option
             let result = write_staged(&store, &header, &extents, &data);
             (result, Some(data))
         }
-        Source::Fork(snap) => (write_forked(&store, &header, &extents, snap, buf), None),
+        Source::Fork { snap, pending } => {
+            let result = snap
+                .finish()
+                .and_then(|summary| Ok(pending.commit_finished(&summary)?));
+            (result, None)
+        }
     }
 }
 
+/// Writes the image from the staging buffer (vectored writes straight from it, many chunks
+/// per system call) and commits it.
 fn write_staged(
     store: &Store,
     header: &ImageHeader,
     extents: &[Extent],
     data: &[u8],
 ) -> Result<ImageInfo, Error> {
-    let mut pending = store.begin(header)?;
-    let mut pos = 0;
-    for e in extents {
-        let bytes = data
-            .get(pos..pos + e.len)
-            .ok_or_else(|| Error::Corrupt("staging buffer shorter than its extents".to_owned()))?;
-        pending.writer().chunk(e.area, e.offset, bytes)?;
-        pos += e.len;
+    if total_len(extents) > data.len() {
+        return Err(Error::Corrupt(
+            "staging buffer shorter than its extents".to_owned(),
+        ));
     }
+    let mut pending = store.begin(header)?;
+    let mut rest = data;
+    let pieces = extents.iter().map(|e| {
+        let (bytes, tail) = rest.split_at(e.len);
+        rest = tail;
+        (e.area, e.offset, bytes)
+    });
+    pending.writer().chunks(pieces)?;
     Ok(pending.commit()?)
 }
 
-fn write_forked(
-    store: &Store,
-    header: &ImageHeader,
-    extents: &[Extent],
-    mut snap: ForkSnapshot,
-    buf: &mut Vec<u8>,
-) -> Result<ImageInfo, Error> {
-    let mut pending = store.begin(header)?;
-    buf.resize(MAX_CHUNK, 0);
-    for e in extents {
-        let mut done = 0;
-        while done < e.len {
-            let n = (e.len - done).min(MAX_CHUNK);
-            let piece = &mut buf[..n];
-            snap.read_exact(piece).map_err(Error::Snapshot)?;
-            pending
-                .writer()
-                .chunk(e.area, e.offset + done as u64, piece)?;
-            done += n;
-        }
+/// Faults in the pages of `[addr, addr + len)` for writing with one `MADV_POPULATE_WRITE`
+/// (Linux 5.14+), before a chunk is copied there: far cheaper than one fault per page for the
+/// freshly wiped heap. Only an optimisation: where the kernel refuses, the copy faults the
+/// pages in itself.
+fn populate(addr: usize, len: usize) {
+    let page = page_size();
+    let start = vm::align_down(addr, page);
+    let Some(end) = addr.checked_add(len).and_then(|e| vm::align_up(e, page)) else {
+        return;
+    };
+    if end > start {
+        // SAFETY: MADV_POPULATE_WRITE only faults in (and zero-fills if absent) pages of a
+        // range the caller is about to write anyway, inside a tracked area (mapped writable);
+        // it never changes their contents or the mapping.
+        unsafe {
+            libc::madvise(
+                start as *mut libc::c_void,
+                end - start,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
     }
-    snap.finish().map_err(Error::Snapshot)?;
-    Ok(pending.commit()?)
 }
 
 fn ensure_stream(st: &mut State, id: u32) -> &mut Stream {

@@ -8,7 +8,8 @@
 //! ```text
 //!  t_checkpoint (caller paused)            writer thread / snapshot child      ckpt::Store
 //!  collect dirty pages (uffd+PAGEMAP_SCAN  ──► image chunks, checksums ──► temp, fdatasync,
-//!  or hashes), copy to staging or clone COW                                  rename, dir fsync
+//!  or hashes), copy to staging or clone COW    (the child writes the file)   rename, dir fsync
+//!                                          compaction thread: increment ──► full image (same seq)
 //!  t_recover: Store::recover ──► validate layout ──► wipe heap ──► apply chain ──► check heap
 //! ```
 //!

@@ -1,26 +1,38 @@
 //! Capturing the pages of one checkpoint while the caller is paused: either copied into a
 //! staging buffer, or frozen in a copy-on-write child process (`clone3` with no exit signal, so
-//! the application's SIGCHLD handling and `wait()` never see it) that streams them through a
-//! pipe to libft's writer thread.
+//! the application's SIGCHLD handling and `wait()` never see it) that writes the image itself,
+//! straight from its copy of the memory onto the image's temp file, and reports the image's
+//! totals in a shared page; the writer thread then only waits for it and commits.
 //!
 //! The child never allocates, takes no lock and runs no code that could: the parent may be
 //! multi-threaded, and any lock another thread held at the clone stays held forever in the
-//! child. It only calls `close`, `write` and `_exit`, on buffers prepared before the clone.
+//! child. It only computes checksums and calls `write`/`writev`, `sync_file_range` and `_exit`,
+//! through an image writer, a file and a report page prepared before the clone.
 
-use std::fs::File;
-use std::io::{self, Read};
+use std::io;
 use std::mem::MaybeUninit;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
 
+use ckpt::{ImageError, ImageFile, ImageSummary, ImageWriter};
+
+use super::Error;
 use super::dirty::{Area, DirtySet};
 use super::uapi::{CLONE_PIDFD, CloneArgs};
-use super::vm::{align_up, page_size};
+use super::vm::{self, align_up, page_size};
 
-/// The pipe buffer the fork path asks for (the default `fs.pipe-max-size`); larger writes
-/// mean fewer context switches between the child and the writer thread.
-const PIPE_CAPACITY: libc::c_int = 1 << 20;
-/// Exit status of a snapshot child whose pipe broke (the writer gave up).
+/// Exit status of a snapshot child whose image could not be written (the report says why).
 const CHILD_EXIT_WRITE_FAILED: libc::c_int = 3;
+/// `ChildReport::state`: the child has not reported (yet).
+const REPORT_NONE: u32 = 0;
+/// `ChildReport::state`: the image is complete; the totals are valid.
+const REPORT_DONE: u32 = 1;
+/// `ChildReport::state`: a write failed; `errno` and `offset` say how and where.
+const REPORT_IO_ERROR: u32 = 2;
+/// `ChildReport::state`: the writer refused the image for another reason (a bug: the extents
+/// are checked before the clone).
+const REPORT_REFUSED: u32 = 3;
 
 /// One contiguous run of bytes to capture: `len` bytes of area `area` from `offset`, found in
 /// this process at `addr`.
@@ -87,10 +99,30 @@ pub fn total_len(extents: &[Extent]) -> usize {
     extents.iter().map(|e| e.len).sum()
 }
 
-/// Copies the bytes of `extents`, in order, into `buf` (reusing its capacity).
+/// Copies the bytes of `extents`, in order, into `buf` (reusing its capacity: the buffer
+/// lives on between checkpoints, so its pages stay faulted in). When it must grow, the new
+/// pages are faulted in with one `MADV_POPULATE_WRITE` rather than one fault per page.
 pub fn copy_to_staging(extents: &[Extent], buf: &mut Vec<u8>) {
     buf.clear();
-    buf.reserve(total_len(extents));
+    let total = total_len(extents);
+    if buf.capacity() < total {
+        buf.reserve(total);
+        let page = page_size();
+        let start = align_up(buf.as_ptr() as usize, page);
+        let end = vm::align_down(buf.as_ptr() as usize + buf.capacity(), page);
+        if let Some(start) = start.filter(|s| *s < end) {
+            // SAFETY: the range lies inside the Vec's own allocation (its spare capacity,
+            // rounded inwards to whole pages), which nothing else references; populating only
+            // faults its pages in, without changing the mapping.
+            unsafe {
+                libc::madvise(
+                    start as *mut libc::c_void,
+                    end - start,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+        }
+    }
     for e in extents {
         // SAFETY: extents describe tracked areas, which are mapped readable for as long as they
         // are tracked; the caller holds the locks that keep them so and has paused the
@@ -112,12 +144,80 @@ pub enum CloneFlavor {
     Clone,
 }
 
-/// A copy-on-write child process holding the checkpoint's pages as they were at the clone,
-/// streaming them through a pipe. Dropping it kills and reaps the child.
+/// What the child reports through the shared page: written by the child only, read by the
+/// parent only after the child was reaped.
+#[repr(C)]
+#[derive(Debug)]
+struct ChildReport {
+    state: AtomicU32,
+    errno: i32,
+    offset: u64,
+    chunks: u64,
+    data_bytes: u64,
+    file_bytes: u64,
+}
+
+/// A page shared between the parent and its snapshot child (MAP_SHARED survives the clone).
+#[derive(Debug)]
+struct ReportPage {
+    report: NonNull<ChildReport>,
+    len: usize,
+}
+
+// SAFETY: the page is plain shared memory owned by this value; it is only accessed through
+// `&self` methods that read it after the child (its only other writer) has been reaped, so
+// moving the owner to the writer thread is sound.
+unsafe impl Send for ReportPage {}
+
+impl ReportPage {
+    fn new() -> io::Result<ReportPage> {
+        let len = page_size();
+        // SAFETY: a fresh anonymous shared mapping; no existing memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let report = NonNull::new(p.cast::<ChildReport>())
+            .ok_or_else(|| io::Error::other("mmap returned a null page"))?;
+        // The mapping is zero-filled: state REPORT_NONE, every total 0, which is a valid
+        // ChildReport (AtomicU32 and integers accept all-zero bytes).
+        let page = ReportPage { report, len };
+        debug_assert_eq!(page.get().state.load(Ordering::Relaxed), REPORT_NONE);
+        Ok(page)
+    }
+
+    fn get(&self) -> &ChildReport {
+        // SAFETY: the page is mapped for our whole life, page-aligned (so aligned for
+        // ChildReport, which is far smaller than a page) and holds a valid ChildReport (zeroes,
+        // or what the child stored). The child's plain fields are read only after its state
+        // was loaded with Acquire (or after it was reaped).
+        unsafe { self.report.as_ref() }
+    }
+}
+
+impl Drop for ReportPage {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`, which nothing references after
+        // this value is gone.
+        unsafe { libc::munmap(self.report.as_ptr().cast(), self.len) };
+    }
+}
+
+/// A copy-on-write child process writing the image of the checkpoint's pages as they were at
+/// the clone. Dropping it kills and reaps the child.
 #[derive(Debug)]
 pub struct ForkSnapshot {
     child: Option<Child>,
-    pipe: File,
+    report: ReportPage,
 }
 
 #[derive(Debug)]
@@ -127,18 +227,24 @@ struct Child {
 }
 
 impl ForkSnapshot {
-    /// Clones the process; the child writes the bytes of `extents`, in order, into the pipe
-    /// that [`ForkSnapshot::read_exact`] reads, then exits with status 0.
-    pub fn start(extents: &[Extent], flavor: CloneFlavor) -> io::Result<ForkSnapshot> {
-        let (read_end, write_end) = pipe()?;
-        // A bigger pipe is only an optimisation.
-        // SAFETY: F_SETPIPE_SZ on a pipe we own; no memory is passed.
-        unsafe { libc::fcntl(write_end.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_CAPACITY) };
-        let child = spawn(extents, write_end.as_raw_fd(), read_end.as_raw_fd(), flavor)?;
-        drop(write_end);
+    /// Clones the process; the child writes the bytes of `extents`, in order, as chunks of the
+    /// image through its copy of `writer` (onto the same open file), writes the footer, reports
+    /// the image's totals and exits with status 0. From then on the file belongs to the child:
+    /// the caller must not write through `writer` again, and commits with
+    /// `Pending::commit_finished` once [`ForkSnapshot::finish`] returned the totals.
+    ///
+    /// The caller keeps the extents' memory mapped until the clone returns; the child's copy is
+    /// frozen at the clone, whatever the application writes afterwards.
+    pub fn start(
+        extents: &[Extent],
+        writer: &mut ImageWriter<ImageFile>,
+        flavor: CloneFlavor,
+    ) -> io::Result<ForkSnapshot> {
+        let report = ReportPage::new()?;
+        let child = spawn(extents, writer, report.report.as_ptr(), flavor)?;
         Ok(ForkSnapshot {
             child: Some(child),
-            pipe: File::from(read_end),
+            report,
         })
     }
 
@@ -148,40 +254,38 @@ impl ForkSnapshot {
         self.child.as_ref().map(|c| c.pid)
     }
 
-    /// Reads the next `buf.len()` bytes of the stream.
-    pub fn read_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
-        self.pipe.read_exact(buf)
-    }
-
-    /// Checks that the stream has ended and the child exited with status 0.
-    pub fn finish(mut self) -> io::Result<()> {
-        let mut extra = [0u8; 1];
-        let n = loop {
-            match self.pipe.read(&mut extra) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => break other?,
-            }
-        };
+    /// Waits for the child; returns the totals of the image it finished, or why it did not (a
+    /// failed write comes back as the image I/O error it was, so a full disk reads as one).
+    pub fn finish(mut self) -> Result<ImageSummary, Error> {
         let child = self
             .child
             .take()
-            .ok_or_else(|| io::Error::other("no snapshot child"))?;
-        let status = reap(&child)?;
-        if n != 0 {
-            return Err(io::Error::other(
-                "snapshot child wrote more than its extents",
-            ));
-        }
-        match status {
-            ChildExit::Exited(0) => Ok(()),
-            ChildExit::Exited(code) => Err(io::Error::other(format!(
-                "snapshot child {} exited with status {code}",
+            .ok_or_else(|| Error::Snapshot(io::Error::other("no snapshot child")))?;
+        let status = reap(&child).map_err(Error::Snapshot)?;
+        let r = self.report.get();
+        let state = r.state.load(Ordering::Acquire);
+        match (state, status) {
+            (REPORT_DONE, ChildExit::Exited(0)) => Ok(ImageSummary {
+                chunks: r.chunks,
+                data_bytes: r.data_bytes,
+                file_bytes: r.file_bytes,
+            }),
+            (REPORT_IO_ERROR, _) => Err(Error::Image(ImageError::Io {
+                offset: r.offset,
+                source: io::Error::from_raw_os_error(r.errno),
+            })),
+            (REPORT_REFUSED, _) => Err(Error::Snapshot(io::Error::other(format!(
+                "snapshot child {} could not write its image (not an I/O error)",
                 child.pid
-            ))),
-            ChildExit::Signaled(sig) => Err(io::Error::other(format!(
-                "snapshot child {} was killed by signal {sig}",
+            )))),
+            (_, ChildExit::Exited(code)) => Err(Error::Snapshot(io::Error::other(format!(
+                "snapshot child {} exited with status {code} without finishing its image",
                 child.pid
-            ))),
+            )))),
+            (_, ChildExit::Signaled(sig)) => Err(Error::Snapshot(io::Error::other(format!(
+                "snapshot child {} was killed by signal {sig} before finishing its image",
+                child.pid
+            )))),
         }
     }
 }
@@ -244,25 +348,16 @@ fn reap(child: &Child) -> io::Result<ChildExit> {
     }
 }
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [-1; 2];
-    // SAFETY: pipe2 writes two fds into the array, which holds two.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: both fds are new and owned by nothing else.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-}
-
 /// Clones the process with every signal blocked (restored in the parent; the child keeps
-/// them blocked so that no application handler ever runs in it, and a broken pipe is an
-/// EPIPE error rather than a signal).
+/// them blocked so that no application handler ever runs in it, and a broken pipe or a file
+/// size limit is an error rather than a signal).
 fn spawn(
     extents: &[Extent],
-    write_fd: RawFd,
-    read_fd: RawFd,
+    writer: &mut ImageWriter<ImageFile>,
+    report: *mut ChildReport,
     flavor: CloneFlavor,
 ) -> io::Result<Child> {
+    let writer: *mut ImageWriter<ImageFile> = writer;
     let mut all = MaybeUninit::<libc::sigset_t>::uninit();
     let mut old = MaybeUninit::<libc::sigset_t>::uninit();
     // SAFETY: sigfillset initialises `all`; pthread_sigmask reads `all` and writes `old`.
@@ -282,7 +377,7 @@ fn spawn(
         };
         // SAFETY: clone3 without CLONE_VM duplicates the process copy-on-write; the child runs
         // on its own copy of this stack and goes straight to `child_main`, which never returns
-        // and only makes async-signal-safe system calls on memory prepared before the clone.
+        // and only runs allocation-free, lock-free code on memory prepared before the clone.
         ret = unsafe {
             libc::syscall(
                 libc::SYS_clone3,
@@ -291,7 +386,7 @@ fn spawn(
             )
         };
         if ret == 0 {
-            child_main(write_fd, read_fd, extents);
+            child_main(extents, writer, report);
         }
         if ret < 0 {
             errno = io::Error::last_os_error()
@@ -314,7 +409,7 @@ fn spawn(
             )
         };
         if ret == 0 {
-            child_main(write_fd, read_fd, extents);
+            child_main(extents, writer, report);
         }
     }
     let result = if ret < 0 {
@@ -333,34 +428,45 @@ fn spawn(
     Ok(Child { pid, pidfd })
 }
 
-/// The whole life of the snapshot child: stream the extents into the pipe and exit.
-fn child_main(write_fd: RawFd, read_fd: RawFd, extents: &[Extent]) -> ! {
-    // SAFETY: only async-signal-safe system calls on memory that this process owns (its
-    // copy-on-write image of the parent); `_exit` skips atexit handlers and destructors, which
-    // belong to the parent.
+/// The whole life of the snapshot child: write the extents as chunks and the footer through
+/// the writer, report, exit. Nothing here allocates or frees, and nothing is dropped: every
+/// path ends in `_exit`, which also skips atexit handlers and destructors (the parent's).
+fn child_main(
+    extents: &[Extent],
+    writer: *mut ImageWriter<ImageFile>,
+    report: *mut ChildReport,
+) -> ! {
+    // SAFETY: `writer` and `report` point into this process's copy-on-write image of the
+    // parent (a live writer the parent lent us, and the shared report page), and nothing else
+    // runs in this process. The extents describe memory that was mapped readable at the clone
+    // (tracked areas, checked by the caller), so this copy of it is mapped too.
     unsafe {
-        // Without our copy of the read end, the pipe breaks (EPIPE) when the writer gives up.
-        libc::close(read_fd);
-        for e in extents {
-            let mut addr = e.addr;
-            let mut left = e.len;
-            while left > 0 {
-                let n = libc::write(write_fd, addr as *const libc::c_void, left);
-                if n < 0 {
-                    if *libc::__errno_location() == libc::EINTR {
-                        continue;
-                    }
-                    libc::_exit(CHILD_EXIT_WRITE_FAILED);
-                }
-                let n = n.unsigned_abs();
-                if n == 0 {
-                    libc::_exit(CHILD_EXIT_WRITE_FAILED);
-                }
-                addr += n;
-                left -= n.min(left);
+        let w = &mut *writer;
+        let r = &mut *report;
+        let pieces = extents.iter().map(|e| {
+            let data = std::slice::from_raw_parts(e.addr as *const u8, e.len);
+            (e.area, e.offset, data)
+        });
+        let outcome = w.chunks(pieces).and_then(|()| w.finish_in_place());
+        match &outcome {
+            Ok(summary) => {
+                r.chunks = summary.chunks;
+                r.data_bytes = summary.data_bytes;
+                r.file_bytes = summary.file_bytes;
+                r.state.store(REPORT_DONE, Ordering::Release);
+                libc::_exit(0)
+            }
+            Err(ImageError::Io { offset, source }) => {
+                r.errno = source.raw_os_error().unwrap_or(libc::EIO);
+                r.offset = *offset;
+                r.state.store(REPORT_IO_ERROR, Ordering::Release);
+                libc::_exit(CHILD_EXIT_WRITE_FAILED)
+            }
+            Err(_) => {
+                r.state.store(REPORT_REFUSED, Ordering::Release);
+                libc::_exit(CHILD_EXIT_WRITE_FAILED)
             }
         }
-        libc::_exit(0)
     }
 }
 
@@ -372,7 +478,25 @@ mod tests {
         u8::try_from(i % 251).expect("below 251")
     }
 
-    fn stream_back(flavor: CloneFlavor) {
+    const APP: &str = "snapshot-test";
+
+    fn header(page: usize) -> ckpt::ImageHeader {
+        ckpt::ImageHeader {
+            app: APP.into(),
+            stream: 0,
+            seq: 1,
+            parent: None,
+            created_unix_ns: 0,
+            page_size: u32::try_from(page).expect("page size fits"),
+            regions: vec![ckpt::RegionDesc {
+                id: 0,
+                base: 0,
+                len: 8 * page as u64,
+            }],
+        }
+    }
+
+    fn child_writes_the_image(flavor: CloneFlavor) {
         let page = page_size();
         let mut data: Vec<u8> = (0..8 * page).map(pattern).collect();
         let base = data.as_ptr() as usize;
@@ -390,31 +514,83 @@ mod tests {
                 addr: base + 6 * page,
             },
         ];
-        let mut snap = ForkSnapshot::start(&extents, flavor).expect("clone");
-        // Writes after the clone must not show in the snapshot.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            ckpt::Store::open(dir.path(), APP, ckpt::StorePolicy::default()).expect("open store");
+        let mut pending = store.begin(&header(page)).expect("begin");
+        let snap = ForkSnapshot::start(&extents, pending.writer(), flavor).expect("clone");
+        // Writes after the clone must not show in the image.
         data.iter_mut().for_each(|b| *b = 0xEE);
-        let mut got = vec![0u8; 2 * page + 100];
-        snap.read_exact(&mut got).expect("read");
-        snap.finish().expect("child exits 0");
-        let expected: Vec<u8> = (page..3 * page)
-            .chain(6 * page..6 * page + 100)
-            .map(pattern)
+        let summary = snap.finish().expect("the child finishes its image");
+        assert_eq!(summary.data_bytes, 2 * page as u64 + 100);
+        pending.commit_finished(&summary).expect("commit");
+        let mut got = vec![0u8; 8 * page];
+        let recovered = store
+            .recover(&mut |_h, _region, offset, bytes| {
+                let at = usize::try_from(offset).expect("small offset");
+                got[at..at + bytes.len()].copy_from_slice(bytes);
+            })
+            .expect("recover")
+            .expect("an image");
+        assert_eq!(recovered.seq, 1);
+        let expected: Vec<u8> = (0..8 * page)
+            .map(|i| {
+                if (page..3 * page).contains(&i) || (6 * page..6 * page + 100).contains(&i) {
+                    pattern(i)
+                } else {
+                    0
+                }
+            })
             .collect();
-        assert_eq!(got, expected);
+        assert!(got == expected, "the image holds the pages as they were");
     }
 
     #[test]
-    fn clone3_child_streams_the_pages_as_they_were() {
-        stream_back(CloneFlavor::Clone3);
+    fn clone3_child_writes_the_pages_as_they_were() {
+        child_writes_the_image(CloneFlavor::Clone3);
     }
 
     #[test]
-    fn legacy_clone_child_streams_the_pages_as_they_were() {
-        stream_back(CloneFlavor::Clone);
+    fn legacy_clone_child_writes_the_pages_as_they_were() {
+        child_writes_the_image(CloneFlavor::Clone);
     }
 
     #[test]
-    fn dropping_an_unread_snapshot_kills_and_reaps_the_child() {
+    fn a_failed_write_in_the_child_comes_back_as_that_io_error() {
+        let page = page_size();
+        // More than a pipe holds: should another test's snapshot child hold a copy of the read
+        // end for a moment, the write blocks until it is gone instead of succeeding.
+        let data = vec![3u8; 1 << 20];
+        let extents = [Extent {
+            area: 0,
+            offset: 0,
+            len: data.len(),
+            addr: data.as_ptr() as usize,
+        }];
+        // A pipe whose read end is closed before the clone: the header fits in the pipe, the
+        // child's chunks then fail with EPIPE (its signals are blocked, so no SIGPIPE).
+        let mut fds = [-1; 2];
+        // SAFETY: pipe2 writes two fds into the array, which holds two.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both fds are new and owned by nothing else.
+        let (read_end, write_end) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let file = std::fs::File::from(write_end);
+        let mut h = header(page);
+        h.regions[0].len = data.len() as u64;
+        let mut writer = ImageWriter::new(ImageFile::new(file), &h).expect("header");
+        drop(read_end);
+        let snap = ForkSnapshot::start(&extents, &mut writer, CloneFlavor::Clone3).expect("clone");
+        match snap.finish() {
+            Err(Error::Image(ImageError::Io { source, .. })) => {
+                assert_eq!(source.raw_os_error(), Some(libc::EPIPE), "{source}");
+            }
+            other => panic!("expected the child's EPIPE, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn dropping_an_unfinished_snapshot_kills_and_reaps_the_child() {
         let big = vec![7u8; 8 << 20];
         let extents = [Extent {
             area: 0,
@@ -422,13 +598,21 @@ mod tests {
             len: big.len(),
             addr: big.as_ptr() as usize,
         }];
-        let snap = ForkSnapshot::start(&extents, CloneFlavor::Clone3).expect("clone");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store =
+            ckpt::Store::open(dir.path(), APP, ckpt::StorePolicy::default()).expect("open store");
+        let mut h = header(page_size());
+        h.regions[0].len = big.len() as u64;
+        let mut pending = store.begin(&h).expect("begin");
+        let snap =
+            ForkSnapshot::start(&extents, pending.writer(), CloneFlavor::Clone3).expect("clone");
         let pid = snap.pid().expect("pid");
         drop(snap);
         // Reaped: the pid no longer names a process of ours (or a zombie).
         // SAFETY: kill with signal 0 only checks for existence.
         let alive = unsafe { libc::kill(pid, 0) } == 0;
         assert!(!alive, "snapshot child {pid} still exists");
+        pending.abort();
     }
 
     #[test]
