@@ -1125,7 +1125,7 @@ fn writer_loop(shared: &Arc<Shared>, jobs: &mpsc::Receiver<Job>) {
         let (stream, layout, pause, compact) = (job.stream, job.layout, job.pause, job.compact);
         let store = job.store.clone();
         let carried = job.carried.clone();
-        let (result, staging) = write_image(job);
+        let (result, staging, snapshot) = write_image(job);
         if let Ok(info) = &result {
             let hook = shared
                 .on_commit
@@ -1135,7 +1135,11 @@ fn writer_loop(shared: &Arc<Shared>, jobs: &mpsc::Receiver<Job>) {
                 hook(stream, info, pause);
             }
         }
-        if let Some(seq) = shared.complete(stream, layout, carried, result, staging, compact) {
+        let to_compact = shared.complete(stream, layout, carried, result, staging, compact);
+        // Reaped only now: a snapshot child that finished its image is still tearing down its
+        // copy of the address space, which need not delay the waiters woken just above.
+        drop(snapshot);
+        if let Some(seq) = to_compact {
             start_compaction(shared, stream, store, seq);
         }
     }
@@ -1195,8 +1199,15 @@ fn start_compaction(shared: &Arc<Shared>, stream: u32, store: Store, seq: u64) {
     }
 }
 
-/// Writes and commits one image; returns the staging buffer for reuse.
-fn write_image(job: Job) -> (Result<ImageInfo, Error>, Option<Vec<u8>>) {
+/// Writes and commits one image; returns the staging buffer for reuse, and the snapshot
+/// child to reap once the outcome is published.
+fn write_image(
+    job: Job,
+) -> (
+    Result<ImageInfo, Error>,
+    Option<Vec<u8>>,
+    Option<ForkSnapshot>,
+) {
     let Job {
         store,
         header,
@@ -1207,13 +1218,13 @@ fn write_image(job: Job) -> (Result<ImageInfo, Error>, Option<Vec<u8>>) {
     match source {
         Source::Staging(data) => {
             let result = write_staged(&store, &header, &extents, &data);
-            (result, Some(data))
+            (result, Some(data), None)
         }
-        Source::Fork { snap, pending } => {
+        Source::Fork { mut snap, pending } => {
             let result = snap
                 .finish()
                 .and_then(|summary| Ok(pending.commit_finished(&summary)?));
-            (result, None)
+            (result, None, Some(snap))
         }
     }
 }
