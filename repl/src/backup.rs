@@ -327,10 +327,7 @@ impl Bcplog {
             let applied = lock(&self.shared.replica).applied_seq();
             // The log must continue where the replica is: a hole between them (a crash in the
             // middle of a resync, a damaged log) can only be mended by a resync.
-            let consistent = match log.first_seq() {
-                Some(first) => first <= applied + 1,
-                None => log.last_seq() <= applied,
-            };
+            let consistent = log_continues(&log, applied);
             (log.durable_seq(), consistent)
         };
         self.acked = durable;
@@ -404,9 +401,14 @@ impl Bcplog {
         let entries = {
             // Bring the replica up to everything it received, so the manifest shows the most
             // recent state and the primary sends only what is really missing.
-            let log = lock(&self.shared.log);
+            let mut log = lock(&self.shared.log);
             let mut replica = lock(&self.shared.replica);
-            replay::drain(&log, &mut replica)?;
+            // A log that does not continue the replica (a crash between the log's reset and
+            // the replica's rebase at the end of an earlier resync) holds nothing usable: the
+            // resync replaces it.
+            if log_continues(&log, replica.applied_seq()) {
+                replay::drain(&mut log, &mut replica)?;
+            }
             self.resync_seq = replica.applied_seq();
             drop(replica);
             let scanned = manifest::scan(&self.spec.root)?;
@@ -472,6 +474,15 @@ impl Bcplog {
     }
 }
 
+/// Whether the log continues where the replica is (no hole between the replica's applied seq
+/// and the log's first record).
+fn log_continues(log: &SegmentLog, applied: u64) -> bool {
+    match log.first_seq() {
+        Some(first) => first <= applied + 1,
+        None => log.last_seq() <= applied,
+    }
+}
+
 fn msg_kind(msg: &ToBackup) -> &'static str {
     match msg {
         ToBackup::Hello { .. } => "Hello",
@@ -488,7 +499,7 @@ fn msg_kind(msg: &ToBackup) -> &'static str {
 pub fn replay_step(shared: &Shared, last_commit: &mut Instant) -> Result<bool, BackupError> {
     let applied = lock(&shared.replica).applied_seq();
     let batch: Vec<(u64, Vec<u8>)> = {
-        let log = lock(&shared.log);
+        let mut log = lock(&shared.log);
         let durable = log.durable_seq();
         if durable <= applied || log.first_seq().is_none_or(|f| f > applied + 1) {
             Vec::new()

@@ -1188,7 +1188,7 @@ where
 /// Applies everything the log holds past the replica's applied seq and commits (before a
 /// backup is promoted, and in the replay loop). Returns the durable applied seq; the caller
 /// trims the log through it.
-pub fn drain(log: &SegmentLog, replica: &mut Replica) -> Result<u64, ReplayError> {
+pub fn drain(log: &mut SegmentLog, replica: &mut Replica) -> Result<u64, ReplayError> {
     match replica.applied_seq().checked_add(1) {
         Some(from) if from <= log.last_seq() => apply_all(log.read_from(from)?, replica),
         _ => replica.commit(),

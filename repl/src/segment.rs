@@ -21,6 +21,8 @@ pub const MAX_RECORD_BYTES: usize = 64 << 20;
 pub const DEFAULT_SEGMENT_BYTES: u64 = 64 << 20;
 /// Highest valid sequence number (so that `seq + 1` never overflows); the lowest is 1.
 pub const MAX_SEQ: u64 = u64::MAX - 1;
+/// Appended records are buffered up to this many bytes, then written with one `pwrite`.
+const WRITE_BUFFER_BYTES: usize = 1 << 20;
 /// The lock file that keeps a second process from opening the same log.
 pub const LOCK_FILE: &str = "LOCK";
 
@@ -347,7 +349,12 @@ pub struct SegmentLog {
     next: Option<u64>,
     durable: u64,
     poisoned: Option<String>,
-    scratch: Vec<u8>,
+    /// Records appended but not yet written to the active segment's file: one `pwrite` per
+    /// group instead of one per record (a record rarely ends on a page boundary, and every
+    /// partial page written costs the kernel a zeroing of the rest of that page).
+    pending: Vec<u8>,
+    /// How many records `pending` holds.
+    pending_records: u64,
 }
 
 impl SegmentLog {
@@ -451,7 +458,8 @@ impl SegmentLog {
             next,
             durable: last,
             poisoned: None,
-            scratch: Vec::new(),
+            pending: Vec::new(),
+            pending_records: 0,
         };
         Ok((log, recovery))
     }
@@ -568,7 +576,8 @@ impl SegmentLog {
         err
     }
 
-    /// Appends one record (not yet durable: see [`SegmentLog::sync`]). Refuses a seq at or
+    /// Appends one record (buffered, then written in groups; not durable until
+    /// [`SegmentLog::sync`]). Refuses a seq at or
     /// below the last one ([`LogError::Duplicate`]) or above the next one ([`LogError::Gap`]);
     /// a log that never held anything accepts any first seq.
     pub fn append(&mut self, seq: u64, payload: &[u8]) -> Result<(), LogError> {
@@ -600,36 +609,56 @@ impl SegmentLog {
             self.start_segment(seq)?;
         }
         let len = u32::try_from(payload.len()).expect("payload <= MAX_RECORD_BYTES fits in u32");
-        self.scratch.clear();
-        self.scratch.extend_from_slice(&len.to_le_bytes());
-        self.scratch
-            .extend_from_slice(&record_crc(seq, payload).to_le_bytes());
-        self.scratch.extend_from_slice(&seq.to_le_bytes());
-        self.scratch.extend_from_slice(payload);
-        let (Some(segment), Some(file)) = (self.segments.last_mut(), self.active.as_ref()) else {
+        let Some(segment) = self.segments.last_mut() else {
             return Err(self.poison(LogError::Poisoned {
                 reason: "no active segment after starting one".to_owned(),
             }));
         };
-        let offset = segment.bytes;
-        if let Err(e) = file.write_all_at(&self.scratch, offset) {
-            let path = segment.path.clone();
-            // A partial record must not stay in front of the next append: cut it off, and if
-            // even that fails, refuse to go on.
-            if let Err(cut) = file.set_len(offset) {
-                return Err(self.poison(io_err("truncate after a failed append", &path)(cut)));
-            }
-            return Err(io_err("append", &path)(e));
-        }
-        segment.bytes += self.scratch.len() as u64;
+        let start = self.pending.len();
+        self.pending.extend_from_slice(&len.to_le_bytes());
+        self.pending
+            .extend_from_slice(&record_crc(seq, payload).to_le_bytes());
+        self.pending.extend_from_slice(&seq.to_le_bytes());
+        self.pending.extend_from_slice(payload);
+        segment.bytes += (self.pending.len() - start) as u64;
         segment.records += 1;
+        self.pending_records += 1;
         self.next = Some(seq + 1);
+        if self.pending.len() >= WRITE_BUFFER_BYTES {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes the appended records that are still buffered to the active segment's file (not
+    /// durably: see [`SegmentLog::sync`]). A failed write poisons the log: records were
+    /// accepted that are not in the file (none of them was durable, so none was acknowledged;
+    /// reopening the log recovers the valid prefix).
+    pub fn flush(&mut self) -> Result<(), LogError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let (Some(segment), Some(file)) = (self.segments.last(), self.active.as_ref()) else {
+            return Err(self.poison(LogError::Poisoned {
+                reason: "buffered records without an active segment".to_owned(),
+            }));
+        };
+        let offset = segment.bytes - self.pending.len() as u64;
+        if let Err(e) = file.write_all_at(&self.pending, offset) {
+            let path = segment.path.clone();
+            // A partial record must not stay in the file: cut it off (and poison either way).
+            let _ = file.set_len(offset);
+            return Err(self.poison(io_err("append", &path)(e)));
+        }
+        self.pending.clear();
+        self.pending_records = 0;
         Ok(())
     }
 
     /// Closes the current segment (durably) and starts `<first>.seg`, made durable in the
     /// directory before any record in it can be acknowledged.
     fn start_segment(&mut self, first: u64) -> Result<(), LogError> {
+        self.flush()?;
         if let (Some(file), Some(segment)) = (&self.active, self.segments.last())
             && self.durable < self.last_seq()
         {
@@ -662,6 +691,7 @@ impl SegmentLog {
     /// the durable seq. A failed sync poisons the log: what reached the disk is unknown.
     pub fn sync(&mut self) -> Result<u64, LogError> {
         self.check_usable()?;
+        self.flush()?;
         let last = self.last_seq();
         if self.durable < last {
             if let (Some(file), Some(segment)) = (&self.active, self.segments.last())
@@ -709,6 +739,8 @@ impl SegmentLog {
         self.check_usable()?;
         check_seq(next_seq)?;
         self.active = None;
+        self.pending.clear();
+        self.pending_records = 0;
         let segments = std::mem::take(&mut self.segments);
         for segment in &segments {
             if let Err(e) = fs::remove_file(&segment.path) {
@@ -734,7 +766,9 @@ impl SegmentLog {
 
     /// Iterates over the records from `seq` on, through the last one appended at this moment.
     /// Fails with [`LogError::NotHeld`] when `seq` is below the first record held.
-    pub fn read_from(&self, seq: u64) -> Result<SegmentReader, LogError> {
+    pub fn read_from(&mut self, seq: u64) -> Result<SegmentReader, LogError> {
+        // The reader reads the files: buffered records must be in them.
+        self.flush()?;
         let last = self.last_seq();
         let first_held = self.first_seq();
         if seq <= last && first_held.is_none_or(|f| seq < f) {

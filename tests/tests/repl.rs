@@ -10,7 +10,9 @@ use ftkit_tests::netns::Lab;
 use ftkit_tests::{Scratch, Watchd, q};
 
 /// How long replication may take to catch up in these tests.
-const CATCH_UP: Duration = Duration::from_secs(60);
+/// Longest wait for a workload or a replica to catch up: well inside nextest's minute, so a stuck
+/// replica fails with its diagnostics instead of being killed silently.
+const CATCH_UP: Duration = Duration::from_secs(25);
 const PORT: u16 = 7400;
 
 struct Pair {
@@ -81,19 +83,49 @@ fn tree_hash(root: &Path) -> Option<u64> {
 }
 
 fn wait_identical(a: &Path, b: &Path, what: &str) {
+    assert!(
+        becomes_identical(a, b),
+        "{what}: the replica did not become identical to the primary"
+    );
+}
+
+/// Whether the trees under `a` and `b` become identical within [`CATCH_UP`].
+fn becomes_identical(a: &Path, b: &Path) -> bool {
     let deadline = Instant::now() + CATCH_UP;
     loop {
         if let (Some(x), Some(y)) = (tree_hash(a), tree_hash(b))
             && x == y
         {
-            return;
+            return true;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: the replica did not become identical to the primary"
-        );
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Both nodes' replication status and the tails of their logs, for a failure message.
+fn diagnostics(a: &Watchd, b: &Watchd) -> String {
+    let tail = |w: &Watchd| {
+        let log = w.log_text();
+        let start = log.len().saturating_sub(6000);
+        let start = (start..log.len())
+            .find(|i| log.is_char_boundary(*i))
+            .unwrap_or(log.len());
+        log[start..].to_owned()
+    };
+    let status = |w: &Watchd| {
+        let out = w.ftctl(&["repl", "status", "--json"]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    format!(
+        "primary: {}\nbackup: {}\nprimary log tail:\n{}\nbackup log tail:\n{}",
+        status(a),
+        status(b),
+        tail(a),
+        tail(b)
+    )
 }
 
 /// A shell service under the shim running `script` with the fileset as its working directory.
@@ -183,10 +215,18 @@ fn faults_during_a_workload_lose_nothing() {
     std::fs::write(&stop, "").expect("stop the writer");
     let deadline = Instant::now() + CATCH_UP;
     while !p.primary_dir.join("marker").exists() {
-        assert!(Instant::now() < deadline, "the workload did not finish");
+        assert!(
+            Instant::now() < deadline,
+            "the workload did not finish\n{}",
+            diagnostics(&a, &b)
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    wait_identical(&p.primary_dir, &p.replica_dir, "after the faults");
+    assert!(
+        becomes_identical(&p.primary_dir, &p.replica_dir),
+        "after the faults: the replica did not become identical to the primary\n{}",
+        diagnostics(&a, &b)
+    );
     let lines: u64 = std::fs::read_to_string(p.primary_dir.join("marker"))
         .expect("marker")
         .trim()
@@ -208,7 +248,9 @@ fn sync_mode_keeps_every_acknowledged_write_when_the_primary_dies() {
         &shim_service(
             &p.primary_dir,
             &format!(
-                "i=0; while :; do echo $i >> log; echo $i > {}; i=$((i+1)); done",
+                // The acknowledged number is renamed into place: a kill between a truncating
+                // `>` and its write would leave the file empty.
+                "i=0; while :; do echo $i >> log; echo $i > {0}.tmp; mv {0}.tmp {0}; i=$((i+1)); done",
                 q(&acked)
             ),
         ),

@@ -216,3 +216,47 @@ fn a_resync_cut_short_asks_for_another() {
         "{r:?}"
     );
 }
+
+#[test]
+fn a_crash_between_log_reset_and_replica_rebase_is_mended_by_the_next_resync() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(Bcplog::open(spec(dir.path())).expect("open"));
+    // The end of a resync to 1812 got as far as the log's reset: the replica still says 0.
+    {
+        let (mut log, _) =
+            SegmentLog::open(&dir.path().join("state/log"), SegmentOptions::default())
+                .expect("log");
+        log.reset(1812).expect("reset");
+    }
+    let mut b = Bcplog::open(spec(dir.path())).expect("reopen");
+    b.connected();
+    let r = b.handle(hello(1)).expect("hello");
+    assert_eq!(
+        r,
+        vec![ToPrimary::State {
+            generation: 0,
+            durable: 1811
+        }]
+    );
+    let r = b
+        .handle(ToBackup::ResyncBegin { next_seq: 2000 })
+        .expect("a resync begins although the log does not continue the replica");
+    assert!(
+        matches!(&r[..], [ToPrimary::Manifest { last: true, .. }]),
+        "{r:?}"
+    );
+    let r = b
+        .handle(ToBackup::ResyncEnd { next_seq: 2000 })
+        .expect("end");
+    assert_eq!(r, vec![ToPrimary::Ack { durable: 1999 }]);
+    b.handle(ToBackup::Ops {
+        records: vec![write(2000, "f", b"after")],
+    })
+    .expect("stream");
+    b.sync().expect("sync");
+    replay_all(&b);
+    assert_eq!(
+        std::fs::read(dir.path().join("replica/f")).expect("replayed"),
+        b"after"
+    );
+}

@@ -694,7 +694,7 @@ fn drain_applies_the_log_and_resumes_after_a_restart() {
     }
     log.sync().expect("sync");
     let mut r = s.replica();
-    assert_eq!(drain(&log, &mut r).expect("drain"), 250);
+    assert_eq!(drain(&mut log, &mut r).expect("drain"), 250);
     log.trim_through(250).expect("trim");
     for r_ in &ops[250..] {
         log.append(r_.seq, &encode_record(r_)).expect("append");
@@ -702,8 +702,8 @@ fn drain_applies_the_log_and_resumes_after_a_restart() {
     drop(r);
     let mut r = s.replica();
     assert_eq!(r.applied_seq(), 250);
-    assert_eq!(drain(&log, &mut r).expect("drain"), 400);
-    assert_eq!(drain(&log, &mut r).expect("nothing left"), 400);
+    assert_eq!(drain(&mut log, &mut r).expect("drain"), 400);
+    assert_eq!(drain(&mut log, &mut r).expect("nothing left"), 400);
 
     assert_eq!(listing(&s.root), listing(&primary));
 
@@ -711,7 +711,7 @@ fn drain_applies_the_log_and_resumes_after_a_restart() {
     let (behind_root, behind_state) = s.second("behind");
     let mut behind = Replica::open(&behind_root, &behind_state).expect("open");
     assert!(matches!(
-        drain(&log, &mut behind),
+        drain(&mut log, &mut behind),
         Err(ReplayError::Log(LogError::NotHeld { seq: 1, .. }))
     ));
 }
@@ -914,7 +914,7 @@ fn kill9_while_applying_and_committing_then_reopen_and_drain_gives_the_same_tree
     );
     let mut r = s.replica();
     assert_eq!(
-        drain(&log, &mut r).expect("drain"),
+        drain(&mut log, &mut r).expect("drain"),
         ops.len() as u64,
         "seed {seed}"
     );

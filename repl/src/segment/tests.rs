@@ -15,7 +15,7 @@ fn fill(log: &mut SegmentLog, seqs: std::ops::RangeInclusive<u64>) {
     }
 }
 
-fn read_all(log: &SegmentLog, from: u64) -> Vec<(u64, Vec<u8>)> {
+fn read_all(log: &mut SegmentLog, from: u64) -> Vec<(u64, Vec<u8>)> {
     log.read_from(from)
         .expect("read_from")
         .collect::<Result<Vec<_>, _>>()
@@ -70,26 +70,26 @@ fn append_sync_reopen_and_read_back_across_segments() {
     );
     assert!(log.segment_count() > 3, "small segments roll over");
     assert_eq!(log.sync().expect("sync"), 40);
-    assert_eq!(read_all(&log, 1).len(), 40);
-    let from_17 = read_all(&log, 17);
+    assert_eq!(read_all(&mut log, 1).len(), 40);
+    let from_17 = read_all(&mut log, 17);
     assert_eq!(from_17.first().map(|r| r.0), Some(17));
     assert_eq!(
         from_17,
         (17..=40).map(|s| (s, payload(s))).collect::<Vec<_>>()
     );
-    assert!(read_all(&log, 41).is_empty());
-    assert!(read_all(&log, 1000).is_empty());
+    assert!(read_all(&mut log, 41).is_empty());
+    assert!(read_all(&mut log, 1000).is_empty());
     let segments = log.segment_count();
     drop(log);
 
-    let (log, rec) = SegmentLog::open(dir.path(), small()).expect("reopen");
+    let (mut log, rec) = SegmentLog::open(dir.path(), small()).expect("reopen");
     assert!(rec.is_clean(), "{rec:?}");
     assert_eq!(rec.records, 40);
     assert_eq!(rec.segments, segments);
     assert_eq!((rec.first_seq, rec.last_seq), (Some(1), 40));
     assert_eq!(log.durable_seq(), 40);
     assert_eq!(
-        read_all(&log, 1),
+        read_all(&mut log, 1),
         (1..=40).map(|s| (s, payload(s))).collect::<Vec<_>>()
     );
     // Every segment file is named after its first record.
@@ -140,7 +140,7 @@ fn duplicates_gaps_and_invalid_records_are_refused() {
     ));
     log.append(101, b"b").expect("next seq");
     assert_eq!(
-        read_all(&log, 100),
+        read_all(&mut log, 100),
         vec![(100, b"a".to_vec()), (101, b"b".to_vec())]
     );
     assert!(matches!(
@@ -200,12 +200,12 @@ fn a_torn_tail_is_cut_off_and_the_log_continues() {
     let mut f = OpenOptions::new().append(true).open(&seg).expect("open");
     std::io::Write::write_all(&mut f, &[1, 2, 3, 4, 5]).expect("write junk");
     drop(f);
-    let (log, rec) = SegmentLog::open(dir.path(), SegmentOptions::default()).expect("reopen");
+    let (mut log, rec) = SegmentLog::open(dir.path(), SegmentOptions::default()).expect("reopen");
     assert!(matches!(
         rec.damage.map(|d| d.reason),
         Some(Corruption::TornHeader { have: 5 })
     ));
-    assert_eq!(read_all(&log, 10), vec![(10, b"again".to_vec())]);
+    assert_eq!(read_all(&mut log, 10), vec![(10, b"again".to_vec())]);
     drop(log);
     let (_log, rec) = SegmentLog::open(dir.path(), SegmentOptions::default()).expect("reopen");
     assert!(rec.is_clean(), "{rec:?}");
@@ -243,15 +243,15 @@ fn a_bit_flip_in_the_middle_drops_everything_after_it_and_reports_it() {
     assert_eq!(rec.last_seq, first_in_victim);
     assert_eq!(seg_files(dir.path()), segs[..2].to_vec());
     assert_eq!(log.last_seq(), first_in_victim);
-    assert_eq!(read_all(&log, 1).len() as u64, first_in_victim);
+    assert_eq!(read_all(&mut log, 1).len() as u64, first_in_victim);
     // The stream resumes right after the last good record.
     fill(&mut log, first_in_victim + 1..=first_in_victim + 5);
     log.sync().expect("sync");
     drop(log);
-    let (log, rec) = SegmentLog::open(dir.path(), small()).expect("reopen");
+    let (mut log, rec) = SegmentLog::open(dir.path(), small()).expect("reopen");
     assert!(rec.is_clean());
     assert_eq!(
-        read_all(&log, 1),
+        read_all(&mut log, 1),
         (1..=first_in_victim + 5)
             .map(|s| (s, payload(s)))
             .collect::<Vec<_>>()
@@ -342,9 +342,9 @@ fn files_that_are_not_segments_are_reported_and_left_alone() {
     fill(&mut log, 1..=20);
     log.sync().expect("sync");
     drop(log);
-    let (log, rec) = SegmentLog::open(dir.path(), small()).expect("reopen");
+    let (mut log, rec) = SegmentLog::open(dir.path(), small()).expect("reopen");
     assert!(rec.is_clean());
-    assert_eq!(read_all(&log, 1).len(), 20);
+    assert_eq!(read_all(&mut log, 1).len(), 20);
     for name in strangers {
         assert_eq!(fs::read(dir.path().join(name)).expect("kept"), b"garbage");
     }
@@ -385,7 +385,8 @@ fn random_bytes_as_segments_never_panic_and_recovery_is_stable() {
             log.last_seq() >= valid,
             "seed {seed:#x} round {round}: {rec:?}"
         );
-        let records = read_all(&log, log.first_seq().unwrap_or(1));
+        let first = log.first_seq().unwrap_or(1);
+        let records = read_all(&mut log, first);
         assert_eq!(records.len() as u64, rec.records);
         let next = log.last_seq() + 1;
         log.append(next, b"after").expect("append after recovery");
@@ -464,7 +465,7 @@ fn trim_keeps_the_expected_next_seq_even_when_everything_is_trimmed() {
         log.read_from(1),
         Err(LogError::NotHeld { seq: 1, .. })
     ));
-    assert_eq!(read_all(&log, 21).len(), 20);
+    assert_eq!(read_all(&mut log, 21).len(), 20);
 
     log.trim_through(40).expect("trim all");
     assert_eq!(log.first_seq(), None);
@@ -474,7 +475,7 @@ fn trim_keeps_the_expected_next_seq_even_when_everything_is_trimmed() {
         1,
         "one empty segment keeps the position"
     );
-    assert!(read_all(&log, 41).is_empty());
+    assert!(read_all(&mut log, 41).is_empty());
     assert!(matches!(
         log.read_from(40),
         Err(LogError::NotHeld { seq: 40, first: 41 })
@@ -490,7 +491,7 @@ fn trim_keeps_the_expected_next_seq_even_when_everything_is_trimmed() {
     assert_eq!((rec.last_seq, rec.first_seq, rec.records), (40, None, 0));
     fill(&mut log, 41..=45);
     assert_eq!(log.sync().expect("sync"), 45);
-    assert_eq!(read_all(&log, 41).len(), 5);
+    assert_eq!(read_all(&mut log, 41).len(), 5);
 }
 
 #[test]
@@ -516,5 +517,5 @@ fn reset_drops_everything_and_expects_the_given_seq() {
     assert!(matches!(log.append(8, b"x"), Err(LogError::Gap { .. })));
     fill(&mut log, 7..=9);
     log.sync().expect("sync");
-    assert_eq!(read_all(&log, 7).len(), 3);
+    assert_eq!(read_all(&mut log, 7).len(), 3);
 }

@@ -27,7 +27,25 @@ struct Args {
     check: bool,
 }
 
+/// glibc hands freed heap memory back to the kernel as soon as the top of the heap holds more
+/// than a dynamic threshold, and takes it back page by page (each page zeroed) on the next
+/// burst: with the replication stream's frames of several MiB that churn cost the backup about a
+/// sixth of its CPU. watchd keeps up to this much freed memory for reuse instead.
+const MALLOC_KEEP_FREED: i32 = 64 << 20;
+/// Allocations below this come from the heap (reused) rather than from a fresh `mmap` each.
+const MALLOC_MMAP_THRESHOLD: i32 = 32 << 20;
+
+fn tune_malloc() {
+    // SAFETY: mallopt only changes allocator parameters; it is called before any other thread
+    // exists, with parameters glibc documents, and a refusal (return 0) only keeps the defaults.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, MALLOC_KEEP_FREED);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_malloc();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("WATCHD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
