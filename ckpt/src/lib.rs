@@ -40,6 +40,8 @@
 mod compact;
 pub mod failpoint;
 pub mod image;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod proc;
 pub mod store;
 
 pub use image::{

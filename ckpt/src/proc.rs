@@ -1,0 +1,208 @@
+//! Transparent checkpoint of unmodified processes (Winckp on Linux, x86_64): `dump` freezes a
+//! process with ptrace and writes its registers, memory, descriptors and signal state as an
+//! image of the ckpt store; `restore` brings a dead process back in a new one; `rollback`
+//! returns a live one to a checkpoint. Every call blocks (run it on a dedicated thread) and
+//! does all its ptrace work on the calling thread. It must never leave a target traced, stopped
+//! or with injected state after a failed call, and never apply an image that did not verify.
+//!
+//! ```text
+//! dump:     seize+interrupt threads ─► regs/xstate/sigmask ─► inject rt_sigaction/brk ─►
+//!           maps, fds, pagemap ─► image (meta region 0, pages, file snapshots) ─► detach ─► commit
+//! restore:  clone3 stub (TRACEME) ─► inject: close fds, open files, munmap all, move vdso,
+//!           mmap image layout, sigactions, PR_SET_MM_MAP, rseq ─► write pages ─► regs ─► detach
+//! rollback: seize the live process ─► the same rebuild in place (descriptors kept when they
+//!           still are the same file) ─► file contents put back ─► regs ─► detach
+//! ```
+
+mod dump;
+pub mod meta;
+mod procfs;
+mod ptrace;
+mod rebuild;
+mod regs;
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use nix::errno::Errno;
+
+use crate::image::ImageError;
+use crate::store::{Store, StoreError};
+
+pub use meta::{FdKind, FdState, ProcessMeta};
+
+/// Default largest file whose whole contents a dump keeps for a rollback (64 MiB).
+pub const DEFAULT_MAX_FILE_SNAPSHOT: u64 = 64 << 20;
+
+/// What a dump keeps besides memory and registers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DumpOptions {
+    /// Keep the contents of regular files the process has open for writing, so a rollback or
+    /// restore puts them back (Winckp's undo of file writes). Default true.
+    pub snapshot_files: bool,
+    /// Files larger than this keep only their size (a rollback truncates them back to it).
+    pub max_file_snapshot: u64,
+}
+
+impl Default for DumpOptions {
+    fn default() -> Self {
+        DumpOptions {
+            snapshot_files: true,
+            max_file_snapshot: DEFAULT_MAX_FILE_SNAPSHOT,
+        }
+    }
+}
+
+/// A descriptor a restore cannot bring back by itself (a pipe, a socket, a tty, an anon
+/// inode); `RestoreOptions::fds` may supply a replacement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unrestorable {
+    pub fd: i32,
+    pub what: String,
+}
+
+/// What a dump wrote.
+#[derive(Debug, Clone)]
+pub struct DumpSummary {
+    pub pid: i32,
+    pub seq: u64,
+    pub path: PathBuf,
+    pub threads: usize,
+    pub mappings: usize,
+    /// Pages of memory written to the image.
+    pub pages: u64,
+    /// Bytes of regular files snapshotted.
+    pub file_bytes: u64,
+    pub image_bytes: u64,
+    /// How long the target was stopped.
+    pub pause: Duration,
+    /// The whole dump, commit included.
+    pub total: Duration,
+    /// Descriptors recorded but not restorable by path.
+    pub unrestorable: Vec<Unrestorable>,
+    /// Files open for writing whose contents were too large to keep (size kept only).
+    pub files_size_only: Vec<String>,
+}
+
+/// How a restore builds the new process.
+#[derive(Debug, Default)]
+pub struct RestoreOptions {
+    /// Descriptors to install in place of the image's unrestorable ones (fd number → the
+    /// descriptor to give the new process, e.g. a new pipe to a log reader).
+    pub fds: Vec<(i32, OwnedFd)>,
+    /// Leave files the process wrote as they are now instead of putting back their
+    /// checkpointed contents.
+    pub keep_file_contents: bool,
+}
+
+/// A process brought back by `restore`: a child of the calling process (reap it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoredProcess {
+    pub pid: i32,
+    /// True when it got the pid of the checkpointed process.
+    pub same_pid: bool,
+    pub seq: u64,
+    pub took: Duration,
+}
+
+/// What a rollback did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RollbackSummary {
+    pub pid: i32,
+    pub seq: u64,
+    pub pause: Duration,
+}
+
+/// Why a dump, restore or rollback failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("no process {pid}")]
+    NoSuchProcess { pid: i32 },
+    #[error("process {pid} cannot be checkpointed: {reason}")]
+    PermissionDenied { pid: i32, reason: String },
+    #[error("process {pid} exited during the operation")]
+    Exited { pid: i32 },
+    #[error("{op} on thread {tid} failed: {errno}")]
+    Ptrace {
+        op: &'static str,
+        tid: i32,
+        errno: Errno,
+    },
+    #[error("injected {syscall} in thread {tid} failed: {errno}")]
+    Injected {
+        syscall: &'static str,
+        tid: i32,
+        errno: Errno,
+    },
+    #[error("cannot {op} {len} bytes at {addr:#x} of process {pid}: {errno}")]
+    Memory {
+        op: &'static str,
+        pid: i32,
+        addr: u64,
+        len: usize,
+        errno: Errno,
+    },
+    #[error("cannot read {path}: {source}")]
+    Procfs {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    ProcfsFormat { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("image {path}: {source}")]
+    Image {
+        path: PathBuf,
+        #[source]
+        source: ImageError,
+    },
+    #[error("image {path}: {source}")]
+    Meta {
+        path: PathBuf,
+        #[source]
+        source: meta::MetaError,
+    },
+    #[error("no process checkpoint in {dir}")]
+    NoImage { dir: PathBuf },
+    #[error("image {seq} cannot be restored: {reason}")]
+    Unrestorable { seq: u64, reason: String },
+    #[error("{path} changed since the checkpoint: {reason}")]
+    FileChanged { path: String, reason: String },
+    #[error("cannot {op} {path}: {source}")]
+    File {
+        op: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("not supported: {reason}")]
+    Unsupported { reason: String },
+    #[error("the restore stub failed: {reason}")]
+    Stub { reason: String },
+}
+
+/// Checkpoints process `pid` into `store` (a full image). The process is stopped only while
+/// its state and memory are read, and runs on as before whether the dump succeeds or not.
+pub fn dump(pid: i32, store: &Store, opts: &DumpOptions) -> Result<DumpSummary, ProcError> {
+    dump::dump(pid, store, opts)
+}
+
+/// Brings back the process of image `seq` (the newest good one when None) as a new child of
+/// the calling process, with the checkpointed pid when it is free.
+pub fn restore(
+    store: &Store,
+    seq: Option<u64>,
+    opts: RestoreOptions,
+) -> Result<RestoredProcess, ProcError> {
+    rebuild::restore(store, seq, opts)
+}
+
+/// Returns live process `pid` to image `seq` (the newest good one when None): memory layout
+/// and contents, registers, signal actions, descriptors and file offsets, and the contents of
+/// the files it had open for writing.
+pub fn rollback(pid: i32, store: &Store, seq: Option<u64>) -> Result<RollbackSummary, ProcError> {
+    rebuild::rollback(pid, store, seq)
+}

@@ -1,0 +1,436 @@
+//! Transparent checkpoint of real processes (C programs in tests/progs, compiled with `cc`):
+//! dump leaves the target running, dump → kill -9 → restore continues with the same memory,
+//! output and file contents as an uninterrupted run, rollback in place returns a live process
+//! to its checkpoint, and bad input (no such pid, an exited process, a corrupt image, a pipe
+//! without a replacement) gives clear errors. Every process is killed and reaped by a guard.
+#![cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::fd::OwnedFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use ckpt::proc::{self, DumpOptions, ProcError, RestoreOptions};
+use ckpt::{Store, StorePolicy};
+
+/// How long a test waits for a program to print what it expects.
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Compiles tests/progs/NAME.c once per test process.
+fn compile(name: &str, cell: &'static OnceLock<PathBuf>) -> &'static Path {
+    cell.get_or_init(|| {
+        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("tests/progs/{name}.c"));
+        let out = dir.join(format!("ckpt-{name}-{}", std::process::id()));
+        let st = Command::new("cc")
+            .args(["-O1", "-Wall", "-pthread", "-o"])
+            .arg(&out)
+            .arg(&src)
+            .status()
+            .expect("run cc");
+        assert!(st.success(), "cc failed for {}", src.display());
+        out
+    })
+}
+
+fn counter_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    compile("counter", &BIN)
+}
+
+fn threads_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    compile("threads", &BIN)
+}
+
+/// A process of the test: killed and reaped when dropped, whether the test passed or not.
+struct Proc {
+    pid: i32,
+}
+
+impl Proc {
+    fn kill(&self) {
+        // SAFETY: kill and waitpid take plain integers; the pid is a child of this process.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+            libc::waitpid(self.pid, std::ptr::null_mut(), libc::__WALL);
+        }
+    }
+
+    fn signal(&self, sig: i32) {
+        // SAFETY: kill takes plain integers.
+        assert_eq!(unsafe { libc::kill(self.pid, sig) }, 0);
+    }
+
+    fn alive(&self) -> bool {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid)).unwrap_or_default();
+        stat.rfind(')')
+            .is_some_and(|i| !stat[i + 1..].trim_start().starts_with(['Z', 'X']))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A counter program writing to files in `dir` (stdout `NAME.out`, data `NAME.data`).
+struct Counter {
+    proc: Proc,
+    out: PathBuf,
+    data: PathBuf,
+}
+
+fn start_counter(dir: &Path, name: &str, heap_mib: u32, stdout: Option<Stdio>) -> Counter {
+    let data = dir.join(format!("{name}.data"));
+    let mut cmd = Command::new(counter_bin());
+    cmd.arg(&data).arg(heap_mib.to_string());
+    start(cmd, dir, name, stdout, data)
+}
+
+fn start(
+    mut cmd: Command,
+    dir: &Path,
+    name: &str,
+    stdout: Option<Stdio>,
+    data: PathBuf,
+) -> Counter {
+    let out = dir.join(format!("{name}.out"));
+    let stdout = stdout.unwrap_or_else(|| Stdio::from(File::create(&out).unwrap()));
+    // SAFETY: the hook only makes one system call (close_range) between fork and exec. It
+    // closes what the test harness leaks to children (its jobserver pipe), which the program
+    // would otherwise hold as a descriptor that cannot be restored.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::from(
+            File::create(dir.join(format!("{name}.err"))).unwrap(),
+        ))
+        .spawn()
+        .unwrap();
+    let pid = i32::try_from(child.id()).unwrap();
+    // The guard reaps it; the Child handle is not needed (and must not reap it first).
+    std::mem::forget(child);
+    Counter {
+        proc: Proc { pid },
+        out,
+        data,
+    }
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Numbered output lines ("i sum"), without the ready and signal lines.
+fn steps(path: &Path) -> Vec<String> {
+    lines(path)
+        .into_iter()
+        .filter(|l| l.split(' ').count() == 2 && !l.starts_with("usr1"))
+        .collect()
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn wait_steps(path: &Path, n: usize) {
+    wait_until(&format!("{n} steps in {}", path.display()), || {
+        steps(path).len() >= n
+    });
+}
+
+fn store(dir: &Path) -> Store {
+    Store::open(&dir.join("store"), "proc-test", StorePolicy::default()).unwrap()
+}
+
+/// `got` must be a prefix of (or equal to) the reference run's output, and hold `min` steps.
+fn assert_same_history(got: &[String], reference: &[String], min: usize) {
+    assert!(got.len() >= min, "only {} steps: {got:?}", got.len());
+    for (i, (g, r)) in got.iter().zip(reference).enumerate() {
+        assert_eq!(g, r, "step {i} differs from the uninterrupted run");
+    }
+}
+
+fn reference(dir: &Path, n: usize) -> (Vec<String>, Vec<String>) {
+    let c = start_counter(dir, "reference", 1, None);
+    wait_steps(&c.out, n);
+    c.proc.kill();
+    (steps(&c.out), lines(&c.data))
+}
+
+#[test]
+fn dump_of_a_missing_pid_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    for pid in [0, -3, i32::MAX - 1] {
+        match proc::dump(pid, &s, &DumpOptions::default()) {
+            Err(ProcError::NoSuchProcess { pid: p }) => assert_eq!(p, pid),
+            other => panic!("pid {pid}: expected NoSuchProcess, got {other:?}"),
+        }
+    }
+    assert!(matches!(
+        proc::rollback(i32::MAX - 1, &s, None),
+        Err(ProcError::NoSuchProcess { .. })
+    ));
+    assert!(matches!(
+        proc::restore(&s, None, RestoreOptions::default()),
+        Err(ProcError::NoImage { .. })
+    ));
+}
+
+#[test]
+fn dump_of_an_exited_process_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let child = Command::new("true").spawn().unwrap();
+    let p = Proc {
+        pid: i32::try_from(child.id()).unwrap(),
+    };
+    std::mem::forget(child);
+    wait_until("the child to exit", || !p.alive());
+    let e = proc::dump(p.pid, &s, &DumpOptions::default()).unwrap_err();
+    assert!(matches!(e, ProcError::Exited { .. }), "{e}");
+    assert!(e.to_string().contains("exited"), "{e}");
+    assert!(s.list().unwrap().is_empty());
+}
+
+#[test]
+fn dump_leaves_the_target_running_and_the_image_verifies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let c = start_counter(tmp.path(), "a", 1, None);
+    wait_steps(&c.out, 5);
+    let sum = proc::dump(c.proc.pid, &s, &DumpOptions::default()).unwrap();
+    assert_eq!((sum.pid, sum.seq, sum.threads), (c.proc.pid, 1, 1));
+    assert!(sum.pages >= 256 + 1024, "{sum:?}"); // 1 MiB heap + 4 MiB region, written
+    assert!(sum.unrestorable.is_empty(), "{:?}", sum.unrestorable);
+    assert!(
+        sum.file_bytes > 0,
+        "the data file and stdout are snapshotted"
+    );
+    assert!(sum.pause <= sum.total);
+    s.verify(sum.seq).unwrap();
+    let before = steps(&c.out).len();
+    wait_steps(&c.out, before + 10);
+    c.proc.signal(libc::SIGUSR1);
+    wait_until("the usr1 check", || {
+        lines(&c.out).iter().any(|l| l.starts_with("usr1 1"))
+    });
+    let all = lines(&c.out);
+    assert!(all.contains(&"usr1 1 ok".to_owned()), "{all:?}");
+    assert!(!all.iter().any(|l| l.contains("BAD")), "{all:?}");
+}
+
+#[test]
+fn restore_after_kill_continues_with_the_same_state() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let c = start_counter(tmp.path(), "a", 1, None);
+    wait_steps(&c.out, 10);
+    let dumped = proc::dump(c.proc.pid, &s, &DumpOptions::default()).unwrap();
+    wait_steps(&c.out, steps(&c.out).len() + 10);
+    c.proc.kill();
+    let r = proc::restore(&s, None, RestoreOptions::default()).unwrap();
+    let restored = Proc { pid: r.pid };
+    assert_eq!(r.seq, dumped.seq);
+    assert!(r.same_pid, "root may take the old pid back");
+    wait_steps(&c.out, 60);
+    restored.signal(libc::SIGUSR1);
+    wait_until("the usr1 check", || {
+        lines(&c.out).iter().any(|l| l.starts_with("usr1 1"))
+    });
+    restored.kill();
+    let all = lines(&c.out);
+    assert!(all.contains(&"usr1 1 ok".to_owned()), "{all:?}");
+    assert!(!all.iter().any(|l| l.contains("BAD")), "{all:?}");
+    let got = steps(&c.out);
+    let data = lines(&c.data);
+    let (ref_steps, ref_data) = reference(tmp.path(), got.len());
+    assert_same_history(&got, &ref_steps, 60);
+    assert_same_history(&data, &ref_data, 60);
+}
+
+#[test]
+fn rollback_in_place_returns_to_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let c = start_counter(tmp.path(), "a", 1, None);
+    wait_steps(&c.out, 10);
+    proc::dump(c.proc.pid, &s, &DumpOptions::default()).unwrap();
+    let at_dump = steps(&c.out).len();
+    wait_steps(&c.out, at_dump + 20);
+    let r = proc::rollback(c.proc.pid, &s, None).unwrap();
+    assert_eq!((r.pid, r.seq), (c.proc.pid, 1));
+    // The files went back to their checkpointed contents, and the program goes on from there.
+    let after = steps(&c.out).len();
+    assert!(
+        after <= at_dump + 2,
+        "{after} steps right after the rollback"
+    );
+    wait_steps(&c.out, at_dump + 30);
+    c.proc.signal(libc::SIGUSR1);
+    wait_until("the usr1 check", || {
+        lines(&c.out).iter().any(|l| l.starts_with("usr1 1"))
+    });
+    c.proc.kill();
+    let all = lines(&c.out);
+    assert!(all.contains(&"usr1 1 ok".to_owned()), "{all:?}");
+    let got = steps(&c.out);
+    let data = lines(&c.data);
+    let (ref_steps, ref_data) = reference(tmp.path(), got.len());
+    assert_same_history(&got, &ref_steps, at_dump + 30);
+    assert_same_history(&data, &ref_data, at_dump + 30);
+}
+
+#[test]
+fn a_corrupt_image_is_refused_and_the_process_left_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let c = start_counter(tmp.path(), "a", 1, None);
+    wait_steps(&c.out, 5);
+    let d = proc::dump(c.proc.pid, &s, &DumpOptions::default()).unwrap();
+    let mut bytes = fs::read(&d.path).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    // The image is 0600 and committed; rewrite it in place as a disk error would.
+    OpenOptions::new()
+        .write(true)
+        .open(&d.path)
+        .unwrap()
+        .write_all(&bytes)
+        .unwrap();
+    let e = proc::restore(&s, Some(d.seq), RestoreOptions::default()).unwrap_err();
+    assert!(matches!(e, ProcError::Image { .. }), "{e}");
+    assert!(e.to_string().contains("checksum"), "{e}");
+    let e = proc::rollback(c.proc.pid, &s, Some(d.seq)).unwrap_err();
+    assert!(matches!(e, ProcError::Image { .. }), "{e}");
+    let n = steps(&c.out).len();
+    wait_steps(&c.out, n + 5);
+    assert!(c.proc.alive());
+}
+
+#[test]
+fn a_pipe_is_reported_and_restored_only_with_a_replacement() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let (rd, wr) = nix::unistd::pipe().unwrap();
+    let c = start_counter(tmp.path(), "b", 1, Some(Stdio::from(wr)));
+    let mut reader = File::from(rd);
+    let out = tmp.path().join("b.piped");
+    let sink = out.clone();
+    let copier = std::thread::spawn(move || {
+        let mut f = File::create(sink).unwrap();
+        let _ = std::io::copy(&mut reader, &mut f);
+    });
+    wait_steps(&out, 5);
+    let d = proc::dump(c.proc.pid, &s, &DumpOptions::default()).unwrap();
+    assert_eq!(d.unrestorable.len(), 1, "{:?}", d.unrestorable);
+    assert_eq!(d.unrestorable[0].fd, 1);
+    assert!(
+        d.unrestorable[0].what.starts_with("pipe"),
+        "{:?}",
+        d.unrestorable
+    );
+    c.proc.kill();
+    drop(c);
+    copier.join().unwrap();
+
+    let e = proc::restore(&s, None, RestoreOptions::default()).unwrap_err();
+    assert!(matches!(e, ProcError::Unrestorable { .. }), "{e}");
+    assert!(e.to_string().contains("descriptor 1"), "{e}");
+
+    let replaced = tmp.path().join("b.replaced");
+    let fd: OwnedFd = File::create(&replaced).unwrap().into();
+    let r = proc::restore(
+        &s,
+        None,
+        RestoreOptions {
+            fds: vec![(1, fd)],
+            keep_file_contents: false,
+        },
+    )
+    .unwrap();
+    let _restored = Proc { pid: r.pid };
+    wait_steps(&replaced, 5);
+}
+
+#[test]
+fn dump_and_restore_of_100_mib() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let c = start_counter(tmp.path(), "big", 100, None);
+    wait_steps(&c.out, 3);
+    let d = proc::dump(c.proc.pid, &s, &DumpOptions::default()).unwrap();
+    c.proc.kill();
+    let r = proc::restore(&s, None, RestoreOptions::default()).unwrap();
+    let restored = Proc { pid: r.pid };
+    let n = steps(&c.out).len();
+    wait_steps(&c.out, n + 3);
+    restored.signal(libc::SIGUSR1);
+    wait_until("the usr1 check", || {
+        lines(&c.out).iter().any(|l| l.starts_with("usr1 1"))
+    });
+    assert!(lines(&c.out).contains(&"usr1 1 ok".to_owned()));
+    eprintln!(
+        "100 MiB process: dump {:?} (pause {:?}, {} pages, image {} bytes), restore {:?}",
+        d.total, d.pause, d.pages, d.image_bytes, r.took
+    );
+}
+
+#[test]
+fn dump_stops_every_thread_and_all_run_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let c = start(
+        Command::new(threads_bin()),
+        tmp.path(),
+        "mt",
+        None,
+        tmp.path().join("unused"),
+    );
+    let counts = |path: &Path| -> Vec<(u64, u64)> {
+        lines(path)
+            .iter()
+            .filter_map(|l| {
+                let v: Vec<u64> = l.split(' ').filter_map(|x| x.parse().ok()).collect();
+                (v.len() == 3).then(|| (v[1], v[2]))
+            })
+            .collect()
+    };
+    wait_until("both workers counting", || {
+        counts(&c.out).last().is_some_and(|&(a, b)| a > 0 && b > 0)
+    });
+    let d = proc::dump(c.proc.pid, &s, &DumpOptions::default()).unwrap();
+    assert_eq!(d.threads, 3, "{d:?}");
+    s.verify(d.seq).unwrap();
+    let (a, b) = *counts(&c.out).last().unwrap();
+    wait_until("both workers counting on after the dump", || {
+        counts(&c.out)
+            .last()
+            .is_some_and(|&(x, y)| x > a + 5 && y > b + 5)
+    });
+    c.proc.kill();
+    let e = proc::restore(&s, None, RestoreOptions::default()).unwrap_err();
+    assert!(matches!(e, ProcError::Unsupported { .. }), "{e}");
+}
