@@ -7,7 +7,8 @@
 //!
 //! ```text
 //! dump:     seize+interrupt threads ─► regs/xstate/sigmask ─► inject rt_sigaction/brk ─►
-//!           maps, fds, pagemap ─► image (meta region 0, pages, file snapshots) ─► detach ─► commit
+//!           maps, fds, pagemap ─► [tracked: written pages by PAGEMAP_SCAN, or arm uffd-wp] ─►
+//!           image (meta region 0, pages, file snapshots) ─► detach ─► commit
 //! restore:  clone3 stub (TRACEME) ─► inject: close fds, open files, munmap all, move vdso,
 //!           mmap image layout, sigactions, PR_SET_MM_MAP, rseq ─► write pages ─► regs ─► detach
 //! rollback: seize the live process ─► the same rebuild in place (descriptors kept when they
@@ -20,6 +21,7 @@ mod procfs;
 mod ptrace;
 mod rebuild;
 mod regs;
+mod track;
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -31,6 +33,7 @@ use crate::image::ImageError;
 use crate::store::{Store, StoreError};
 
 pub use meta::{FdKind, FdState, ProcessMeta};
+pub use track::Tracker;
 
 /// Default largest file whose whole contents a dump keeps for a rollback (64 MiB).
 pub const DEFAULT_MAX_FILE_SNAPSHOT: u64 = 64 << 20;
@@ -70,8 +73,14 @@ pub struct DumpSummary {
     pub path: PathBuf,
     pub threads: usize,
     pub mappings: usize,
-    /// Pages of memory written to the image.
+    /// Pages of memory written to the image (in an increment: those written since its parent).
     pub pages: u64,
+    /// The image this one is an increment against; None for a full image.
+    pub parent: Option<u64>,
+    /// Why a tracked dump (`dump_incremental`) wrote a full image: the first dump, the memory
+    /// layout or the files changed, the store wanted a full image, tracking was lost or is
+    /// unavailable. None for an increment and for untracked dumps.
+    pub full_reason: Option<String>,
     /// Bytes of regular files snapshotted.
     pub file_bytes: u64,
     pub image_bytes: u64,
@@ -187,7 +196,21 @@ pub enum ProcError {
 /// Checkpoints process `pid` into `store` (a full image). The process is stopped only while
 /// its state and memory are read, and runs on as before whether the dump succeeds or not.
 pub fn dump(pid: i32, store: &Store, opts: &DumpOptions) -> Result<DumpSummary, ProcError> {
-    dump::dump(pid, store, opts)
+    dump::dump(pid, store, opts, None)
+}
+
+/// Checkpoints `tracker`'s process into `store`: an increment holding only the pages written
+/// since the tracker's previous dump when the memory layout and open files are the same and
+/// the store takes an increment against it, else a full image (`DumpSummary::full_reason`
+/// says why) that starts tracking writes again. The first dump is full; the tracking lives
+/// as long as the tracker.
+pub fn dump_incremental(
+    tracker: &mut Tracker,
+    store: &Store,
+    opts: &DumpOptions,
+) -> Result<DumpSummary, ProcError> {
+    let pid = tracker.pid();
+    dump::dump(pid, store, opts, Some(tracker))
 }
 
 /// Brings back the process of image `seq` (the newest good one when None) as a new child of

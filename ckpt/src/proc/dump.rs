@@ -14,14 +14,15 @@ use nix::unistd::Pid;
 
 use super::meta::{
     FILE_REGION_BASE, FdKind, FileSnapshot, MAPPING_REGION_BASE, META_REGION_ID, META_VERSION,
-    Mapping, MappingKind, NSIG, PROC_STREAM, PROT_R, ProcessMeta, SigAction, ThreadState,
+    Mapping, MappingKind, NSIG, PROC_STREAM, PROT_R, PROT_W, ProcessMeta, SigAction, ThreadState,
 };
 use super::procfs::{self, MapsLine, Pagemap};
 use super::ptrace::{self, Tracee};
 use super::regs;
+use super::track::{Parent, Tracker};
 use super::{DumpOptions, DumpSummary, ProcError, Unrestorable};
 use crate::image::{ImageHeader, RegionDesc, unix_now_ns};
-use crate::store::{Pending, Store, StoreError};
+use crate::store::{Pending, Plan, Store, StoreError};
 
 /// Page size the images record (x86_64).
 pub const PAGE: u64 = 4096;
@@ -33,6 +34,13 @@ const FILE_STEP: usize = 1 << 20;
 pub const SCRATCH_LEN: u64 = 64 * 1024;
 /// Bytes of a `struct kernel_sigaction` on x86_64.
 pub const SIGACTION_LEN: usize = 32;
+/// What an increment reads of each mapping: page runs, or None for a mapping without contents.
+type Reads = Vec<Option<Vec<(u64, u64)>>>;
+/// Metadata room an image keeps beyond 1.5 times its encoding, for the chain's increments.
+const META_SLACK: u64 = 64 * 1024;
+/// Smallest region a kept file gets (rounded up to a power of two above its size, so a file
+/// that grows keeps the chain's layout for a while).
+const FILE_REGION_MIN: u64 = 64 * 1024;
 /// Bytes of a signal set as the kernel takes it (`_NSIG / 8`).
 pub const SIGSET_LEN: u64 = 8;
 /// `O_ACCMODE` bits of the open flags.
@@ -51,7 +59,12 @@ enum Contents {
     Everything,
 }
 
-pub fn dump(pid: i32, store: &Store, opts: &DumpOptions) -> Result<DumpSummary, ProcError> {
+pub fn dump(
+    pid: i32,
+    store: &Store,
+    opts: &DumpOptions,
+    mut tracker: Option<&mut Tracker>,
+) -> Result<DumpSummary, ProcError> {
     let started = Instant::now();
     if pid <= 0 || !Path::new(&format!("/proc/{pid}")).exists() {
         return Err(ProcError::NoSuchProcess { pid });
@@ -74,6 +87,9 @@ pub fn dump(pid: i32, store: &Store, opts: &DumpOptions) -> Result<DumpSummary, 
         });
     }
 
+    // Forgotten until this dump commits: a failed dump (whose scan may have re-protected
+    // pages it then did not save) makes the next one full.
+    let parent = tracker.as_deref_mut().and_then(|t| t.take_parent(pid));
     let mut threads = ptrace::seize_all(p)?;
     let paused = Instant::now();
 
@@ -103,12 +119,19 @@ pub fn dump(pid: i32, store: &Store, opts: &DumpOptions) -> Result<DumpSummary, 
     let lines = procfs::maps(p)?;
     let mut mm = procfs::mm_layout(p)?;
     mm.brk = brk;
+    let pagemap = Pagemap::open(p)?;
     let mut mappings = Vec::with_capacity(lines.len());
-    let mut contents = Vec::with_capacity(lines.len());
     for line in &lines {
-        let (mapping, c) = classify(p, line);
+        let (mut mapping, c) = classify(p, line);
+        if mapping.has_contents {
+            mapping.runs = Some(match c {
+                Contents::None => Vec::new(),
+                Contents::AnonPages => pagemap.data_runs(mapping.start, mapping.end, true)?,
+                Contents::Present => pagemap.data_runs(mapping.start, mapping.end, false)?,
+                Contents::Everything => vec![(mapping.start, mapping.end)],
+            });
+        }
         mappings.push(mapping);
-        contents.push(c);
     }
 
     let fds = procfs::fds(p)?;
@@ -171,60 +194,93 @@ pub fn dump(pid: i32, store: &Store, opts: &DumpOptions) -> Result<DumpSummary, 
     let meta_bytes = meta.encode();
 
     let plan = store.plan()?;
-    let mut regions = vec![RegionDesc {
-        id: META_REGION_ID,
-        base: 0,
-        len: meta_bytes.len() as u64,
-    }];
-    let mut mapping_region: HashMap<usize, u32> = HashMap::new();
-    for (i, m) in meta.mappings.iter().enumerate() {
-        if m.has_contents {
-            mapping_region.insert(i, region_index(regions.len())?);
-            regions.push(RegionDesc {
-                id: MAPPING_REGION_BASE + region_index(i)?,
-                base: m.start,
-                len: m.len(),
-            });
+    let meta_cap = match &parent {
+        Some(pa) => pa.regions.first().map_or(0, |r| r.len),
+        None => meta_capacity(meta_bytes.len()),
+    };
+    let regions = image_regions(&meta, meta_cap)?;
+    // What an increment would read of each mapping (None: a full image is written, and why).
+    let mut increment: Option<(u64, Reads)> = None;
+    let mut full_reason = None;
+    if let Some(t) = tracker.as_deref_mut() {
+        match plan_increment(
+            t,
+            parent.as_ref(),
+            &plan,
+            &meta,
+            &meta_bytes,
+            &regions,
+            &pagemap,
+        ) {
+            Ok(reads) => {
+                increment = Some((parent.as_ref().map_or(0, |pa| pa.seq), reads));
+            }
+            Err(reason) => full_reason = Some(reason),
         }
     }
-    let mut file_region = Vec::new();
-    for (k, f) in meta.files.iter().enumerate() {
-        if f.has_contents {
-            file_region.push((k, region_index(regions.len())?));
-            regions.push(RegionDesc {
-                id: FILE_REGION_BASE + region_index(k)?,
-                base: 0,
-                len: f.size,
-            });
+    let (regions, meta_cap) = if increment.is_none() && parent.is_some() {
+        let cap = meta_capacity(meta_bytes.len());
+        (image_regions(&meta, cap)?, cap)
+    } else {
+        (regions, meta_cap)
+    };
+    if increment.is_none()
+        && let Some(t) = tracker.as_deref_mut()
+        && t.disabled.is_none()
+    {
+        // Armed while the target is stopped and before its memory is read: every write
+        // after it resumes is recorded for the next dump.
+        let ranges: Vec<(u64, u64)> = meta
+            .mappings
+            .iter()
+            .filter(|m| trackable(m))
+            .map(|m| (m.start, m.end))
+            .collect();
+        let main = threads
+            .first_mut()
+            .expect("seize_all returns at least the main thread");
+        if let Err(reason) = t.arm(main, syscall_ip, &ranges) {
+            full_reason = Some(format!("write tracking unavailable: {reason}"));
         }
     }
+
     let header = ImageHeader {
         app: store.app().to_owned(),
         stream: PROC_STREAM,
         seq: plan.seq,
-        parent: None,
+        parent: increment.as_ref().map(|i| i.0),
         created_unix_ns: unix_now_ns(),
         page_size: u32::try_from(PAGE).expect("the page size fits u32"),
-        regions,
+        regions: regions.clone(),
     };
     let mut pending = store.begin(&header)?;
-    pending.chunk(0, 0, &meta_bytes)?;
+    // Zero-padded to the region: what a chain leaves there is the newest encoding only.
+    let mut padded = meta_bytes;
+    padded.resize(usize::try_from(meta_cap).unwrap_or(padded.len()), 0);
+    pending.chunk(0, 0, &padded)?;
 
-    let pagemap = Pagemap::open(p)?;
+    let mut mapping_region: HashMap<usize, u32> = HashMap::new();
+    let mut file_region = Vec::new();
+    for (index, r) in regions.iter().enumerate().skip(1) {
+        let index = region_index(index)?;
+        if r.id >= FILE_REGION_BASE {
+            file_region.push(((r.id - FILE_REGION_BASE) as usize, index));
+        } else {
+            mapping_region.insert((r.id - MAPPING_REGION_BASE) as usize, index);
+        }
+    }
     let mut pages = 0u64;
     let mut batch = Batch::new(p);
     for (i, m) in meta.mappings.iter().enumerate() {
         let Some(&region) = mapping_region.get(&i) else {
             continue;
         };
-        let runs = match contents[i] {
-            Contents::None => continue,
-            Contents::AnonPages => pagemap.data_runs(m.start, m.end, true)?,
-            Contents::Present => pagemap.data_runs(m.start, m.end, false)?,
-            Contents::Everything => vec![(m.start, m.end)],
+        let runs = match &increment {
+            Some((_, reads)) => reads.get(i).and_then(Option::as_ref),
+            None => m.runs.as_ref(),
         };
         let direct = m.prot & PROT_R != 0;
-        for (s, e) in runs {
+        for &(s, e) in runs.into_iter().flatten() {
             pages += (e - s) / PAGE;
             let mut at = s;
             while at < e {
@@ -275,6 +331,16 @@ pub fn dump(pid: i32, store: &Store, opts: &DumpOptions) -> Result<DumpSummary, 
     }
     let pause = paused.elapsed();
     let info = pending.commit()?;
+    if let Some(t) = tracker
+        && t.disabled.is_none()
+    {
+        t.parent = Some(Parent {
+            seq: info.seq,
+            regions,
+            layout: layout_of(&meta.mappings),
+            files: file_identities(&meta.files),
+        });
+    }
     Ok(DumpSummary {
         pid,
         seq: info.seq,
@@ -282,6 +348,8 @@ pub fn dump(pid: i32, store: &Store, opts: &DumpOptions) -> Result<DumpSummary, 
         threads: meta.threads.len(),
         mappings: meta.mappings.len(),
         pages,
+        parent: header.parent,
+        full_reason,
         file_bytes,
         image_bytes: info.file_bytes,
         pause,
@@ -289,6 +357,129 @@ pub fn dump(pid: i32, store: &Store, opts: &DumpOptions) -> Result<DumpSummary, 
         unrestorable,
         files_size_only,
     })
+}
+
+/// Bytes of the metadata region of a full image whose encoding is `len` bytes: room for the
+/// increments of its chain, whose metadata must fit the same region.
+fn meta_capacity(len: usize) -> u64 {
+    let want = len as u64 + len as u64 / 2 + META_SLACK;
+    want.div_ceil(PAGE) * PAGE
+}
+
+/// The regions of an image of `meta`: metadata, each mapping with contents, each kept file
+/// (sized to the power of two above its size, so a file that grows keeps the chain's layout
+/// for a while).
+fn image_regions(meta: &ProcessMeta, meta_cap: u64) -> Result<Vec<RegionDesc>, ProcError> {
+    let mut regions = vec![RegionDesc {
+        id: META_REGION_ID,
+        base: 0,
+        len: meta_cap,
+    }];
+    for (i, m) in meta.mappings.iter().enumerate() {
+        if m.has_contents {
+            regions.push(RegionDesc {
+                id: MAPPING_REGION_BASE + region_index(i)?,
+                base: m.start,
+                len: m.len(),
+            });
+        }
+    }
+    for (k, f) in meta.files.iter().enumerate() {
+        if f.has_contents {
+            regions.push(RegionDesc {
+                id: FILE_REGION_BASE + region_index(k)?,
+                base: 0,
+                len: f.size.max(FILE_REGION_MIN).next_power_of_two(),
+            });
+        }
+    }
+    Ok(regions)
+}
+
+/// The files an increment must keep with its parent, sizes left out (they may grow).
+fn file_identities(files: &[FileSnapshot]) -> Vec<FileSnapshot> {
+    files
+        .iter()
+        .map(|f| FileSnapshot {
+            size: 0,
+            ..f.clone()
+        })
+        .collect()
+}
+
+/// Mappings whose writes are tracked: private, writable, with contents of their own.
+fn trackable(m: &Mapping) -> bool {
+    m.has_contents && !m.shared && m.prot & PROT_W != 0
+}
+
+/// The layout an increment must share with its parent: the mappings without their data runs.
+fn layout_of(mappings: &[Mapping]) -> Vec<Mapping> {
+    mappings
+        .iter()
+        .map(|m| Mapping {
+            runs: None,
+            ..m.clone()
+        })
+        .collect()
+}
+
+/// Whether this dump can be an increment against `parent`, and if so what to read of each
+/// mapping: the pages written since the parent (tracked mappings), all data (untracked
+/// writable ones), everything (shared ones), nothing (read-only ones, which change only
+/// with their protection, i.e. the layout). The reason for a full image otherwise.
+fn plan_increment(
+    t: &Tracker,
+    parent: Option<&Parent>,
+    plan: &Plan,
+    meta: &ProcessMeta,
+    meta_bytes: &[u8],
+    regions: &[RegionDesc],
+    pagemap: &Pagemap,
+) -> Result<Reads, String> {
+    if let Some(reason) = &t.disabled {
+        return Err(format!("write tracking unavailable: {reason}"));
+    }
+    let Some(parent) = parent else {
+        return Err("no previous tracked dump to build on".into());
+    };
+    if plan.parent != Some(parent.seq) {
+        return Err(format!(
+            "image {} is not the store's base for the next increment",
+            parent.seq
+        ));
+    }
+    if plan.compact {
+        return Err("the chain holds the store's full_every increments".into());
+    }
+    if meta_bytes.len() as u64 > parent.regions.first().map_or(0, |r| r.len) {
+        return Err("the metadata outgrew its region".into());
+    }
+    if parent.layout != layout_of(&meta.mappings) {
+        return Err("the memory layout changed".into());
+    }
+    if parent.files != file_identities(&meta.files) || parent.regions != regions {
+        return Err("the files open for writing changed".into());
+    }
+    let mut reads = Vec::with_capacity(meta.mappings.len());
+    for m in &meta.mappings {
+        let r = if !m.has_contents {
+            None
+        } else if m.shared {
+            m.runs.clone()
+        } else if m.prot & PROT_W == 0 {
+            Some(Vec::new())
+        } else if t.is_tracked(m.start, m.end) {
+            Some(
+                pagemap
+                    .written_runs(m.start, m.end)
+                    .map_err(|e| format!("write tracking lost: {e}"))?,
+            )
+        } else {
+            m.runs.clone()
+        };
+        reads.push(r);
+    }
+    Ok(reads)
 }
 
 fn region_index(i: usize) -> Result<u32, ProcError> {
@@ -395,6 +586,7 @@ fn classify(pid: Pid, line: &MapsLine) -> (Mapping, Contents) {
             name: line.path.clone(),
         },
         has_contents: true,
+        runs: None,
     };
     if line.is_special() {
         m.kind = MappingKind::Special {

@@ -5,7 +5,8 @@
 //! decoded value that indexes something (regions, signals) without bounds checks by its users.
 //!
 //! ```text
-//! region id 0                  metadata (this module), base 0, len = encoded length
+//! region id 0                  metadata (this module), base 0, len = a capacity the encoding
+//!                              fits in (zero-padded: increments of a chain keep its length)
 //! region id 1 + i              contents of mapping i (base = its start, len = its length)
 //! region id FILE_REGION_BASE+k contents of written regular file k at dump time (base 0)
 //! ```
@@ -13,7 +14,10 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the metadata encoding; bumped on any incompatible change of these types.
-pub const META_VERSION: u32 = 1;
+/// Version 2 added `Mapping::runs` (version 1 images still decode, without runs).
+pub const META_VERSION: u32 = 2;
+/// Oldest metadata version this build reads.
+pub const META_VERSION_MIN: u32 = 1;
 /// Region id of the metadata blob.
 pub const META_REGION_ID: u32 = 0;
 /// Region id of mapping i's contents is `MAPPING_REGION_BASE + i`.
@@ -86,6 +90,11 @@ pub struct Mapping {
     pub kind: MappingKind,
     /// True when the image holds contents for it (region `MAPPING_REGION_BASE + index`).
     pub has_contents: bool,
+    /// The page runs `(start, end)` that held data of their own at dump time. A restore writes
+    /// only inside them, so a page freed since an older image of the chain comes back empty
+    /// (or as its file's page) instead of with the older contents. None in version 1 images.
+    #[serde(default)]
+    pub runs: Option<Vec<(u64, u64)>>,
 }
 
 /// What backs a mapping.
@@ -223,7 +232,9 @@ pub struct MmLayout {
 pub enum MetaError {
     #[error("process metadata does not decode: {0}")]
     Decode(String),
-    #[error("process metadata version {found} (this build reads {META_VERSION})")]
+    #[error(
+        "process metadata version {found} (this build reads {META_VERSION_MIN} to {META_VERSION})"
+    )]
     Version { found: u32 },
     #[error("process metadata is inconsistent: {0}")]
     Invalid(String),
@@ -234,11 +245,13 @@ impl ProcessMeta {
         rmp_serde::to_vec(self).expect("metadata types serialize without fallible parts")
     }
 
-    /// Decodes and checks the invariants the restore code relies on.
+    /// Decodes and checks the invariants the restore code relies on. Bytes after the encoded
+    /// value (the zero padding of the metadata region) are ignored.
     pub fn decode(bytes: &[u8]) -> Result<ProcessMeta, MetaError> {
-        let meta: ProcessMeta =
-            rmp_serde::from_slice(bytes).map_err(|e| MetaError::Decode(e.to_string()))?;
-        if meta.version != META_VERSION {
+        let mut de = rmp_serde::Deserializer::new(bytes);
+        let meta: ProcessMeta = serde::Deserialize::deserialize(&mut de)
+            .map_err(|e: rmp_serde::decode::Error| MetaError::Decode(e.to_string()))?;
+        if !(META_VERSION_MIN..=META_VERSION).contains(&meta.version) {
             return Err(MetaError::Version {
                 found: meta.version,
             });
@@ -272,6 +285,18 @@ impl ProcessMeta {
                 ));
             }
             last_end = m.end;
+            if let Some(runs) = &m.runs {
+                let mut at = m.start;
+                for &(s, e) in runs {
+                    if s < at || s >= e || e > m.end {
+                        return Err(format!(
+                            "data run {s:#x}-{e:#x} of mapping {:#x}-{:#x} is out of order",
+                            m.start, m.end
+                        ));
+                    }
+                    at = e;
+                }
+            }
         }
         if u32::try_from(self.mappings.len()).is_err()
             || self.mappings.len() >= (FILE_REGION_BASE - MAPPING_REGION_BASE) as usize

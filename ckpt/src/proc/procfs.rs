@@ -273,6 +273,11 @@ pub fn fds(pid: Pid) -> Result<Vec<FdState>, ProcError> {
 mod uapi {
     /// `_IOWR('f', 16, struct pm_scan_arg)`.
     pub const PAGEMAP_SCAN: libc::c_ulong = 0xc060_6610;
+    /// Write-protect the pages that match, atomically with reporting them.
+    pub const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+    /// Fail unless every mapping in the range is registered for async write-protect.
+    pub const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+    pub const PAGE_IS_WRITTEN: u64 = 1 << 1;
     pub const PAGE_IS_FILE: u64 = 1 << 2;
     pub const PAGE_IS_PRESENT: u64 = 1 << 3;
     pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
@@ -321,6 +326,21 @@ impl Pagemap {
         Ok(Pagemap { file, path })
     }
 
+    /// Page runs in `start..end` written since they were last write-protected, protected
+    /// again as they are reported (so the next call reports only later writes). Fails unless
+    /// the whole range is registered for asynchronous write-protect.
+    pub fn written_runs(&self, start: u64, end: u64) -> Result<Vec<(u64, u64)>, ProcError> {
+        use uapi::*;
+        self.scan(
+            start,
+            end,
+            PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            0,
+            PAGE_IS_WRITTEN,
+            0,
+        )
+    }
+
     /// Page runs in `start..end` that hold data: present or swapped out; with `anon_only`,
     /// only anonymous pages (a private file mapping's copied-on-write pages, not the file's
     /// own page cache), and never the shared zero page.
@@ -331,25 +351,48 @@ impl Pagemap {
         anon_only: bool,
     ) -> Result<Vec<(u64, u64)>, ProcError> {
         use uapi::*;
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        let mut vec = vec![PageRegion::default(); SCAN_VEC_LEN];
-        let mut at = start;
         let excluded = if anon_only {
             PAGE_IS_FILE | PAGE_IS_PFNZERO
         } else {
             PAGE_IS_PFNZERO
         };
+        self.scan(
+            start,
+            end,
+            0,
+            excluded,
+            excluded,
+            PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        )
+    }
+
+    /// One PAGEMAP_SCAN walk of `start..end`: runs of pages that have every category of `all`
+    /// (those of `inverted` counted as absent) and, when `any` is not 0, one of `any`.
+    fn scan(
+        &self,
+        start: u64,
+        end: u64,
+        flags: u64,
+        inverted: u64,
+        all: u64,
+        any: u64,
+    ) -> Result<Vec<(u64, u64)>, ProcError> {
+        use uapi::*;
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut vec = vec![PageRegion::default(); SCAN_VEC_LEN];
+        let mut at = start;
         while at < end {
             let mut arg = PmScanArg {
                 size: size_of::<PmScanArg>() as u64,
+                flags,
                 start: at,
                 end,
                 vec: vec.as_mut_ptr() as u64,
                 vec_len: SCAN_VEC_LEN as u64,
-                category_inverted: excluded,
-                category_mask: excluded,
-                category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-                return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                category_inverted: inverted,
+                category_mask: all,
+                category_anyof_mask: any,
+                return_mask: all | any,
                 ..PmScanArg::default()
             };
             // SAFETY: PAGEMAP_SCAN reads `arg` and writes at most vec_len PageRegions into

@@ -127,22 +127,56 @@ fn scan(store: &Store, seq: u64, path: PathBuf) -> Result<Scanned, ProcError> {
     })
 }
 
-/// Image `seq`, or the newest image that verifies.
-fn select(store: &Store, seq: Option<u64>) -> Result<Scanned, ProcError> {
-    let path_of = |s: u64| store.dir().join(format!("{s:020}.ckpt"));
+/// Image `seq` (verified whole) and the images it is an increment against, down to its full
+/// base, each verified whole: base first. A chain that does not verify is refused before a
+/// byte of it is applied.
+fn scan_chain(store: &Store, seq: u64, path: PathBuf) -> Result<Vec<Scanned>, ProcError> {
+    let newest = scan(store, seq, path)?;
+    let mut parent = newest.header.parent;
+    let mut chain = vec![newest];
+    while let Some(p) = parent {
+        let path = image_path(store, p);
+        if !path.exists() {
+            return Err(ProcError::Unrestorable {
+                seq,
+                reason: format!("chain broken: image {p}, which it builds on, is gone"),
+            });
+        }
+        let img = scan(store, p, path).map_err(|e| ProcError::Unrestorable {
+            seq,
+            reason: format!("chain broken: image {p}, which it builds on, is refused: {e}"),
+        })?;
+        if img.header.regions.len() != chain[0].header.regions.len() {
+            return Err(ProcError::Unrestorable {
+                seq,
+                reason: format!("image {p} of its chain describes other regions"),
+            });
+        }
+        parent = img.header.parent;
+        chain.insert(0, img);
+    }
+    Ok(chain)
+}
+
+fn image_path(store: &Store, seq: u64) -> PathBuf {
+    store.dir().join(format!("{seq:020}.ckpt"))
+}
+
+/// The chain of image `seq`, or of the newest image whose chain verifies.
+fn select(store: &Store, seq: Option<u64>) -> Result<Vec<Scanned>, ProcError> {
     if let Some(s) = seq {
-        let path = path_of(s);
+        let path = image_path(store, s);
         if !path.exists() {
             return Err(ProcError::Store(crate::store::StoreError::NotFound {
                 seq: s,
                 dir: store.dir().to_owned(),
             }));
         }
-        return scan(store, s, path);
+        return scan_chain(store, s, path);
     }
     let mut first_err = None;
     for info in store.list()?.into_iter().rev() {
-        match scan(store, info.seq, info.path) {
+        match scan_chain(store, info.seq, info.path) {
             Ok(s) => return Ok(s),
             Err(e) => {
                 first_err.get_or_insert(e);
@@ -154,13 +188,21 @@ fn select(store: &Store, seq: Option<u64>) -> Result<Scanned, ProcError> {
     }))
 }
 
+/// The newest image of a chain (`select` never returns an empty one).
+fn newest(chain: &[Scanned]) -> &Scanned {
+    chain
+        .last()
+        .expect("a chain holds at least its newest image")
+}
+
 pub fn restore(
     store: &Store,
     seq: Option<u64>,
     opts: RestoreOptions,
 ) -> Result<RestoredProcess, ProcError> {
     let started = Instant::now();
-    let img = select(store, seq)?;
+    let chain = select(store, seq)?;
+    let img = newest(&chain);
     let meta = &img.meta;
     if meta.threads.len() != 1 {
         return Err(ProcError::Unsupported {
@@ -184,14 +226,14 @@ pub fn restore(
     }
     check_mapped_files(meta)?;
     if !opts.keep_file_contents {
-        put_back_files(&img)?;
+        put_back_files(img)?;
     }
     let kept: Vec<i32> = opts.fds.iter().map(|(n, _)| *n).collect();
     let (stub_pid, same_pid) = spawn_stub(meta.pid, &opts.fds)?;
     // The stub holds its copies; this process's are closed now.
     drop(opts);
     let mut stub = Tracee::adopt_stub(stub_pid)?;
-    rebuild(&mut stub, &img, Mode::Restore, &kept)?;
+    rebuild(&mut stub, &chain, Mode::Restore, &kept)?;
     stub.keep();
     stub.release()?;
     Ok(RestoredProcess {
@@ -206,7 +248,8 @@ pub fn rollback(pid: i32, store: &Store, seq: Option<u64>) -> Result<RollbackSum
     if pid <= 0 || !std::path::Path::new(&format!("/proc/{pid}")).exists() {
         return Err(ProcError::NoSuchProcess { pid });
     }
-    let img = select(store, seq)?;
+    let chain = select(store, seq)?;
+    let img = newest(&chain);
     let meta = &img.meta;
     if meta.threads.len() != 1 {
         return Err(ProcError::Unsupported {
@@ -255,7 +298,7 @@ pub fn rollback(pid: i32, store: &Store, seq: Option<u64>) -> Result<RollbackSum
         }
     }
     t.set_resume(regs::resumable(&t.regs, true));
-    let result = put_back_files(&img).and_then(|()| rebuild(t, &img, Mode::Rollback, &kept));
+    let result = put_back_files(img).and_then(|()| rebuild(t, &chain, Mode::Rollback, &kept));
     if let Err(e) = result {
         // Whatever changed, the process is no longer what it was nor what the image holds.
         let _ = nix::sys::signal::kill(p, Signal::SIGKILL);
@@ -303,7 +346,8 @@ fn check_mapped_files(meta: &ProcessMeta) -> Result<(), ProcError> {
 }
 
 /// Puts back the files the process had open for writing: their checkpointed contents (when
-/// kept) and size. Written by path, from this process.
+/// kept) and size. Written by path, from this process. Every image holds the whole contents
+/// of its files, so the newest image of a chain is enough.
 fn put_back_files(img: &Scanned) -> Result<(), ProcError> {
     let mut buf = Vec::new();
     for (k, f) in img.meta.files.iter().enumerate() {
@@ -582,7 +626,8 @@ fn prot_bits(p: u8) -> u64 {
 
 /// Turns the stopped thread `t` (the only thread of its process) into the image's process.
 /// `kept` lists descriptors that already are what the image says (left open, repositioned).
-fn rebuild(t: &mut Tracee, img: &Scanned, mode: Mode, kept: &[i32]) -> Result<(), ProcError> {
+fn rebuild(t: &mut Tracee, chain: &[Scanned], mode: Mode, kept: &[i32]) -> Result<(), ProcError> {
+    let img = newest(chain);
     let meta = &img.meta;
     let thread = &meta.threads[0];
     let pid = t.tid;
@@ -783,7 +828,7 @@ fn rebuild(t: &mut Tracee, img: &Scanned, mode: Mode, kept: &[i32]) -> Result<()
         )?;
     }
 
-    write_memory(&mut tg, img)?;
+    write_memory(&mut tg, chain)?;
     for m in &meta.mappings {
         if m.has_contents && !matches!(m.kind, MappingKind::Special { .. }) {
             let want = prot_bits(m.prot);
@@ -970,23 +1015,46 @@ fn set_mm(tg: &mut Target<'_>, meta: &ProcessMeta, mode: Mode) -> Result<(), Pro
     Ok(())
 }
 
-/// Writes every memory chunk of the image where its mapping now is.
-fn write_memory(tg: &mut Target<'_>, img: &Scanned) -> Result<(), ProcError> {
+/// Writes the memory chunks of the chain, base first (a later image's bytes win), where their
+/// mappings now are, clipped to the pages the newest image says held data (a page freed
+/// since an older image stays as the fresh mapping has it).
+fn write_memory(tg: &mut Target<'_>, chain: &[Scanned]) -> Result<(), ProcError> {
     let mut buf = Vec::new();
-    let first = MAPPING_REGION_BASE;
-    for &(ri, offset, pos, n) in &img.chunks {
-        let Some(region) = img
-            .header
-            .regions
-            .get(usize::try_from(ri).unwrap_or(usize::MAX))
-        else {
-            continue;
-        };
-        if region.id < first || region.id >= FILE_REGION_BASE {
-            continue;
+    let meta = &newest(chain).meta;
+    for img in chain {
+        for &(ri, offset, pos, n) in &img.chunks {
+            let Some(region) = img
+                .header
+                .regions
+                .get(usize::try_from(ri).unwrap_or(usize::MAX))
+            else {
+                continue;
+            };
+            if region.id < MAPPING_REGION_BASE || region.id >= FILE_REGION_BASE {
+                continue;
+            }
+            let Some(mapping) = usize::try_from(region.id - MAPPING_REGION_BASE)
+                .ok()
+                .and_then(|i| meta.mappings.get(i))
+            else {
+                continue;
+            };
+            read_chunk_at(&img.file, pos, n, &mut buf).map_err(image_err(&img.path))?;
+            let start = mapping.start + offset;
+            let end = start + buf.len() as u64;
+            match &mapping.runs {
+                None => ptrace::write_mem(tg.pid, start, &buf)?,
+                Some(runs) => {
+                    let first = runs.partition_point(|&(_, e)| e <= start);
+                    for &(s, e) in runs[first..].iter().take_while(|&&(s, _)| s < end) {
+                        let (lo, hi) = (s.max(start), e.min(end));
+                        let at = usize::try_from(lo - start).unwrap_or(0);
+                        let to = usize::try_from(hi - start).unwrap_or(0);
+                        ptrace::write_mem(tg.pid, lo, &buf[at..to])?;
+                    }
+                }
+            }
         }
-        read_chunk_at(&img.file, pos, n, &mut buf).map_err(image_err(&img.path))?;
-        ptrace::write_mem(tg.pid, region.base + offset, &buf)?;
     }
     Ok(())
 }
