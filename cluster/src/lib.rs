@@ -2,6 +2,8 @@
 //! node-to-node transport ([`net`]) that file replication, membership and checkpoint shipping
 //! share.
 
+pub mod db;
+pub mod gum;
 pub mod membership;
 pub mod net;
 pub mod quorum;

@@ -861,6 +861,12 @@ impl Membership {
             .collect()
     }
 
+    /// The node known to own the quorum disk now: this one while its lease is valid, else a
+    /// peer whose latest heartbeat said it owns the disk (for status reports).
+    pub fn disk_holder(&self, now: Instant) -> Option<NodeId> {
+        self.disk_owner(now, &self.cfg.nodes)
+    }
+
     /// Whether this node may act now (see the module doc). The actor acts on
     /// [`Action::Acting`]; this is the same verdict, for status and tests.
     pub fn is_acting(&self, now: Instant) -> bool {
@@ -1764,6 +1770,18 @@ impl Membership {
             if member && reachable && p.epoch > my_epoch.max(pending_epoch) {
                 reasons.insert(RegroupReason::NewerView(n.clone()));
             }
+            // A proposal this node accepted dropped a member and never committed: this node
+            // vouches for that member only after a view commits again, so without one the
+            // member could never act again.
+            if member
+                && reachable
+                && !p.leaving
+                && member_of_view
+                && self.pending.is_none()
+                && !self.vouching.contains(n)
+            {
+                reasons.insert(RegroupReason::CommitTimeout);
+            }
         }
         for n in &self.restarted {
             reasons.insert(RegroupReason::Restarted(n.clone()));
@@ -2123,11 +2141,15 @@ impl Membership {
             }
         }
         let all_continue = members.iter().all(&continuing);
+        // A proposal accepted after the basis but never committed stops its acceptors from
+        // vouching for the members it dropped: only a new view makes them vouch again.
+        let dangling = |b: &View| parts.values().any(|r| r.accepted > b.epoch);
         if let Some(b) = &basis
             && b.members == members
             && b.paused == paused
             && all_continue
             && applied.is_empty()
+            && !dangling(b)
         {
             for n in members.iter().filter(|n| **n != self.me) {
                 out.push(Action::Send {

@@ -290,7 +290,9 @@ impl DiskConfig {
         Ok(())
     }
 
-    fn cluster_hash(&self) -> u64 {
+    /// The cluster's identity on the disk: sectors (and the cluster database's area) of another
+    /// cluster carry another hash and read as unknown.
+    pub fn cluster_hash(&self) -> u64 {
         let digest = Sha256::digest(self.cluster.as_bytes());
         let mut b = [0u8; 8];
         b.copy_from_slice(&digest[..8]);

@@ -1,0 +1,521 @@
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::quorum::MemDisk;
+
+fn group(name: &str) -> Group {
+    Group {
+        name: name.into(),
+        preferred_owners: vec!["n1".into(), "n2".into()],
+        properties: BTreeMap::new(),
+    }
+}
+
+fn resource(name: &str, group: &str, deps: &[&str]) -> Resource {
+    Resource {
+        name: name.into(),
+        group: group.into(),
+        kind: "service".into(),
+        depends_on: deps.iter().map(|d| (*d).to_string()).collect(),
+        properties: [("cmd".to_string(), "/bin/true".to_string())].into(),
+    }
+}
+
+fn set(key: &str, value: &str) -> Update {
+    Update::SetProperty {
+        key: key.into(),
+        value: value.into(),
+    }
+}
+
+/// A database with a node, a group and two dependent resources.
+fn populated() -> DbSnapshot {
+    let mut s = DbSnapshot::default();
+    for u in [
+        set("cluster.name", "lab"),
+        Update::AddNode { node: "n1".into() },
+        Update::SetNodeProperty {
+            node: "n1".into(),
+            key: "rack".into(),
+            value: "r1".into(),
+        },
+        Update::AddGroup(group("web")),
+        Update::AddResource(resource("ip", "web", &[])),
+        Update::AddResource(resource("httpd", "web", &["ip"])),
+    ] {
+        s.apply(3, &u).expect("valid update");
+    }
+    s
+}
+
+#[test]
+fn updates_apply_in_order_and_bad_ones_change_nothing() {
+    let s = populated();
+    assert_eq!(s.seq, 6);
+    assert_eq!(s.epoch, 3);
+    assert_eq!(s.content.properties["cluster.name"], "lab");
+    assert_eq!(s.content.nodes["n1"]["rack"], "r1");
+    assert_eq!(s.content.resources["httpd"].depends_on, ["ip"]);
+
+    let refused = |u: Update| -> UpdateError {
+        let mut t = s.clone();
+        let e = t.apply(4, &u).expect_err("refused");
+        assert_eq!(t, s, "a refused update changed the database");
+        assert!(!e.to_string().is_empty());
+        e
+    };
+    assert!(matches!(
+        refused(Update::RemoveGroup {
+            name: "nope".into()
+        }),
+        UpdateError::NotFound { .. }
+    ));
+    assert!(matches!(
+        refused(Update::RemoveGroup { name: "web".into() }),
+        UpdateError::InUse { .. }
+    ));
+    assert!(matches!(
+        refused(Update::AddGroup(group("web"))),
+        UpdateError::Exists { .. }
+    ));
+    assert!(matches!(
+        refused(Update::AddResource(resource("db", "nogroup", &[]))),
+        UpdateError::NotFound { .. }
+    ));
+    assert!(matches!(
+        refused(Update::AddResource(resource("ip", "web", &[]))),
+        UpdateError::Exists { .. }
+    ));
+    assert!(matches!(
+        refused(Update::AddResource(resource("x", "web", &["ghost"]))),
+        UpdateError::BadDependency { .. }
+    ));
+    assert!(matches!(
+        refused(Update::AddResource(resource("x", "web", &["ip", "ip"]))),
+        UpdateError::BadDependency { .. }
+    ));
+    assert!(matches!(
+        refused(Update::RemoveResource { name: "ip".into() }),
+        UpdateError::InUse { .. }
+    ));
+    // A cycle: ip -> httpd -> ip.
+    let e = refused(Update::SetResource(resource("ip", "web", &["httpd"])));
+    assert!(e.to_string().contains("cycle"), "{e}");
+    assert!(matches!(
+        refused(Update::SetResource(resource("ip", "web", &["ip"]))),
+        UpdateError::BadDependency { .. }
+    ));
+    assert!(matches!(
+        refused(Update::SetNodeProperty {
+            node: "n9".into(),
+            key: "k".into(),
+            value: "v".into()
+        }),
+        UpdateError::NotFound { .. }
+    ));
+    assert!(matches!(
+        refused(Update::DeleteProperty { key: "nope".into() }),
+        UpdateError::NotFound { .. }
+    ));
+    assert!(matches!(
+        refused(set("", "v")),
+        UpdateError::InvalidName { .. }
+    ));
+    assert!(matches!(
+        refused(set("bad\nkey", "v")),
+        UpdateError::InvalidName { .. }
+    ));
+    assert!(matches!(
+        refused(set("k", &"x".repeat(MAX_VALUE_LEN + 1))),
+        UpdateError::ValueTooLong { .. }
+    ));
+    // A group in another group's resource list cannot be moved away from its dependents.
+    let mut t = s.clone();
+    t.apply(4, &Update::AddGroup(group("db")))
+        .expect("new group");
+    let e = t
+        .apply(4, &Update::SetResource(resource("ip", "db", &[])))
+        .expect_err("ip is needed in web");
+    assert!(matches!(e, UpdateError::InUse { .. }), "{e}");
+
+    // Removal in the right order works.
+    let mut t = s.clone();
+    for u in [
+        Update::RemoveResource {
+            name: "httpd".into(),
+        },
+        Update::RemoveResource { name: "ip".into() },
+        Update::RemoveGroup { name: "web".into() },
+        Update::RemoveNode { node: "n1".into() },
+        Update::DeleteProperty {
+            key: "cluster.name".into(),
+        },
+    ] {
+        t.apply(5, &u).expect("valid removal");
+    }
+    assert_eq!(t.content, DbContent::default());
+    assert_eq!(t.seq, 11);
+}
+
+#[test]
+fn size_limits_are_errors_not_panics() {
+    let s = DbSnapshot::default();
+    let e = s
+        .check_next(&set("k", &"x".repeat(MAX_UPDATE_BYTES)))
+        .expect_err("too large");
+    assert!(matches!(e, UpdateError::TooLarge { .. }), "{e}");
+    // Fill the database close to its limit, then one more value does not fit.
+    let mut s = DbSnapshot::default();
+    let value = "v".repeat(MAX_VALUE_LEN);
+    let mut i = 0;
+    loop {
+        let u = set(&format!("k{i}"), &value);
+        match s.check_next(&u) {
+            Ok(()) => s.apply(1, &u).expect("checked"),
+            Err(UpdateError::TooLarge { what, size, max }) => {
+                assert_eq!(max, MAX_SNAPSHOT_BYTES);
+                assert!(size > max, "{what}");
+                break;
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+        i += 1;
+        assert!(i < 1000, "never refused");
+    }
+    // The largest database and the largest update fit on the disk.
+    let record = DiskRecord {
+        committed: s.clone(),
+        pending: Some(Pending {
+            seq: s.seq + 1,
+            epoch: 1,
+            origin: 1,
+            update: set("big", &"y".repeat(MAX_VALUE_LEN)),
+        }),
+        written: 1,
+    };
+    encode_disk_copy(7, DiskCopy::A, &record).expect("fits on the disk");
+}
+
+#[test]
+fn snapshots_encode_and_checksum_deterministically() {
+    let s = populated();
+    let bytes = s.encode().expect("encodes");
+    let back = DbSnapshot::decode(&bytes).expect("decodes");
+    assert_eq!(back, s);
+    assert_eq!(back.checksum(), s.checksum());
+    let mut other = s.clone();
+    other.epoch = 99;
+    assert_eq!(other.checksum(), s.checksum(), "the epoch is not history");
+    other.apply(99, &set("x", "y")).expect("valid");
+    assert_ne!(other.checksum(), s.checksum());
+    assert!(DbSnapshot::decode(b"\xc1garbage").is_err());
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let p = std::env::temp_dir().join(format!("ftkit-db-{tag}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&p).expect("temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn the_store_applies_atomically_and_survives_reopen() {
+    let dir = TempDir::new("store");
+    let path = dir.0.join("cluster.redb");
+    let want = populated();
+    {
+        let mut db = ClusterDb::open(&path).expect("created");
+        assert_eq!(db.snapshot().expect("read"), DbSnapshot::default());
+        let mut replay = DbSnapshot::default();
+        let updates = [
+            set("cluster.name", "lab"),
+            Update::AddNode { node: "n1".into() },
+            Update::SetNodeProperty {
+                node: "n1".into(),
+                key: "rack".into(),
+                value: "r1".into(),
+            },
+            Update::AddGroup(group("web")),
+            Update::AddResource(resource("ip", "web", &[])),
+            Update::AddResource(resource("httpd", "web", &["ip"])),
+        ];
+        for (i, u) in updates.iter().enumerate() {
+            let seq = u64::try_from(i).expect("small") + 1;
+            replay.apply(3, u).expect("valid");
+            let got = db.apply(seq, 3, u).expect("applied");
+            assert_eq!(got, replay);
+        }
+        // Out of order, or invalid here: refused, nothing written.
+        let e = db.apply(9, 3, &set("a", "b")).expect_err("gap");
+        assert!(
+            matches!(
+                e,
+                DbError::OutOfOrder {
+                    got: 9,
+                    have: 6,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = db
+            .apply(7, 3, &Update::RemoveGroup { name: "web".into() })
+            .expect_err("in use");
+        assert!(matches!(e, DbError::Diverged { seq: 7, .. }), "{e}");
+        assert_eq!(db.snapshot().expect("read"), want);
+        // A pending update survives until an apply makes it obsolete.
+        let pending = Pending {
+            seq: 7,
+            epoch: 4,
+            origin: 4,
+            update: set("a", "b"),
+        };
+        db.save_gum(&GumPersisted {
+            pending: Some(pending.clone()),
+        })
+        .expect("saved");
+    }
+    let mut db = ClusterDb::open(&path).expect("reopened");
+    assert_eq!(db.snapshot().expect("read"), want);
+    assert_eq!(
+        db.gum_persisted()
+            .expect("read")
+            .pending
+            .as_ref()
+            .map(|p| p.seq),
+        Some(7)
+    );
+    db.apply(7, 4, &set("a", "b")).expect("applied");
+    assert_eq!(db.gum_persisted().expect("read"), GumPersisted::default());
+
+    // A state transfer replaces everything, removals included.
+    let mut other = DbSnapshot::default();
+    other.apply(8, &set("only", "this")).expect("valid");
+    other.seq = 42;
+    db.install(&other).expect("installed");
+    drop(db);
+    let db = ClusterDb::open(&path).expect("reopened");
+    assert_eq!(db.snapshot().expect("read"), other);
+}
+
+#[test]
+fn an_aborted_transaction_leaves_no_trace() {
+    // What apply relies on: redb makes a transaction all or nothing across a reopen.
+    let dir = TempDir::new("abort");
+    let path = dir.0.join("cluster.redb");
+    let before = {
+        let mut db = ClusterDb::open(&path).expect("created");
+        db.apply(1, 1, &set("a", "1")).expect("applied");
+        let before = db.snapshot().expect("read");
+        let txn = db.db.begin_write().expect("txn");
+        {
+            let mut props = txn.open_table(PROPERTIES).expect("table");
+            props.insert("a", "torn").expect("insert");
+            let mut meta = txn.open_table(META).expect("table");
+            meta.insert(KEY_SEQ, 2u64.to_le_bytes().as_slice())
+                .expect("insert");
+        }
+        txn.abort().expect("aborted");
+        before
+    };
+    let db = ClusterDb::open(&path).expect("reopened");
+    assert_eq!(db.snapshot().expect("read"), before);
+}
+
+#[test]
+fn corrupt_and_foreign_files_are_clear_errors() {
+    let dir = TempDir::new("corrupt");
+    // Garbage.
+    let garbage = dir.0.join("garbage.redb");
+    std::fs::write(&garbage, vec![0x5a; 64 * 1024]).expect("write");
+    let e = ClusterDb::open(&garbage).expect_err("garbage");
+    assert!(e.to_string().contains("garbage.redb"), "{e}");
+    // A valid database whose pages were altered behind redb's back.
+    let altered = dir.0.join("altered.redb");
+    {
+        let mut db = ClusterDb::open(&altered).expect("created");
+        for i in 0..50u64 {
+            db.apply(i + 1, 1, &set(&format!("key{i}"), &"v".repeat(500)))
+                .expect("applied");
+        }
+    }
+    let mut bytes = std::fs::read(&altered).expect("read");
+    let len = bytes.len();
+    for b in bytes.iter_mut().skip(len / 3).take(len / 3) {
+        *b ^= 0xa5;
+    }
+    std::fs::write(&altered, &bytes).expect("write");
+    match ClusterDb::open(&altered) {
+        Err(e) => assert!(e.to_string().contains("altered.redb"), "{e}"),
+        Ok(db) => {
+            // If the damage missed every live page, the content must still be intact.
+            let s = db.snapshot().expect("intact");
+            assert_eq!(s.seq, 50);
+        }
+    }
+    // A redb file of something else.
+    let foreign = dir.0.join("registry.redb");
+    {
+        let db = Database::create(&foreign).expect("created");
+        let txn = db.begin_write().expect("txn");
+        {
+            let def: TableDefinition<&str, &[u8]> = TableDefinition::new("services");
+            let mut t = txn.open_table(def).expect("table");
+            t.insert("x", b"y".as_slice()).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let e = ClusterDb::open(&foreign).expect_err("foreign");
+    assert!(e.to_string().contains("not a cluster database"), "{e}");
+    // A garbled record inside a valid database.
+    let garbled = dir.0.join("garbled.redb");
+    {
+        let db = ClusterDb::open(&garbled).expect("created");
+        let txn = db.db.begin_write().expect("txn");
+        {
+            let mut t = txn.open_table(GROUPS).expect("table");
+            t.insert("g", b"\xc1\xc1".as_slice()).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let e = ClusterDb::open(&garbled).expect_err("garbled");
+    assert!(e.to_string().contains("group \"g\""), "{e}");
+}
+
+fn record(seq: u64, written: u64) -> DiskRecord {
+    let mut committed = DbSnapshot::default();
+    for i in 0..seq {
+        committed
+            .apply(written, &set(&format!("k{i}"), "v"))
+            .expect("valid");
+    }
+    DiskRecord {
+        committed,
+        pending: None,
+        written,
+    }
+}
+
+const HASH: u64 = 0x1234_5678;
+
+#[test]
+fn the_disk_area_alternates_copies_and_keeps_the_newest() {
+    let mut disk = MemDisk::new(DB_AREA_END);
+    let empty = read_disk_area(&mut disk, HASH).expect("read");
+    assert_eq!(empty, DiskArea::default());
+    let r1 = record(1, 1);
+    write_disk_area(&mut disk, HASH, &r1).expect("written");
+    let a = read_disk_area(&mut disk, HASH).expect("read");
+    assert_eq!((a.record.as_ref(), a.copy), (Some(&r1), Some(DiskCopy::A)));
+    let mut r2 = record(1, 2);
+    r2.pending = Some(Pending {
+        seq: 2,
+        epoch: 2,
+        origin: 2,
+        update: set("p", "q"),
+    });
+    write_disk_area(&mut disk, HASH, &r2).expect("written");
+    let a = read_disk_area(&mut disk, HASH).expect("read");
+    assert_eq!((a.record.as_ref(), a.copy), (Some(&r2), Some(DiskCopy::B)));
+    let r3 = record(2, 2);
+    write_disk_area(&mut disk, HASH, &r3).expect("written");
+    let a = read_disk_area(&mut disk, HASH).expect("read");
+    assert_eq!((a.record.as_ref(), a.copy), (Some(&r3), Some(DiskCopy::A)));
+    // Another cluster sees nothing it trusts.
+    let other = read_disk_area(&mut disk, HASH + 1).expect("read");
+    assert_eq!(other.record, None);
+    assert_eq!(other.unreadable.len(), 2);
+}
+
+#[test]
+fn torn_and_corrupt_copies_read_as_absent() {
+    let mut disk = MemDisk::new(DB_AREA_END);
+    let old = record(3, 1);
+    write_disk_area(&mut disk, HASH, &old).expect("written"); // copy A
+    let new = record(4, 2);
+    // A write torn after its payload: B's payload is new, its header never landed.
+    let sectors = encode_disk_copy(HASH, DiskCopy::B, &new).expect("encodes");
+    for (i, s) in sectors.iter().enumerate().skip(1) {
+        disk.put(DiskCopy::B.first_sector() + i as u64, s);
+    }
+    let a = read_disk_area(&mut disk, HASH).expect("read");
+    assert_eq!(a.record.as_ref(), Some(&old));
+    // The header lands torn (half of it).
+    let mut torn = disk.sector(DiskCopy::B.first_sector());
+    torn[..SECTOR_SIZE / 2].copy_from_slice(&sectors[0][..SECTOR_SIZE / 2]);
+    disk.put(DiskCopy::B.first_sector(), &torn);
+    let a = read_disk_area(&mut disk, HASH).expect("read");
+    assert_eq!(a.record.as_ref(), Some(&old));
+    assert_eq!(a.unreadable.len(), 1);
+    // The whole new copy lands: it wins.
+    disk.put(DiskCopy::B.first_sector(), &sectors[0]);
+    let a = read_disk_area(&mut disk, HASH).expect("read");
+    assert_eq!(a.record.as_ref(), Some(&new));
+    // A flipped bit in the newest payload: the older copy is used.
+    disk.flip_bit(DiskCopy::B.first_sector() + 1, 77);
+    let a = read_disk_area(&mut disk, HASH).expect("read");
+    assert_eq!(a.record.as_ref(), Some(&old));
+    assert!(a.unreadable.iter().any(|(c, _)| *c == DiskCopy::B));
+    // The next write goes over the broken copy, never over the good one.
+    let newer = record(5, 3);
+    write_disk_area(&mut disk, HASH, &newer).expect("written");
+    let a = read_disk_area(&mut disk, HASH).expect("read");
+    assert_eq!(
+        (a.record.as_ref(), a.copy),
+        (Some(&newer), Some(DiskCopy::B))
+    );
+    // Both copies garbled: absent, with both reported, and no panic.
+    disk.flip_bit(DiskCopy::A.first_sector(), 3);
+    disk.flip_bit(DiskCopy::B.first_sector(), 3);
+    let a = read_disk_area(&mut disk, HASH).expect("read");
+    assert_eq!(a.record, None);
+    assert_eq!(a.unreadable.len(), 2);
+    // Random garbage headers with a valid checksum but absurd lengths are refused.
+    let mut h = sectors[0];
+    h[32..36].copy_from_slice(&u32::MAX.to_le_bytes());
+    let crc = crc32c::crc32c(&h[..HEADER_CRC_OFFSET]);
+    h[HEADER_CRC_OFFSET..].copy_from_slice(&crc.to_le_bytes());
+    assert!(matches!(
+        decode_disk_header(HASH, DiskCopy::B, &h),
+        HeaderState::Unknown(_)
+    ));
+    assert!(matches!(
+        decode_disk_header(HASH, DiskCopy::A, &sectors[0]),
+        HeaderState::Unknown(_)
+    ));
+}
+
+#[test]
+fn disk_io_errors_are_errors() {
+    struct Broken;
+    impl Disk for Broken {
+        fn read_sectors(&mut self, _: u64, _: u64) -> io::Result<Vec<[u8; SECTOR_SIZE]>> {
+            Err(io::Error::other("EIO"))
+        }
+        fn write_sector(&mut self, _: u64, _: &[u8; SECTOR_SIZE]) -> io::Result<()> {
+            Err(io::Error::other("EIO"))
+        }
+    }
+    assert!(matches!(
+        read_disk_area(&mut Broken, HASH),
+        Err(DbError::DiskIo(_))
+    ));
+    assert!(matches!(
+        write_disk_area(&mut Broken, HASH, &record(1, 1)),
+        Err(DbError::DiskIo(_))
+    ));
+    // A disk too small for the area fails cleanly.
+    let mut small = MemDisk::new(DB_AREA_FIRST_SECTOR + 1);
+    assert!(write_disk_area(&mut small, HASH, &record(1, 1)).is_err());
+}
