@@ -1,7 +1,8 @@
-//! Hosts for multi-node tests: one network namespace per node, all plugged into a bridge that
-//! lives in its own namespace, so a test can cut a node off (its bridge port down) and heal it
-//! again. Names are unique per test, and `Drop` deletes every namespace (which deletes the veth
-//! pairs and the bridge with them), also when the test fails.
+//! Hosts for multi-node tests: one network namespace per node, plugged into one bridge per
+//! network (the bridges live in their own namespace), so a test can cut a node off (its bridge
+//! ports down), cut a single network of a node, and heal them again. Names are unique per test,
+//! and `Drop` deletes every namespace (which deletes the veth pairs and the bridges with them),
+//! also when the test fails.
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
@@ -25,22 +26,29 @@ fn ip(args: &[&str]) {
     );
 }
 
-/// A set of nodes on one switched network.
+/// A set of nodes on one or more switched networks.
 #[derive(Debug)]
 pub struct Lab {
     /// Namespace names, one per node.
     nodes: Vec<String>,
-    /// The namespace holding the bridge.
+    /// The namespace holding the bridges.
     switch: String,
-    /// Bridge-side interface of each node's link.
-    ports: Vec<String>,
+    /// Bridge-side interface of each node's link, per network: `ports[net][node]`.
+    ports: Vec<Vec<String>>,
     subnet: u8,
 }
 
 impl Lab {
-    /// `n` nodes (at most 200), node `i` at `10.<subnet>.0.<i + 1>/24`.
+    /// `n` nodes (at most 200) on one network, node `i` at `10.<subnet>.0.<i + 1>/24`.
     pub fn new(n: usize) -> Lab {
+        Lab::with_networks(n, 1)
+    }
+
+    /// `n` nodes (at most 200) on `networks` separate networks (at most 8): network `k` is a
+    /// bridge of its own, node `i` is `10.<subnet>.<k>.<i + 1>/24` on it (interface `eth<k>`).
+    pub fn with_networks(n: usize, networks: usize) -> Lab {
         assert!((1..=200).contains(&n), "a lab has 1-200 nodes");
+        assert!((1..=8).contains(&networks), "a lab has 1-8 networks");
         // Interface names have at most 15 bytes and must be unique only inside a namespace,
         // but namespace names are global: pid + counter keeps parallel tests apart.
         let id = format!(
@@ -52,50 +60,79 @@ impl Lab {
         let mut lab = Lab {
             nodes: Vec::new(),
             switch: format!("ftsw-{id}"),
-            ports: Vec::new(),
+            ports: vec![Vec::new(); networks],
             subnet,
         };
         ip(&["netns", "add", &lab.switch]);
-        ip(&["-n", &lab.switch, "link", "add", "br0", "type", "bridge"]);
-        ip(&["-n", &lab.switch, "link", "set", "br0", "up"]);
+        for k in 0..networks {
+            let br = format!("br{k}");
+            ip(&["-n", &lab.switch, "link", "add", &br, "type", "bridge"]);
+            ip(&["-n", &lab.switch, "link", "set", &br, "up"]);
+        }
         for i in 0..n {
             let ns = format!("ftn{i}-{id}");
             ip(&["netns", "add", &ns]);
             lab.nodes.push(ns.clone());
-            let port = format!("p{i}");
-            // Create the pair inside the switch namespace, then move the node end.
-            ip(&[
-                "-n",
-                &lab.switch,
-                "link",
-                "add",
-                &port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-            ]);
-            ip(&["-n", &lab.switch, "link", "set", "eth0", "netns", &ns]);
-            ip(&["-n", &lab.switch, "link", "set", &port, "master", "br0"]);
-            ip(&["-n", &lab.switch, "link", "set", &port, "up"]);
-            let addr = format!("{}/24", lab.addr(i));
-            ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth0"]);
-            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            for k in 0..networks {
+                // Network 0 keeps the names of the one-network lab (p<i>, eth0).
+                let port = if k == 0 {
+                    format!("p{i}")
+                } else {
+                    format!("p{i}n{k}")
+                };
+                let dev = format!("eth{k}");
+                // Create the pair inside the switch namespace, then move the node end.
+                ip(&[
+                    "-n",
+                    &lab.switch,
+                    "link",
+                    "add",
+                    &port,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    &dev,
+                ]);
+                ip(&["-n", &lab.switch, "link", "set", &dev, "netns", &ns]);
+                ip(&[
+                    "-n",
+                    &lab.switch,
+                    "link",
+                    "set",
+                    &port,
+                    "master",
+                    &format!("br{k}"),
+                ]);
+                ip(&["-n", &lab.switch, "link", "set", &port, "up"]);
+                let addr = format!("{}/24", lab.addr_on(k, i));
+                ip(&["-n", &ns, "addr", "add", &addr, "dev", &dev]);
+                ip(&["-n", &ns, "link", "set", &dev, "up"]);
+                lab.ports[k].push(port);
+            }
             ip(&["-n", &ns, "link", "set", "lo", "up"]);
-            lab.ports.push(port);
         }
         lab
     }
 
-    /// Node `i`'s address.
+    /// Node `i`'s address on network 0.
     pub fn addr(&self, i: usize) -> Ipv4Addr {
+        self.addr_on(0, i)
+    }
+
+    /// Node `i`'s address on network `net`.
+    pub fn addr_on(&self, net: usize, i: usize) -> Ipv4Addr {
         Ipv4Addr::new(
             10,
             self.subnet,
-            0,
+            u8::try_from(net).expect("≤ 8 networks"),
             u8::try_from(i + 1).expect("≤ 200 nodes"),
         )
+    }
+
+    /// How many networks the lab has.
+    pub fn networks(&self) -> usize {
+        self.ports.len()
     }
 
     /// Node `i`'s namespace name.
@@ -103,14 +140,35 @@ impl Lab {
         &self.nodes[i]
     }
 
-    /// Cuts node `i` off the network (its bridge port goes down).
+    /// Cuts node `i` off every network (its bridge ports go down).
     pub fn cut(&self, i: usize) {
-        ip(&["-n", &self.switch, "link", "set", &self.ports[i], "down"]);
+        for net in 0..self.networks() {
+            self.cut_link(net, i);
+        }
     }
 
-    /// Plugs node `i` back in.
+    /// Plugs node `i` back into every network.
     pub fn heal(&self, i: usize) {
-        ip(&["-n", &self.switch, "link", "set", &self.ports[i], "up"]);
+        for net in 0..self.networks() {
+            self.heal_link(net, i);
+        }
+    }
+
+    /// Cuts node `i` off network `net` only.
+    pub fn cut_link(&self, net: usize, i: usize) {
+        ip(&[
+            "-n",
+            &self.switch,
+            "link",
+            "set",
+            &self.ports[net][i],
+            "down",
+        ]);
+    }
+
+    /// Plugs node `i` back into network `net`.
+    pub fn heal_link(&self, net: usize, i: usize) {
+        ip(&["-n", &self.switch, "link", "set", &self.ports[net][i], "up"]);
     }
 
     /// Makes `cmd` run inside node `i`'s network namespace (only the network: the file system
@@ -163,5 +221,24 @@ mod tests {
         let name = lab.netns(0).to_owned();
         drop(lab);
         assert!(!std::path::Path::new(&format!("/run/netns/{name}")).exists());
+    }
+
+    #[test]
+    fn one_network_can_be_cut_while_the_other_works() {
+        let lab = Lab::with_networks(2, 2);
+        let ping = |from: usize, net: usize, to: usize| {
+            let mut cmd = Command::new("ping");
+            cmd.args(["-c", "1", "-W", "1", &lab.addr_on(net, to).to_string()]);
+            lab.enter(from, &mut cmd);
+            cmd.output().expect("run ping").status.success()
+        };
+        assert!(ping(0, 0, 1) && ping(0, 1, 1));
+        lab.cut_link(1, 1);
+        assert!(ping(0, 0, 1));
+        assert!(!ping(0, 1, 1));
+        lab.cut(1);
+        assert!(!ping(0, 0, 1));
+        lab.heal(1);
+        assert!(ping(0, 0, 1) && ping(0, 1, 1));
     }
 }

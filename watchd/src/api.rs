@@ -67,6 +67,33 @@ pub enum Request {
     },
     /// The state of every replicated fileset on this node.
     ReplStatus,
+    /// The cluster as this node sees it: view, quorum, every node (`ftctl cluster
+    /// status|nodes`).
+    ClusterStatus,
+    /// Recent cluster events (`ftctl cluster events`).
+    ClusterEvents {
+        /// Only the last `last` events (all kept ones when absent).
+        last: Option<usize>,
+    },
+    /// Pause (a member that may own no groups) or resume a member.
+    NodePause {
+        /// The member.
+        node: String,
+        /// Pause (true) or resume.
+        paused: bool,
+    },
+    /// Make a node leave the cluster on purpose (only the node itself can).
+    NodeLeave {
+        /// The node.
+        node: String,
+    },
+    /// This node's copy of the cluster database (`ftctl cluster db`).
+    ClusterDb,
+    /// Change the cluster database through a global update (`ftctl cluster set|unset|update`).
+    ClusterUpdate {
+        /// The change.
+        update: cluster::gum::Update,
+    },
 }
 
 /// What watchd answers.
@@ -84,6 +111,15 @@ pub enum Response {
     Repl {
         /// One report per configured fileset.
         filesets: Vec<crate::repl::FilesetReport>,
+    },
+    /// Answer to `ClusterStatus`.
+    Cluster(Box<crate::node::report::ClusterStatus>),
+    /// Answer to `ClusterDb`.
+    ClusterDb(Box<crate::node::report::DbReport>),
+    /// Answer to `ClusterEvents`.
+    ClusterEvents {
+        /// Oldest first.
+        events: Vec<crate::node::report::ClusterEvent>,
     },
     /// One event (`events` sends one line per event, then `end` unless following).
     Event(EventRecord),

@@ -501,10 +501,15 @@ impl Config {
         {
             *shim = base.join(&*shim);
         }
-        if let Some(c) = &mut self.cluster
-            && c.secret_file.is_relative()
-        {
-            c.secret_file = base.join(&c.secret_file);
+        if let Some(c) = &mut self.cluster {
+            if c.secret_file.is_relative() {
+                c.secret_file = base.join(&c.secret_file);
+            }
+            if let Some(disk) = &mut c.quorum_disk
+                && disk.is_relative()
+            {
+                *disk = base.join(&*disk);
+            }
         }
         for f in &mut self.filesets {
             if f.path.is_relative() {

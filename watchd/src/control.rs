@@ -14,7 +14,10 @@ use tokio::net::{UnixListener, UnixStream};
 use crate::api::{MAX_REQUEST_LINE, Request, Response, ServiceStatus, StatusReport};
 use crate::logs;
 use crate::machine::{Input, View};
+use crate::node::{NodeHandle, NodeRequestError};
 use crate::supervisor::{RootMsg, ServiceMsg, Shared};
+use cluster::db::UpdateError;
+use cluster::gum::GumError;
 
 /// How long a service actor may take to report its status.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -25,15 +28,22 @@ const DEFAULT_LOG_TAIL: u64 = 64 * 1024;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves the control socket until the process ends.
-pub async fn serve(listener: UnixListener, shared: Arc<Shared>, root: ActorRef<RootMsg>) {
+/// Serves the control socket until the process ends. `node` is the cluster node, when this
+/// watchd is one.
+pub async fn serve(
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    root: ActorRef<RootMsg>,
+    node: Option<Arc<NodeHandle>>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let shared = shared.clone();
                 let root = root.clone();
+                let node = node.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = connection(stream, &shared, &root).await {
+                    if let Err(e) = connection(stream, &shared, &root, node.as_deref()).await {
                         tracing::debug!(error = %e, "control connection ended with an error");
                     }
                 });
@@ -50,6 +60,7 @@ async fn connection(
     stream: UnixStream,
     shared: &Shared,
     root: &ActorRef<RootMsg>,
+    node: Option<&NodeHandle>,
 ) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
     let own_uid = nix::unistd::geteuid().as_raw();
@@ -224,6 +235,20 @@ async fn connection(
             };
             send(&mut write, &response).await
         }
+        Request::ClusterStatus
+        | Request::ClusterEvents { .. }
+        | Request::ClusterDb
+        | Request::ClusterUpdate { .. }
+        | Request::NodePause { .. }
+        | Request::NodeLeave { .. } => {
+            let response = match node {
+                None => Response::NotFound {
+                    what: "cluster: this watchd has no [cluster] table".into(),
+                },
+                Some(node) => cluster_request(node, request).await,
+            };
+            send(&mut write, &response).await
+        }
         Request::InjectPanic { service } => {
             if !shared.test_hooks {
                 return send(
@@ -256,6 +281,42 @@ async fn connection(
                 }
             }
         }
+    }
+}
+
+/// The cluster requests (the caller checked that this watchd is a cluster node).
+async fn cluster_request(node: &NodeHandle, request: Request) -> Response {
+    let outcome = match request {
+        Request::ClusterStatus => return Response::Cluster(Box::new(node.status())),
+        Request::ClusterEvents { last } => {
+            return Response::ClusterEvents {
+                events: node.events(last),
+            };
+        }
+        Request::ClusterDb => return Response::ClusterDb(Box::new(node.db())),
+        Request::ClusterUpdate { update } => node
+            .update(update)
+            .await
+            .map(|seq| format!("update {seq} committed: every member of the view has it")),
+        Request::NodePause { node: name, paused } => node.set_paused(&name, paused).await,
+        Request::NodeLeave { node: name } => node.leave(&name).await,
+        other => Err(NodeRequestError::Refused(format!(
+            "not a cluster request: {other:?}"
+        ))),
+    };
+    match outcome {
+        Ok(message) => Response::Ok { message },
+        Err(NodeRequestError::UnknownNode(n)) => Response::NotFound {
+            what: format!("node `{n}`"),
+        },
+        Err(NodeRequestError::Update(GumError::Invalid(UpdateError::NotFound { what, name }))) => {
+            Response::NotFound {
+                what: format!("{what} `{name}` in the cluster database"),
+            }
+        }
+        Err(e) => Response::Error {
+            message: e.to_string(),
+        },
     }
 }
 

@@ -19,6 +19,7 @@ use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr};
 use crate::api::{CONTROL_SOCKET, EventRecord, Request, Response, ServiceStatus, StatusReport};
 use crate::config::{Config, ConfigError, DEFAULT_DATA_DIR};
 use crate::machine::{EventKind, View};
+use crate::node::report::{ClusterEvent, ClusterStatus, DbReport};
 
 /// The environment variable that names the control socket (below `--socket`, above `--config`).
 pub const SOCKET_ENV: &str = "FTCTL_SOCKET";
@@ -111,6 +112,83 @@ enum Command {
         #[command(subcommand)]
         command: ReplCommand,
     },
+    /// Cluster membership and quorum, as this node sees them.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+    /// Change a cluster node's membership.
+    Node {
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// This node, the view (epoch, members), quorum and votes, the disk owner, every node.
+    Status {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Every configured node: state (joining, online, paused, offline) and links.
+    Nodes {
+        /// One JSON object per node per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// This node's copy of the cluster database.
+    Db {
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a cluster property (a global update: every member applies it).
+    Set {
+        /// The property.
+        key: String,
+        /// Its value.
+        value: String,
+    },
+    /// Delete a cluster property.
+    Unset {
+        /// The property.
+        key: String,
+    },
+    /// Any change of the cluster database, as JSON (e.g. `{"op":"add_node","node":"d"}`).
+    Update {
+        /// The update.
+        json: String,
+    },
+    /// Recent membership and quorum events.
+    Events {
+        /// One JSON object per event per line.
+        #[arg(long)]
+        json: bool,
+        /// Only the last N kept events.
+        #[arg(long, value_name = "N")]
+        last: Option<usize>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Pause a member: it stays in the cluster but may own no groups.
+    Pause {
+        /// The node.
+        node: String,
+    },
+    /// Resume a paused member.
+    Resume {
+        /// The node.
+        node: String,
+    },
+    /// Make this node leave the cluster on purpose (no regroup; run it against NODE's watchd).
+    Leave {
+        /// The node (this node).
+        node: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -173,6 +251,9 @@ pub enum CtlError {
     /// watchd said the request failed.
     #[error("watchd: {0}")]
     Remote(String),
+    /// An argument is not what the command takes.
+    #[error("{0}")]
+    Usage(String),
     /// `--config` could not be used.
     #[error("{0}")]
     Config(#[from] ConfigError),
@@ -283,6 +364,45 @@ fn execute(
             stream: Some(*stream),
         },
         Command::Repl { .. } => Request::ReplStatus,
+        Command::Cluster {
+            command: ClusterCommand::Status { .. } | ClusterCommand::Nodes { .. },
+        } => Request::ClusterStatus,
+        Command::Cluster {
+            command: ClusterCommand::Events { last, .. },
+        } => Request::ClusterEvents { last: *last },
+        Command::Cluster {
+            command: ClusterCommand::Db { .. },
+        } => Request::ClusterDb,
+        Command::Cluster {
+            command: ClusterCommand::Set { key, value },
+        } => Request::ClusterUpdate {
+            update: cluster::gum::Update::SetProperty {
+                key: key.clone(),
+                value: value.clone(),
+            },
+        },
+        Command::Cluster {
+            command: ClusterCommand::Unset { key },
+        } => Request::ClusterUpdate {
+            update: cluster::gum::Update::DeleteProperty { key: key.clone() },
+        },
+        Command::Cluster {
+            command: ClusterCommand::Update { json },
+        } => Request::ClusterUpdate {
+            update: serde_json::from_str(json)
+                .map_err(|e| CtlError::Usage(format!("not a cluster database update: {e}")))?,
+        },
+        Command::Node { command } => match command {
+            NodeCommand::Pause { node } => Request::NodePause {
+                node: node.clone(),
+                paused: true,
+            },
+            NodeCommand::Resume { node } => Request::NodePause {
+                node: node.clone(),
+                paused: false,
+            },
+            NodeCommand::Leave { node } => Request::NodeLeave { node: node.clone() },
+        },
     };
     let mut conn = Connection::open(socket, cli.timeout)?;
     conn.send(&request)?;
@@ -302,7 +422,8 @@ fn execute(
         | Command::Stop { .. }
         | Command::Restart { .. }
         | Command::Reload
-        | Command::Checkpoint { .. } => match conn.answer()? {
+        | Command::Checkpoint { .. }
+        | Command::Node { .. } => match conn.answer()? {
             Response::Ok { message } => {
                 writeln!(out, "{}", sanitize(&message)).map_err(output_error)?;
                 Ok(Outcome::Success)
@@ -329,7 +450,263 @@ fn execute(
             }
             other => negative_or_fail(other, err),
         },
+        Command::Cluster { command } => match (command, conn.answer()?) {
+            (ClusterCommand::Status { json }, Response::Cluster(status)) => {
+                print_cluster_status(&status, *json, out)?;
+                Ok(Outcome::Success)
+            }
+            (ClusterCommand::Nodes { json }, Response::Cluster(status)) => {
+                print_cluster_nodes(&status, *json, out)?;
+                Ok(Outcome::Success)
+            }
+            (ClusterCommand::Events { json, .. }, Response::ClusterEvents { events }) => {
+                print_cluster_events(&events, *json, out)?;
+                Ok(Outcome::Success)
+            }
+            (ClusterCommand::Db { json }, Response::ClusterDb(db)) => {
+                print_cluster_db(&db, *json, out)?;
+                Ok(Outcome::Success)
+            }
+            (
+                ClusterCommand::Set { .. }
+                | ClusterCommand::Unset { .. }
+                | ClusterCommand::Update { .. },
+                Response::Ok { message },
+            ) => {
+                writeln!(out, "{}", sanitize(&message)).map_err(output_error)?;
+                Ok(Outcome::Success)
+            }
+            (_, other) => negative_or_fail(other, err),
+        },
     }
+}
+
+fn json_line(value: &impl serde::Serialize, out: &mut dyn Write) -> Result<(), CtlError> {
+    let line = serde_json::to_string(value).map_err(|e| CtlError::Unexpected(e.to_string()))?;
+    writeln!(out, "{line}").map_err(output_error)
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b { "yes" } else { "no" }
+}
+
+/// `ftctl cluster status`: a summary, then the nodes' table.
+fn print_cluster_status(
+    s: &ClusterStatus,
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    if json {
+        return json_line(s, out);
+    }
+    let q = &s.quorum;
+    let mut rows = vec![
+        vec!["cluster".to_owned(), s.cluster.clone()],
+        vec![
+            "node".to_owned(),
+            format!(
+                "{} (incarnation {}{}{})",
+                s.node,
+                s.incarnation,
+                if s.realtime { ", real-time" } else { "" },
+                if s.running {
+                    ""
+                } else {
+                    ", membership not running"
+                }
+            ),
+        ],
+        vec![
+            "view".to_owned(),
+            if s.epoch == 0 {
+                "none yet".to_owned()
+            } else {
+                format!("epoch {}: {}", s.epoch, s.members.join(" "))
+            },
+        ],
+        vec![
+            "quorum".to_owned(),
+            format!(
+                "{} ({} of {} votes, {} needed; {})",
+                yes_no(q.has_quorum),
+                q.votes,
+                q.total,
+                q.needed,
+                q.kind
+            ),
+        ],
+    ];
+    if let Some(disk) = &q.disk {
+        rows.push(vec![
+            "disk".to_owned(),
+            format!(
+                "{disk} (owner: {})",
+                q.disk_owner.as_deref().unwrap_or("none")
+            ),
+        ]);
+    }
+    rows.push(vec![
+        "acting".to_owned(),
+        if s.left {
+            "no (left the cluster)".to_owned()
+        } else {
+            yes_no(s.acting).to_owned()
+        },
+    ]);
+    rows.push(vec!["coordinator".to_owned(), s.coordinator.clone()]);
+    rows.push(vec![
+        "database".to_owned(),
+        format!(
+            "update {} (leader: {})",
+            s.db_seq,
+            s.db_leader.as_deref().unwrap_or("none")
+        ),
+    ]);
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| r.iter().map(|c| sanitize(c)).collect())
+        .collect();
+    let mut text = render_table(&rows);
+    text.push('\n');
+    text.push_str(&nodes_table(s));
+    out.write_all(text.as_bytes()).map_err(output_error)
+}
+
+fn nodes_table(s: &ClusterStatus) -> String {
+    let mut rows = vec![
+        ["NODE", "STATE", "MEMBER-SINCE", "LINKS"]
+            .map(String::from)
+            .to_vec(),
+    ];
+    for n in &s.nodes {
+        let links = if n.me {
+            "(this node)".to_owned()
+        } else if n.links.is_empty() {
+            "-".to_owned()
+        } else {
+            n.links
+                .iter()
+                .map(|l| {
+                    format!(
+                        "{} {}{}",
+                        l.network,
+                        if l.connected { "up" } else { "down" },
+                        l.heard_ms_ago
+                            .map(|ms| format!(" (heard {} ago)", format_millis(ms)))
+                            .unwrap_or_default()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let state = serde_json::to_value(n.state)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_else(|| format!("{:?}", n.state));
+        rows.push(
+            [
+                n.name.clone(),
+                state,
+                n.member_since
+                    .map_or_else(|| "-".to_owned(), |e| format!("epoch {e}")),
+                links,
+            ]
+            .iter()
+            .map(|c| sanitize(c))
+            .collect(),
+        );
+    }
+    render_table(&rows)
+}
+
+/// `ftctl cluster nodes`.
+fn print_cluster_nodes(s: &ClusterStatus, json: bool, out: &mut dyn Write) -> Result<(), CtlError> {
+    if json {
+        for n in &s.nodes {
+            json_line(n, out)?;
+        }
+        return Ok(());
+    }
+    out.write_all(nodes_table(s).as_bytes())
+        .map_err(output_error)
+}
+
+/// `ftctl cluster db`: the properties, then nodes, groups and resources.
+fn print_cluster_db(db: &DbReport, json: bool, out: &mut dyn Write) -> Result<(), CtlError> {
+    if json {
+        return json_line(db, out);
+    }
+    let c = &db.content;
+    let mut text = format!(
+        "cluster database at update {} (committed in view {}; leader {})\n",
+        db.seq,
+        db.epoch,
+        sanitize(db.leader.as_deref().unwrap_or("none"))
+    );
+    let props = |m: &std::collections::BTreeMap<String, String>| {
+        m.iter()
+            .map(|(k, v)| format!("{}={}", sanitize(k), sanitize(v)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut rows = vec![["KIND", "NAME", "DETAILS"].map(String::from).to_vec()];
+    for (k, v) in &c.properties {
+        rows.push(vec!["property".into(), sanitize(k), sanitize(v)]);
+    }
+    for (n, p) in &c.nodes {
+        rows.push(vec!["node".into(), sanitize(n), props(p)]);
+    }
+    for g in c.groups.values() {
+        rows.push(vec![
+            "group".into(),
+            sanitize(&g.name),
+            format!(
+                "preferred: {} {}",
+                sanitize(&g.preferred_owners.join(",")),
+                props(&g.properties)
+            ),
+        ]);
+    }
+    for r in c.resources.values() {
+        rows.push(vec![
+            "resource".into(),
+            sanitize(&r.name),
+            format!(
+                "group {} kind {} depends on [{}] {}",
+                sanitize(&r.group),
+                sanitize(&r.kind),
+                sanitize(&r.depends_on.join(",")),
+                props(&r.properties)
+            ),
+        ]);
+    }
+    if rows.len() > 1 {
+        text.push_str(&render_table(&rows));
+    }
+    out.write_all(text.as_bytes()).map_err(output_error)
+}
+
+/// `ftctl cluster events`.
+fn print_cluster_events(
+    events: &[ClusterEvent],
+    json: bool,
+    out: &mut dyn Write,
+) -> Result<(), CtlError> {
+    for e in events {
+        if json {
+            json_line(e, out)?;
+        } else {
+            writeln!(
+                out,
+                "{}  {}  {}",
+                format_local_time(e.time_ms),
+                sanitize(&e.kind),
+                sanitize(&e.detail)
+            )
+            .map_err(output_error)?;
+        }
+    }
+    Ok(())
 }
 
 /// `ftctl repl status`: one line per (fileset, backup) on a primary, one per fileset on a
@@ -500,6 +877,9 @@ fn response_name(r: &Response) -> &'static str {
         Response::Ok { .. } => "ok",
         Response::Status(_) => "status",
         Response::Repl { .. } => "repl",
+        Response::Cluster(_) => "cluster",
+        Response::ClusterEvents { .. } => "cluster_events",
+        Response::ClusterDb(_) => "cluster_db",
         Response::Event(_) => "event",
         Response::End => "end",
         Response::Logs { .. } => "logs",
@@ -1608,5 +1988,260 @@ mod tests {
         assert_eq!(t.len(), "2023-11-14T22:13:20.123+00:00".len(), "{t}");
         assert!(t.contains(".123"), "{t}");
         assert_eq!(kind_name(EventKind::SpawnFailed), "spawn_failed");
+    }
+
+    fn cluster_status() -> ClusterStatus {
+        use crate::node::report::{NodeReport, QuorumReport};
+        use crate::node::transport::{LinkReport, TransportStats};
+        use cluster::membership::NodeState;
+        let node = |name: &str, state, me, since: Option<u64>| NodeReport {
+            name: name.into(),
+            state,
+            me,
+            reachable: !me && state != NodeState::Offline,
+            member_since: since,
+            links: if me {
+                Vec::new()
+            } else {
+                vec![LinkReport {
+                    network: "net0".into(),
+                    address: "10.0.0.2:7400".into(),
+                    connected: state != NodeState::Offline,
+                    heard_ms_ago: Some(if state == NodeState::Offline {
+                        4200
+                    } else {
+                        35
+                    }),
+                }]
+            },
+        };
+        ClusterStatus {
+            cluster: "demo".into(),
+            node: "a".into(),
+            incarnation: 3,
+            running: true,
+            left: false,
+            epoch: 5,
+            members: vec!["a".into(), "b".into()],
+            coordinator: "a".into(),
+            acting: true,
+            quorum: QuorumReport {
+                kind: "disk".into(),
+                has_quorum: true,
+                votes: 3,
+                needed: 3,
+                total: 4,
+                disk: Some("/srv/qd".into()),
+                disk_owner: Some("a".into()),
+            },
+            realtime: true,
+            nodes: vec![
+                node("a", NodeState::Online, true, Some(1)),
+                node("b", NodeState::Paused, false, Some(4)),
+                node("c", NodeState::Offline, false, None),
+            ],
+            transport: TransportStats::default(),
+            db_seq: 7,
+            db_leader: Some("a".into()),
+        }
+    }
+
+    #[test]
+    fn cluster_status_shows_view_quorum_acting_and_nodes() {
+        let fake = FakeWatchd::start(answer_with(vec![Response::Cluster(Box::new(
+            cluster_status(),
+        ))]));
+        let out = ctl(&["--socket", fake.socket(), "cluster", "status"]);
+        assert_eq!(fake.request(), Request::ClusterStatus);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        for needle in [
+            "epoch 5: a b",
+            "yes (3 of 4 votes, 3 needed; disk)",
+            "/srv/qd (owner: a)",
+            "a (incarnation 3, real-time)",
+            "update 7 (leader: a)",
+        ] {
+            assert!(out.stdout.contains(needle), "{needle:?} in\n{}", out.stdout);
+        }
+        let acting = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("acting"))
+            .expect("an acting line");
+        assert!(acting.ends_with("yes"), "{acting}");
+        let b = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("b "))
+            .expect("a row for b");
+        assert!(
+            b.contains("paused") && b.contains("epoch 4") && b.contains("net0 up (heard 35ms ago)"),
+            "{b}"
+        );
+        let c = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with("c "))
+            .expect("a row for c");
+        assert!(
+            c.contains("offline") && c.contains("net0 down (heard 4.2s ago)"),
+            "{c}"
+        );
+
+        let fake = FakeWatchd::start(answer_with(vec![Response::Cluster(Box::new(
+            cluster_status(),
+        ))]));
+        let out = ctl(&["--socket", fake.socket(), "cluster", "status", "--json"]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let parsed: ClusterStatus = serde_json::from_str(out.stdout.trim()).expect("one object");
+        assert_eq!(parsed, cluster_status());
+
+        let fake = FakeWatchd::start(answer_with(vec![Response::Cluster(Box::new(
+            cluster_status(),
+        ))]));
+        let out = ctl(&["--socket", fake.socket(), "cluster", "nodes", "--json"]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let states: Vec<String> = out
+            .stdout
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("json line");
+                v["state"].as_str().expect("state").to_owned()
+            })
+            .collect();
+        assert_eq!(states, ["online", "paused", "offline"]);
+    }
+
+    #[test]
+    fn cluster_events_and_node_commands() {
+        let events = vec![ClusterEvent {
+            seq: 1,
+            time_ms: 1_700_000_000_000,
+            kind: "suspected".into(),
+            detail: "c stopped answering on every network".into(),
+        }];
+        let fake = FakeWatchd::start(answer_with(vec![Response::ClusterEvents {
+            events: events.clone(),
+        }]));
+        let out = ctl(&[
+            "--socket",
+            fake.socket(),
+            "cluster",
+            "events",
+            "--last",
+            "3",
+        ]);
+        assert_eq!(fake.request(), Request::ClusterEvents { last: Some(3) });
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert!(
+            out.stdout
+                .contains("  suspected  c stopped answering on every network"),
+            "{}",
+            out.stdout
+        );
+        let db = DbReport {
+            seq: 2,
+            epoch: 4,
+            leader: Some("a".into()),
+            content: cluster::db::DbContent {
+                properties: [("color".to_owned(), "blue".to_owned())].into(),
+                ..Default::default()
+            },
+        };
+        let fake = FakeWatchd::start(answer_with(vec![Response::ClusterDb(Box::new(db))]));
+        let out = ctl(&["--socket", fake.socket(), "cluster", "db"]);
+        assert_eq!(fake.request(), Request::ClusterDb);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert!(
+            out.stdout
+                .starts_with("cluster database at update 2 (committed in view 4; leader a)")
+                && out.stdout.contains("property  color  blue"),
+            "{}",
+            out.stdout
+        );
+        let out = ctl(&[
+            "--socket",
+            "/nonexistent",
+            "cluster",
+            "update",
+            "{\"op\":\"nope\"}",
+        ]);
+        assert_eq!(out.code, 2);
+        assert!(
+            out.stderr.contains("not a cluster database update"),
+            "{}",
+            out.stderr
+        );
+        let cases: [(&[&str], Request, Response, i32); 6] = [
+            (
+                &["node", "pause", "b"],
+                Request::NodePause {
+                    node: "b".into(),
+                    paused: true,
+                },
+                Response::Ok {
+                    message: "pause of b requested".into(),
+                },
+                0,
+            ),
+            (
+                &["node", "resume", "b"],
+                Request::NodePause {
+                    node: "b".into(),
+                    paused: false,
+                },
+                Response::NotFound {
+                    what: "node `b`".into(),
+                },
+                1,
+            ),
+            (
+                &["node", "leave", "b"],
+                Request::NodeLeave { node: "b".into() },
+                Response::Error {
+                    message: "a node leaves on its own".into(),
+                },
+                2,
+            ),
+            (
+                &["cluster", "status"],
+                Request::ClusterStatus,
+                Response::NotFound {
+                    what: "cluster: this watchd has no [cluster] table".into(),
+                },
+                1,
+            ),
+            (
+                &["cluster", "set", "color", "red"],
+                Request::ClusterUpdate {
+                    update: cluster::gum::Update::SetProperty {
+                        key: "color".into(),
+                        value: "red".into(),
+                    },
+                },
+                Response::Ok {
+                    message: "update 3 committed".into(),
+                },
+                0,
+            ),
+            (
+                &["cluster", "unset", "size"],
+                Request::ClusterUpdate {
+                    update: cluster::gum::Update::DeleteProperty { key: "size".into() },
+                },
+                Response::NotFound {
+                    what: "property `size`".into(),
+                },
+                1,
+            ),
+        ];
+        for (args, request, response, code) in cases {
+            let fake = FakeWatchd::start(answer_with(vec![response]));
+            let mut argv = vec!["--socket", fake.socket()];
+            argv.extend_from_slice(args);
+            let out = ctl(&argv);
+            assert_eq!(fake.request(), request, "{args:?}");
+            assert_eq!(out.code, code, "{args:?}: {} {}", out.stdout, out.stderr);
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! Assembles a running watchd: data directory and its lock, registry, cgroup root, application
-//! listener, actor tree, control server, and the signals (SIGHUP reloads; SIGTERM and SIGINT
-//! stop every service, then watchd).
+//! listener, actor tree, cluster node (its thread, listeners and membership), control server,
+//! and the signals (SIGHUP reloads; SIGTERM and SIGINT stop every service, then watchd).
 //!
 //! Nothing here makes a supervision decision; it only wires the parts together.
 
@@ -18,6 +18,9 @@ use crate::config::Config;
 use crate::events::Events;
 use crate::listener::{self, Counters, Directory, Protocol};
 use crate::machine::Input;
+use crate::node::NodeHandle;
+use crate::node::rt::NodeRuntime;
+use crate::node::store::Store;
 use crate::registry::Registry;
 use crate::supervisor::{Root, RootArgs, RootMsg, ServiceMsg, Shared};
 use crate::{control, logs};
@@ -83,10 +86,35 @@ pub async fn run(config_path: PathBuf, config: Config, options: Options) -> anyh
         notify_socket.clone(),
         options.test_hooks,
     ));
-    if let Some(setup) = crate::repl::setup(&config, &instance_name(&data_dir))
-        .await
-        .context("cannot set up file replication")?
-    {
+    // A cluster node gets its own real-time thread; the cluster listeners are bound there so
+    // that heartbeats are read on time however busy this thread is.
+    let node_rt = match &config.cluster {
+        Some(_) => Some(NodeRuntime::start().context("cannot start the cluster node thread")?),
+        None => None,
+    };
+    let repl_setup = match &node_rt {
+        Some(rt) => {
+            let (cfg, instance) = (config.clone(), instance_name(&data_dir));
+            rt.handle()
+                .spawn(async move { crate::repl::setup(&cfg, &instance).await })
+                .await
+                .context("the cluster node thread failed")?
+        }
+        None => crate::repl::setup(&config, &instance_name(&data_dir)).await,
+    }
+    .context("cannot set up file replication")?;
+    let cluster_node = match (&node_rt, &repl_setup) {
+        (Some(rt), Some(setup)) => {
+            let store = Store::open(&data_dir).context("cannot open the cluster state")?;
+            Some(Arc::new(
+                NodeHandle::start(&config, rt, setup.listeners(), store)
+                    .await
+                    .context("cannot start cluster membership")?,
+            ))
+        }
+        _ => None,
+    };
+    if let Some(setup) = repl_setup {
         let _ = shared.repl_env.set(setup.env.clone());
         let (repl, _) = Actor::spawn(
             None,
@@ -146,6 +174,7 @@ pub async fn run(config_path: PathBuf, config: Config, options: Options) -> anyh
         control_listener,
         shared.clone(),
         root.clone(),
+        cluster_node.clone(),
     ));
     tokio::spawn(rotate_logs(shared.clone(), log_max, log_keep));
     shared.events.emit(
@@ -174,6 +203,9 @@ pub async fn run(config_path: PathBuf, config: Config, options: Options) -> anyh
     shutdown(&shared, max_grace + SHUTDOWN_MARGIN).await;
     root.stop(None);
     let _ = root_handle.await;
+    if let Some(cluster_node) = &cluster_node {
+        cluster_node.shutdown().await;
+    }
     registry.sync();
     // Empty cgroups are ours to clean; one that still holds a process (a service that outlived
     // its stop) stays, and rmdir refuses it.
@@ -183,6 +215,9 @@ pub async fn run(config_path: PathBuf, config: Config, options: Options) -> anyh
         tracing::warn!(error = %e, "cgroups of this watchd left in place");
     }
     let _ = std::fs::remove_file(&control_path);
+    // Last: the node thread also serves the cluster listeners.
+    drop(cluster_node);
+    drop(node_rt);
     Ok(())
 }
 

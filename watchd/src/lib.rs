@@ -14,6 +14,7 @@ pub mod events;
 pub mod listener;
 pub mod logs;
 pub mod machine;
+pub mod node;
 pub mod probe;
 pub mod process;
 pub mod registry;

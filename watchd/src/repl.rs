@@ -107,6 +107,14 @@ impl std::fmt::Debug for Setup {
     }
 }
 
+impl Setup {
+    /// The cluster listeners, one per `[cluster] listen` address in order: other channels
+    /// (membership) share the ports.
+    pub fn listeners(&self) -> &[Listener] {
+        &self.listeners
+    }
+}
+
 /// Reads the secret, binds the listeners and plans every fileset.
 pub async fn setup(config: &Config, instance: &str) -> anyhow::Result<Option<Setup>> {
     let Some(cluster) = &config.cluster else {

@@ -1,13 +1,18 @@
-//! The multi-host part of the configuration: `[cluster]` (who this node is on the network and
-//! the shared secret), `[[node]]` (the other hosts) and `[[fileset]]` (replicated directories).
+//! The multi-host part of the configuration: `[cluster]` (who this node is on the network, the
+//! shared secret, the quorum and the membership timings in `[cluster.timing]`), `[[node]]` (the
+//! other hosts) and `[[fileset]]` (replicated directories).
 //!
-//! Owns parsing and validation of those tables only; reading the secret file happens when the
-//! daemon starts (a missing secret is a start-up error, not a parse error).
+//! Owns parsing and validation of those tables only (the timing relations are checked with the
+//! cluster core's own `validate`); reading the secret file and opening the quorum disk happen
+//! when the daemon starts (a missing secret is a start-up error, not a parse error).
 
+use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use cluster::membership::{self, MembershipConfig, MembershipError};
+use cluster::quorum::{self, DiskConfig, QuorumError};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -49,6 +54,179 @@ pub struct ClusterConfig {
     /// Time a peer has to complete the handshake.
     #[serde(default = "default_handshake_timeout", with = "humantime_serde")]
     pub handshake_timeout: Duration,
+    /// Names of the networks, one per `listen` address (default `net0`, `net1`, ...). A
+    /// `[[node]]`'s address `i` is its address on network `i`.
+    #[serde(default)]
+    pub networks: Vec<String>,
+    /// Who holds the votes: the nodes alone (`majority`) or the nodes and a quorum disk.
+    #[serde(default)]
+    pub quorum: QuorumKind,
+    /// The quorum disk (a file or block device every node sees); required with
+    /// `quorum = "disk"`.
+    pub quorum_disk: Option<PathBuf>,
+    /// Membership and quorum-disk timings (`[cluster.timing]`).
+    pub timing: Option<Spanned<TimingConfig>>,
+}
+
+/// `[cluster] quorum`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QuorumKind {
+    /// A partition acts while it holds a majority of the nodes (three nodes or more).
+    #[default]
+    Majority,
+    /// The quorum disk holds one more vote, given to the partition that owns its lease (two
+    /// nodes survive the loss of either).
+    Disk,
+}
+
+/// `[cluster.timing]`: every node of a cluster should use the same values. The defaults are the
+/// cluster core's (`cluster::membership`, `cluster::quorum`); their safety relations are checked
+/// when the configuration is loaded.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TimingConfig {
+    /// How often heartbeats go out on each network.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// Heartbeat intervals without contact on every network before a member is suspected.
+    pub miss_threshold: u32,
+    /// Heartbeat intervals without contact on one network (another still working) before a
+    /// `link_down` event.
+    pub link_miss_threshold: u32,
+    /// A node stops acting this long before a peer could suspect it.
+    #[serde(with = "humantime_serde")]
+    pub acting_margin: Duration,
+    /// How long a regroup round waits for answers.
+    #[serde(with = "humantime_serde")]
+    pub round_timeout: Duration,
+    /// The pause after a regroup that changed nothing or found no quorum.
+    #[serde(with = "humantime_serde")]
+    pub retry_interval: Duration,
+    /// How long a leaving node waits for the view without it.
+    #[serde(with = "humantime_serde")]
+    pub leave_timeout: Duration,
+    /// Quorum disk: how long one renewal keeps the lease.
+    #[serde(with = "humantime_serde")]
+    pub lease_time: Duration,
+    /// Quorum disk: how often the owner renews and every node reads.
+    #[serde(with = "humantime_serde")]
+    pub renew_interval: Duration,
+    /// Quorum disk: the owner stops acting this long before its lease ends.
+    #[serde(with = "humantime_serde")]
+    pub safety_margin: Duration,
+    /// Quorum disk: an I/O that takes longer counts as failed.
+    #[serde(with = "humantime_serde")]
+    pub io_timeout: Duration,
+    /// Quorum disk: the most two clocks may drift apart over one takeover delay.
+    #[serde(with = "humantime_serde")]
+    pub max_clock_drift: Duration,
+    /// Quorum disk: how long a challenger watches the disk unchanged before it claims.
+    #[serde(with = "humantime_serde")]
+    pub takeover_delay: Duration,
+    /// Quorum disk: the wait between a claim and its confirming read.
+    #[serde(with = "humantime_serde")]
+    pub settle: Duration,
+    /// Quorum disk: the longest random wait after a contested claim.
+    #[serde(with = "humantime_serde")]
+    pub claim_backoff: Duration,
+}
+
+impl Default for TimingConfig {
+    fn default() -> Self {
+        TimingConfig {
+            heartbeat_interval: membership::DEFAULT_HEARTBEAT_INTERVAL,
+            miss_threshold: membership::DEFAULT_MISS_THRESHOLD,
+            link_miss_threshold: membership::DEFAULT_LINK_MISS_THRESHOLD,
+            acting_margin: membership::DEFAULT_ACTING_MARGIN,
+            round_timeout: membership::DEFAULT_ROUND_TIMEOUT,
+            retry_interval: membership::DEFAULT_RETRY_INTERVAL,
+            leave_timeout: membership::DEFAULT_LEAVE_TIMEOUT,
+            lease_time: quorum::DEFAULT_LEASE_TIME,
+            renew_interval: quorum::DEFAULT_RENEW_INTERVAL,
+            safety_margin: quorum::DEFAULT_SAFETY_MARGIN,
+            io_timeout: quorum::DEFAULT_IO_TIMEOUT,
+            max_clock_drift: quorum::DEFAULT_MAX_CLOCK_DRIFT,
+            takeover_delay: quorum::DEFAULT_TAKEOVER_DELAY,
+            settle: quorum::DEFAULT_SETTLE,
+            claim_backoff: quorum::DEFAULT_CLAIM_BACKOFF,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The timings in force (`[cluster.timing]` or the defaults).
+    pub fn timing(&self) -> TimingConfig {
+        self.timing
+            .as_ref()
+            .map(|t| t.get_ref().clone())
+            .unwrap_or_default()
+    }
+
+    /// The name of network `i` (the network of `listen[i]`).
+    pub fn network_name(&self, i: usize) -> String {
+        self.networks
+            .get(i)
+            .cloned()
+            .unwrap_or_else(|| format!("net{i}"))
+    }
+
+    /// The networks' names, one per `listen` address.
+    pub fn network_names(&self) -> Vec<String> {
+        (0..self.listen.len())
+            .map(|i| self.network_name(i))
+            .collect()
+    }
+
+    /// Every node of the cluster: this one and the `[[node]]`s.
+    pub fn node_names(this_node: &str, nodes: &[NodeConfig]) -> BTreeSet<String> {
+        nodes
+            .iter()
+            .map(|n| n.name.get_ref().clone())
+            .chain(std::iter::once(this_node.to_owned()))
+            .collect()
+    }
+
+    /// The membership rules' parameters for node `this_node`.
+    pub fn membership_config(&self, this_node: &str, nodes: &[NodeConfig]) -> MembershipConfig {
+        let t = self.timing();
+        let mut m = MembershipConfig::new(
+            Self::node_names(this_node, nodes),
+            self.network_names(),
+            self.quorum == QuorumKind::Disk,
+        );
+        m.heartbeat_interval = t.heartbeat_interval;
+        m.miss_threshold = t.miss_threshold;
+        m.link_miss_threshold = t.link_miss_threshold;
+        m.acting_margin = t.acting_margin;
+        m.round_timeout = t.round_timeout;
+        m.retry_interval = t.retry_interval;
+        m.leave_timeout = t.leave_timeout;
+        m
+    }
+
+    /// The quorum disk's lease parameters, with `quorum = "disk"`. The slots are the node
+    /// names in sorted order, so every node computes the same slots from its own `[[node]]`
+    /// list (changing the set of nodes moves slots: stop every node and clear the disk first).
+    pub fn disk_config(&self, this_node: &str, nodes: &[NodeConfig]) -> Option<DiskConfig> {
+        if self.quorum != QuorumKind::Disk {
+            return None;
+        }
+        let t = self.timing();
+        let mut d = DiskConfig::new(
+            self.name.get_ref().clone(),
+            Self::node_names(this_node, nodes),
+        );
+        d.renew_interval = t.renew_interval;
+        d.lease_time = t.lease_time;
+        d.safety_margin = t.safety_margin;
+        d.io_timeout = t.io_timeout;
+        d.max_clock_drift = t.max_clock_drift;
+        d.takeover_delay = t.takeover_delay;
+        d.settle = t.settle;
+        d.claim_backoff = t.claim_backoff;
+        Some(d)
+    }
 }
 
 fn default_max_frame() -> ByteSize {
@@ -144,6 +322,96 @@ pub fn valid_name(name: &str) -> bool {
 /// A problem: (byte offset, field, message).
 pub type Problem = (Option<usize>, String, String);
 
+/// Checks `networks`, `quorum`, `quorum_disk` and the timings (with the cluster core's own
+/// checks of the timing relations, so an unsafe combination is refused at load).
+fn validate_quorum(
+    this_node: &str,
+    c: &ClusterConfig,
+    nodes: &[NodeConfig],
+) -> Result<(), Problem> {
+    let at = Some(c.name.span().start);
+    if !c.networks.is_empty() {
+        if c.networks.len() != c.listen.len() {
+            return Err((
+                at,
+                "cluster.networks".into(),
+                format!(
+                    "names {} networks but `listen` has {} addresses (one name per address)",
+                    c.networks.len(),
+                    c.listen.len()
+                ),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for n in &c.networks {
+            if !valid_name(n) {
+                return Err((
+                    at,
+                    "cluster.networks".into(),
+                    format!("`{n}` is not a valid network name"),
+                ));
+            }
+            if !seen.insert(n) {
+                return Err((
+                    at,
+                    "cluster.networks".into(),
+                    format!("network `{n}` is named twice"),
+                ));
+            }
+        }
+    }
+    match (c.quorum, &c.quorum_disk) {
+        (QuorumKind::Disk, None) => {
+            return Err((
+                at,
+                "cluster.quorum_disk".into(),
+                "is required with quorum = \"disk\" (a file or device every node sees)".into(),
+            ));
+        }
+        (QuorumKind::Majority, Some(_)) => {
+            return Err((
+                at,
+                "cluster.quorum_disk".into(),
+                "is only used with quorum = \"disk\"".into(),
+            ));
+        }
+        (QuorumKind::Disk, Some(p)) if p.as_os_str().is_empty() => {
+            return Err((at, "cluster.quorum_disk".into(), "must not be empty".into()));
+        }
+        _ => {}
+    }
+    let timing_at = c.timing.as_ref().map_or(at, |t| Some(t.span().start));
+    let field = |f: &str| match f {
+        "nodes" | "slots" => "node".to_owned(),
+        "networks" => "cluster.listen".to_owned(),
+        "cluster" => "cluster.name".to_owned(),
+        other => format!("cluster.timing.{other}"),
+    };
+    let line_of = |f: &str| {
+        if f.starts_with("cluster.timing.") {
+            timing_at
+        } else {
+            at
+        }
+    };
+    if let Err(MembershipError::InvalidConfig { field: f, why }) =
+        c.membership_config(this_node, nodes).validate(this_node)
+    {
+        let name = field(f);
+        return Err((line_of(&name), name, why));
+    }
+    if let Some(d) = c.disk_config(this_node, nodes)
+        && let Err(e) = d.validate(this_node)
+    {
+        let (name, why) = match e {
+            QuorumError::InvalidConfig { field: f, why } => (field(f), why),
+            other => ("cluster.quorum_disk".to_owned(), other.to_string()),
+        };
+        return Err((line_of(&name), name, why));
+    }
+    Ok(())
+}
+
 /// Checks the multi-host tables against each other and against this node's name.
 pub fn validate(
     this_node: &str,
@@ -216,6 +484,9 @@ pub fn validate(
                 "needs at least one address".into(),
             ));
         }
+    }
+    if let Some(c) = cluster {
+        validate_quorum(this_node, c, nodes)?;
     }
     let mut seen = std::collections::BTreeSet::new();
     for (i, f) in filesets.iter().enumerate() {
@@ -386,5 +657,117 @@ addresses = ["10.0.0.2:7400", "10.1.0.2:7400"]
         )
         .expect_err("no node name");
         assert!(err.to_string().contains("watchd.node"), "{err}");
+    }
+
+    #[test]
+    fn quorum_and_timing_default_to_the_cluster_core_s_values() {
+        let c = parse("").expect("valid");
+        let cl = c.cluster.as_ref().expect("cluster");
+        assert_eq!(cl.quorum, super::QuorumKind::Majority);
+        assert_eq!(cl.network_names(), vec!["net0".to_owned()]);
+        let m = cl.membership_config("a", &c.nodes);
+        assert_eq!(
+            m,
+            cluster::membership::MembershipConfig::new(
+                ["a".to_owned(), "b".to_owned()],
+                ["net0".to_owned()],
+                false
+            )
+        );
+        assert!(cl.disk_config("a", &c.nodes).is_none());
+    }
+
+    #[test]
+    fn a_quorum_disk_with_timings_parses() {
+        let text = format!(
+            "{}\n[cluster.timing]\nheartbeat_interval = \"50ms\"\nmiss_threshold = 6\nlease_time = \"1s\"\ntakeover_delay = \"1300ms\"\n",
+            CLUSTER.replace(
+                "listen = [\"10.0.0.1:7400\"]",
+                "listen = [\"10.0.0.1:7400\", \"10.1.0.1:7400\"]\nnetworks = [\"public\", \"private\"]\nquorum = \"disk\"\nquorum_disk = \"/dev/shm/qd\""
+            )
+        );
+        let c = Config::parse(Path::new("t.toml"), &text).expect("valid");
+        let cl = c.cluster.as_ref().expect("cluster");
+        assert_eq!(cl.quorum, super::QuorumKind::Disk);
+        let m = cl.membership_config("a", &c.nodes);
+        assert_eq!(m.heartbeat_interval, std::time::Duration::from_millis(50));
+        assert_eq!(m.miss_threshold, 6);
+        assert!(m.quorum_disk);
+        assert_eq!(m.networks, vec!["public".to_owned(), "private".to_owned()]);
+        let d = cl.disk_config("a", &c.nodes).expect("disk");
+        assert_eq!(d.slots, vec!["a".to_owned(), "b".to_owned()]);
+        assert_eq!(d.lease_time, std::time::Duration::from_secs(1));
+    }
+
+    #[test]
+    fn unsafe_timings_and_bad_quorum_settings_name_the_field() {
+        let with = |cluster_extra: &str, timing: &str| {
+            let text = format!(
+                "{}\n[cluster.timing]\n{timing}\n",
+                CLUSTER.replace(
+                    "listen = [\"10.0.0.1:7400\"]",
+                    &format!("listen = [\"10.0.0.1:7400\"]\n{cluster_extra}")
+                )
+            );
+            Config::parse(Path::new("t.toml"), &text).map_err(|e| e.to_string())
+        };
+        let disk = "quorum = \"disk\"\nquorum_disk = \"/q\"";
+        let cases = [
+            (
+                "",
+                "miss_threshold = 1",
+                "cluster.timing.miss_threshold",
+                "at least",
+            ),
+            (
+                "",
+                "link_miss_threshold = 9",
+                "cluster.timing.link_miss_threshold",
+                "below miss_threshold",
+            ),
+            (
+                "",
+                "acting_margin = \"450ms\"",
+                "cluster.timing.acting_margin",
+                "two heartbeat",
+            ),
+            (
+                disk,
+                "takeover_delay = \"700ms\"",
+                "cluster.timing.takeover_delay",
+                "lease_time + max_clock_drift",
+            ),
+            (
+                disk,
+                "settle = \"50ms\"",
+                "cluster.timing.settle",
+                "io_timeout",
+            ),
+            ("quorum = \"disk\"", "", "cluster.quorum_disk", "required"),
+            (
+                "quorum_disk = \"/q\"",
+                "",
+                "cluster.quorum_disk",
+                "only used",
+            ),
+            ("quorum = \"witness\"", "", "quorum", "unknown variant"),
+            (
+                "networks = [\"a\", \"b\"]",
+                "",
+                "cluster.networks",
+                "one name per address",
+            ),
+            ("", "heartbeat = \"1s\"", "heartbeat", "unknown field"),
+        ];
+        for (extra, timing, field, needle) in cases {
+            let err = with(extra, timing).expect_err(timing);
+            assert!(
+                err.contains(field) && err.contains(needle),
+                "{extra} / {timing}: {err}"
+            );
+        }
+        // The line of a timing error is the [cluster.timing] table's.
+        let err = with("", "miss_threshold = 1").expect_err("unsafe");
+        assert!(err.starts_with("t.toml:15:"), "{err}");
     }
 }
