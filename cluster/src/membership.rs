@@ -84,7 +84,9 @@ pub const DEFAULT_ACTING_MARGIN: Duration = Duration::from_millis(100);
 /// Default of [`MembershipConfig::round_timeout`].
 pub const DEFAULT_ROUND_TIMEOUT: Duration = Duration::from_millis(250);
 /// Default of [`MembershipConfig::retry_interval`].
-pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_millis(500);
+/// (= the round timeout: a round that found no quorum, often because a survivor still followed
+/// a coordinator that had just died, is tried again as soon as a round may be.)
+pub const DEFAULT_RETRY_INTERVAL: Duration = Duration::from_millis(250);
 /// Default of [`MembershipConfig::leave_timeout`].
 pub const DEFAULT_LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 /// The most nodes a cluster may have (connectivity sets are 64-bit masks).
