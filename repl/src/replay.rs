@@ -828,6 +828,16 @@ impl Replica {
         let Some(file) = self.writable(path, false)? else {
             return Err(Fail::Conflict(format!("truncate {path}: no such file")));
         };
+        // A truncate to the size the file already has changes nothing, and skipping it matters:
+        // ext4 takes any truncate to 0 as "replace via truncate" and writes the file back
+        // synchronously on its next close (auto_da_alloc), which made every `open(O_TRUNC)` of
+        // a new file cost the backup a writeback.
+        let size = rustix::fs::fstat(file.fd.as_fd())
+            .map_err(|e| op_fail(e, "truncate", path))?
+            .st_size;
+        if u64::try_from(size).is_ok_and(|s| s == len) {
+            return Ok(Applied::Done);
+        }
         rustix::fs::ftruncate(file.fd.as_fd(), len).map_err(|e| op_fail(e, "truncate", path))?;
         self.mark_dirty(file.fd, file.id);
         Ok(Applied::Done)
