@@ -945,7 +945,14 @@ impl Membership {
                 valid_until,
                 max_epoch,
             } => {
+                let gained = valid_until.is_some_and(|u| u > now)
+                    && !self.disk_until.is_some_and(|u| u > now);
                 self.disk_until = valid_until;
+                if gained {
+                    // The disk's vote arrived: a round that found no quorum may find one now,
+                    // so the pause between rounds (a rate limit only) ends here.
+                    self.quiet_until = None;
+                }
                 self.disk_max_epoch = self.disk_max_epoch.max(max_epoch);
                 if max_epoch > self.accepted {
                     // A view published by an earlier owner may have committed with that

@@ -100,19 +100,19 @@ pub const SECTOR_SIZE: usize = 4096;
 /// Sectors per node slot (two copies written alternately).
 pub const SECTORS_PER_SLOT: u64 = 2;
 /// Default of [`DiskConfig::renew_interval`].
-pub const DEFAULT_RENEW_INTERVAL: Duration = Duration::from_millis(150);
+pub const DEFAULT_RENEW_INTERVAL: Duration = Duration::from_millis(120);
 /// Default of [`DiskConfig::lease_time`].
-pub const DEFAULT_LEASE_TIME: Duration = Duration::from_millis(600);
+pub const DEFAULT_LEASE_TIME: Duration = Duration::from_millis(450);
 /// Default of [`DiskConfig::safety_margin`].
 pub const DEFAULT_SAFETY_MARGIN: Duration = Duration::from_millis(100);
 /// Default of [`DiskConfig::io_timeout`].
-pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_millis(100);
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_millis(80);
 /// Default of [`DiskConfig::max_clock_drift`].
 pub const DEFAULT_MAX_CLOCK_DRIFT: Duration = Duration::from_millis(50);
 /// Default of [`DiskConfig::takeover_delay`].
-pub const DEFAULT_TAKEOVER_DELAY: Duration = Duration::from_millis(800);
+pub const DEFAULT_TAKEOVER_DELAY: Duration = Duration::from_millis(600);
 /// Default of [`DiskConfig::settle`].
-pub const DEFAULT_SETTLE: Duration = Duration::from_millis(150);
+pub const DEFAULT_SETTLE: Duration = Duration::from_millis(100);
 /// Default of [`DiskConfig::claim_backoff`].
 pub const DEFAULT_CLAIM_BACKOFF: Duration = Duration::from_millis(500);
 

@@ -65,7 +65,7 @@ fn defaults_are_safe_and_unsafe_timings_are_refused() {
         }
     };
     let ms = Duration::from_millis;
-    let (field, why) = bad(&|c| c.takeover_delay = ms(700));
+    let (field, why) = bad(&|c| c.takeover_delay = ms(580));
     assert_eq!(field, "takeover_delay");
     assert!(
         why.contains("lease_time + max_clock_drift + io_timeout"),
@@ -73,7 +73,7 @@ fn defaults_are_safe_and_unsafe_timings_are_refused() {
     );
     assert_eq!(bad(&|c| c.renew_interval = ms(300)).0, "renew_interval");
     assert_eq!(bad(&|c| c.io_timeout = ms(150)).0, "io_timeout");
-    assert_eq!(bad(&|c| c.settle = ms(100)).0, "settle");
+    assert_eq!(bad(&|c| c.settle = ms(80)).0, "settle");
     assert_eq!(bad(&|c| c.safety_margin = ms(400)).0, "safety_margin");
     assert_eq!(bad(&|c| c.lease_time = Duration::ZERO).0, "lease_time");
     assert_eq!(bad(&|c| c.slots = vec!["n1".into()]).0, "slots");
