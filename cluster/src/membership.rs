@@ -946,7 +946,7 @@ impl Membership {
                 max_epoch,
             } => {
                 let gained = valid_until.is_some_and(|u| u > now)
-                    && !self.disk_until.is_some_and(|u| u > now);
+                    && self.disk_until.is_none_or(|u| u <= now);
                 self.disk_until = valid_until;
                 if gained {
                     // The disk's vote arrived: a round that found no quorum may find one now,
