@@ -164,14 +164,19 @@ fn run() -> Result<()> {
         &mut doc,
         &format!(
             "# Cluster failure detection ({})\n\n{} cores, kernel {}; watchd from {}; default \
-             timings (heartbeat 100 ms, suspicion after 5 missed, quorum-disk lease 600 ms, \
-             takeover after 800 ms of silence); nodes on loopback; CPU hog = {cores} busy \
-             loops at normal priority.\n\n",
+             timings (heartbeat {:?}, suspicion after {} missed, quorum-disk lease {:?} renewed \
+             every {:?}, takeover after {:?} of silence); nodes on loopback; CPU hog = {cores} \
+             busy loops at normal priority.\n\n",
             if opts.quick { "--quick" } else { "full" },
             cores,
             std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned()),
-            bins.display()
+            bins.display(),
+            cluster::membership::DEFAULT_HEARTBEAT_INTERVAL,
+            cluster::membership::DEFAULT_MISS_THRESHOLD,
+            cluster::quorum::DEFAULT_LEASE_TIME,
+            cluster::quorum::DEFAULT_RENEW_INTERVAL,
+            cluster::quorum::DEFAULT_TAKEOVER_DELAY,
         ),
     );
     if opts.latency {
