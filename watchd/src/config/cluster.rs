@@ -733,7 +733,7 @@ addresses = ["10.0.0.2:7400", "10.1.0.2:7400"]
             ),
             (
                 disk,
-                "takeover_delay = \"700ms\"",
+                "takeover_delay = \"580ms\"",
                 "cluster.timing.takeover_delay",
                 "lease_time + max_clock_drift",
             ),
