@@ -18,7 +18,6 @@
 mod harness;
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -141,7 +140,7 @@ fn run() -> Result<()> {
     let _sweep = harness::SweepGuard;
     let bins = match &opts.bin_dir {
         Some(d) => d.clone(),
-        None => release_dir()?,
+        None => harness::release_dir()?,
     };
     for b in ["watchd", "ftctl"] {
         if !bins.join(b).is_file() {
@@ -160,7 +159,7 @@ fn run() -> Result<()> {
         .unwrap_or(if opts.quick { HOG_FOR_QUICK } else { HOG_FOR });
     let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let mut doc = String::new();
-    emit(
+    harness::emit(
         &mut doc,
         &format!(
             "# Cluster failure detection ({})\n\n{} cores, kernel {}; watchd from {}; default \
@@ -231,7 +230,7 @@ fn run() -> Result<()> {
                 }
             }
         }
-        emit(
+        harness::emit(
             &mut doc,
             &format!(
                 "## Time from kill -9 of a node's watchd to the survivors' new view\n\n{}\n",
@@ -261,7 +260,7 @@ fn run() -> Result<()> {
             r.views.to_string(),
             r.not_acting.to_string(),
         ]);
-        emit(
+        harness::emit(
             &mut doc,
             &format!(
                 "## False suspicions under a CPU hog (no node fails)\n\n{}\nCounted over every \
@@ -672,21 +671,4 @@ fn one_line(e: &anyhow::Error) -> String {
         .next()
         .unwrap_or_default()
         .to_owned()
-}
-
-/// Prints a piece of the report at once and keeps it for --out.
-fn emit(doc: &mut String, text: &str) {
-    print!("{text}");
-    let _ = std::io::stdout().flush();
-    doc.push_str(text);
-}
-
-/// target/release: the bench executable is target/release/deps/cluster-<hash>.
-fn release_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the bench executable")?;
-    let deps = exe.parent().context("the executable has no directory")?;
-    Ok(deps
-        .parent()
-        .context("the executable's directory has no parent")?
-        .to_path_buf())
 }

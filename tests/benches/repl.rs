@@ -384,13 +384,13 @@ fn run() -> Result<()> {
     harness::install_interrupt_handler()?;
     harness::become_subreaper()?;
     for tool in ["cc", "lsyncd", "rsync"] {
-        if find_in_path(tool).is_none() {
+        if harness::find_in_path(tool).is_none() {
             bail!("{tool} not found in PATH: run .ci/install-bench-peers");
         }
     }
     let source_bins = match &opts.bin_dir {
         Some(d) => d.clone(),
-        None => release_dir()?,
+        None => harness::release_dir()?,
     };
     for file in BINARIES {
         if !source_bins.join(file).is_file() {
@@ -459,7 +459,7 @@ fn run() -> Result<()> {
     };
 
     let mut doc = String::new();
-    emit(&mut doc, &machine_header(&opts, &plan, &source_bins, &env)?);
+    harness::emit(&mut doc, &machine_header(&opts, &plan, &source_bins, &env)?);
     for section in &opts.only {
         let load_before = loadavg();
         let result = match section {
@@ -474,8 +474,8 @@ fn run() -> Result<()> {
                 format!("FAILED: {}\n", one_line(&e))
             }
         };
-        emit(&mut doc, &text);
-        emit(
+        harness::emit(&mut doc, &text);
+        harness::emit(
             &mut doc,
             &format!(
                 "(load average before / after this table: {load_before} / {})\n\n",
@@ -501,30 +501,6 @@ fn run() -> Result<()> {
         eprintln!("repl-bench: wrote {}", out.display());
     }
     Ok(())
-}
-
-/// Prints a piece of the report at once (a full run takes many minutes) and keeps it for --out.
-fn emit(doc: &mut String, text: &str) {
-    print!("{text}");
-    let _ = std::io::stdout().flush();
-    doc.push_str(text);
-}
-
-/// target/release: the bench executable is target/release/deps/repl-<hash>.
-fn release_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the bench executable")?;
-    let deps = exe.parent().context("the executable has no directory")?;
-    let dir = deps
-        .parent()
-        .context("the executable's directory has no parent")?;
-    Ok(dir.to_path_buf())
-}
-
-fn find_in_path(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
 }
 
 /// The last `max` bytes of `text` (or a little less, at a character boundary).

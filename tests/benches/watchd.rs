@@ -13,7 +13,7 @@ mod harness;
 mod peers;
 
 use std::fmt::Write as _;
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::{BufRead as _, BufReader};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -227,7 +227,7 @@ fn run() -> Result<()> {
     raise_nofile()?;
     let bin_dir = match &opts.bin_dir {
         Some(d) => d.clone(),
-        None => release_dir()?,
+        None => harness::release_dir()?,
     };
     for (what, file) in [
         ("watchd", "watchd"),
@@ -243,7 +243,7 @@ fn run() -> Result<()> {
         }
     }
     for tool in ["supervisord", "runsvdir", "runsv", "cc"] {
-        if find_in_path(tool).is_none() {
+        if harness::find_in_path(tool).is_none() {
             bail!("{tool} not found in PATH: run .ci/install-bench-peers");
         }
     }
@@ -266,7 +266,7 @@ fn run() -> Result<()> {
     let mut reports = Reports::bind(&paths.report_socket)?;
 
     let mut doc = String::new();
-    emit(&mut doc, &machine_header(&opts, &plan, &bin_dir));
+    harness::emit(&mut doc, &machine_header(&opts, &plan, &bin_dir));
     for section in &opts.only {
         let load_before = loadavg();
         let text = match section {
@@ -275,8 +275,8 @@ fn run() -> Result<()> {
             Section::Throughput => throughput_section(&paths, &mut reports, &plan)?,
             Section::Resources => resources_section(&paths, &mut reports, &plan)?,
         };
-        emit(&mut doc, &text);
-        emit(
+        harness::emit(&mut doc, &text);
+        harness::emit(
             &mut doc,
             &format!(
                 "(load average before / after this table: {load_before} / {})\n\n",
@@ -284,7 +284,7 @@ fn run() -> Result<()> {
             ),
         );
     }
-    emit(
+    harness::emit(
         &mut doc,
         &format!(
             "(net.unix.max_dgram_qlen = {} at the end of the run)\n",
@@ -301,30 +301,6 @@ fn run() -> Result<()> {
         eprintln!("bench: wrote {}", out.display());
     }
     Ok(())
-}
-
-/// Prints a piece of the report at once (a full run takes minutes) and keeps it for --out.
-fn emit(doc: &mut String, text: &str) {
-    print!("{text}");
-    let _ = std::io::stdout().flush();
-    doc.push_str(text);
-}
-
-/// target/release: the bench executable is target/release/deps/watchd-<hash>.
-fn release_dir() -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the bench executable")?;
-    let deps = exe.parent().context("the executable has no directory")?;
-    let dir = deps
-        .parent()
-        .context("the executable's directory has no parent")?;
-    Ok(dir.to_path_buf())
-}
-
-fn find_in_path(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|d| d.join(tool))
-        .find(|p| p.is_file())
 }
 
 /// 1000 services need more descriptors than the usual soft limit of 1024, in watchd and in

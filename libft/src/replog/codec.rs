@@ -10,7 +10,7 @@
 
 use std::io::IoSlice;
 
-use super::op::{MAX_PATH_BYTES, Op, PathError, RelPath};
+use super::op::{MAX_PATH_BYTES, Op, PathError, RelPath, check_path};
 
 const KIND_CREATE: u8 = 1;
 const KIND_WRITE: u8 = 2;
@@ -563,31 +563,6 @@ impl<'b> Reader<'b> {
     fn path(&mut self) -> Result<RelPath, DecodeError> {
         Ok(RelPath::new(self.sized()?)?)
     }
-}
-
-/// The rules of [`RelPath::new`], checked without allocating on success (producers call this
-/// on every operation). `RelPath::new` stays the authority: the consumer decodes through it.
-pub fn check_path(bytes: &[u8]) -> Result<(), PathError> {
-    let shown = || String::from_utf8_lossy(bytes).into_owned();
-    if bytes.is_empty() {
-        return Err(PathError::Empty);
-    }
-    if bytes.len() > MAX_PATH_BYTES {
-        return Err(PathError::TooLong(bytes.len()));
-    }
-    if bytes.contains(&0) {
-        return Err(PathError::Nul(shown()));
-    }
-    if bytes[0] == b'/' {
-        return Err(PathError::Absolute(shown()));
-    }
-    if bytes
-        .split(|&b| b == b'/')
-        .any(|c| c.is_empty() || c == b"." || c == b"..")
-    {
-        return Err(PathError::BadComponent(shown()));
-    }
-    Ok(())
 }
 
 /// A symlink target: stored verbatim, so only what the kernel itself refuses is refused.

@@ -10,7 +10,7 @@ pub mod fileset;
 pub mod op;
 pub mod ring;
 
-pub use codec::{DecodeError, OpRef, check_path};
+pub use codec::{DecodeError, OpRef};
 pub use fileset::{Fileset, FilesetError, Filesets};
-pub use op::{MAX_PATH_BYTES, Op, OpRecord, PathError, RelPath};
+pub use op::{MAX_PATH_BYTES, Op, OpRecord, PathError, RelPath, check_path};
 pub use ring::{Consumer, ConsumerOptions, RecordError, Ring, RingError, RingItem, Ticket};

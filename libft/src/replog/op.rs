@@ -40,25 +40,7 @@ impl RelPath {
     /// Validates `bytes` as a relative path beneath a root.
     pub fn new(bytes: impl Into<Vec<u8>>) -> Result<Self, PathError> {
         let bytes = bytes.into();
-        let shown = || String::from_utf8_lossy(&bytes).into_owned();
-        if bytes.is_empty() {
-            return Err(PathError::Empty);
-        }
-        if bytes.len() > MAX_PATH_BYTES {
-            return Err(PathError::TooLong(bytes.len()));
-        }
-        if bytes.contains(&0) {
-            return Err(PathError::Nul(shown()));
-        }
-        if bytes[0] == b'/' {
-            return Err(PathError::Absolute(shown()));
-        }
-        if bytes
-            .split(|&b| b == b'/')
-            .any(|c| c.is_empty() || c == b"." || c == b"..")
-        {
-            return Err(PathError::BadComponent(shown()));
-        }
+        check_path(&bytes)?;
         Ok(Self(bytes))
     }
 
@@ -243,6 +225,31 @@ pub struct OpRecord {
     pub seq: u64,
     /// The operation.
     pub op: Op,
+}
+
+/// The rules of a [`RelPath`], checked without allocating on success (producers call this on
+/// every operation they log; [`RelPath::new`] applies the same rules).
+pub fn check_path(bytes: &[u8]) -> Result<(), PathError> {
+    let shown = || String::from_utf8_lossy(bytes).into_owned();
+    if bytes.is_empty() {
+        return Err(PathError::Empty);
+    }
+    if bytes.len() > MAX_PATH_BYTES {
+        return Err(PathError::TooLong(bytes.len()));
+    }
+    if bytes.contains(&0) {
+        return Err(PathError::Nul(shown()));
+    }
+    if bytes[0] == b'/' {
+        return Err(PathError::Absolute(shown()));
+    }
+    if bytes
+        .split(|&b| b == b'/')
+        .any(|c| c.is_empty() || c == b"." || c == b"..")
+    {
+        return Err(PathError::BadComponent(shown()));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

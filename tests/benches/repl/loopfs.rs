@@ -55,7 +55,7 @@ impl LoopFs {
             && Path::new("/dev/loop-control").exists()
             && ["losetup", "mkfs.ext4", "mount", "umount"]
                 .iter()
-                .all(|t| crate::find_in_path(t).is_some())
+                .all(|t| crate::harness::find_in_path(t).is_some())
     }
 
     /// Creates a `size`-byte ext4 image in `dir` and mounts it at `dir/fs`.

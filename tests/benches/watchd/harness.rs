@@ -9,7 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Write as _};
 use std::os::unix::net::{UnixDatagram, UnixStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -540,4 +540,29 @@ impl Table {
         }
         out
     }
+}
+
+/// Prints a piece of the report at once (a full run takes minutes) and keeps it for `--out`.
+pub fn emit(doc: &mut String, text: &str) {
+    print!("{text}");
+    let _ = std::io::stdout().flush();
+    doc.push_str(text);
+}
+
+/// target/release: a bench executable is target/release/deps/<bench>-<hash>.
+pub fn release_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the bench executable")?;
+    let deps = exe.parent().context("the executable has no directory")?;
+    let dir = deps
+        .parent()
+        .context("the executable's directory has no parent")?;
+    Ok(dir.to_path_buf())
+}
+
+/// The first file named `tool` in a directory of `PATH`.
+pub fn find_in_path(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(tool))
+        .find(|p| p.is_file())
 }
