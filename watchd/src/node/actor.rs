@@ -116,6 +116,10 @@ pub struct NodeState {
     gum_disk_owner: bool,
     timer: Option<JoinHandle<()>>,
     armed: Option<Instant>,
+    /// When every machine last got a `Tick`: deadlines are looked up from here, because a
+    /// machine's `next_deadline(now)` skips deadlines that passed while only another machine
+    /// was stepped (they would otherwise wait for the next later deadline).
+    ticked: Instant,
     acting: bool,
 }
 
@@ -210,6 +214,7 @@ impl Actor for NodeActor {
             gum_disk_owner: false,
             timer: None,
             armed: None,
+            ticked: Instant::now(),
             acting: false,
             setup,
         })
@@ -252,6 +257,7 @@ impl Actor for NodeActor {
             },
             NodeMsg::Tick => {
                 st.armed = None;
+                st.ticked = Instant::now();
                 work.push_back(Work::Membership(Input::Tick));
                 work.push_back(Work::Disk(DiskInput::Tick));
                 work.push_back(Work::Gum(GumInput::Tick));
@@ -597,11 +603,11 @@ fn disk_event(shared: &NodeShared, e: DiskEvent) {
 
 /// Arms the timer at the machines' next deadline (one timer; re-armed only when it moves).
 fn arm(myself: &ActorRef<NodeMsg>, st: &mut NodeState) {
-    let now = Instant::now();
+    let since = st.ticked;
     let deadline = [
-        st.membership.next_deadline(now),
-        st.disk.as_ref().and_then(|d| d.next_deadline(now)),
-        st.gum.next_deadline(now),
+        st.membership.next_deadline(since),
+        st.disk.as_ref().and_then(|d| d.next_deadline(since)),
+        st.gum.next_deadline(since),
     ]
     .into_iter()
     .flatten()
