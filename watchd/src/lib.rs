@@ -11,6 +11,7 @@ pub mod control;
 pub mod ctl;
 pub mod daemon;
 pub mod events;
+pub mod group;
 pub mod listener;
 pub mod logs;
 pub mod machine;
