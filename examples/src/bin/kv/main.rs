@@ -1,0 +1,497 @@
+//! kv: a small TCP key-value server whose table survives crashes and host loss. The table lives
+//! in libft's critical memory (checkpointed after every write with `--checkpoint per-request`,
+//! periodically otherwise), every write is appended to `DIR/kv.log` through `ft::fs` (so it is
+//! replicated when DIR is a watchd fileset; in sync mode a write returns once the backups have
+//! it) and synced before it is acknowledged. Under watchd (FT_SOCKET set) it heartbeats and
+//! reports ready once recovered; standalone it runs the same without them.
+//!
+//! Protocol: one request per line, one reply line each (see `ftkit_examples::kvproto`):
+//!
+//! ```text
+//! SET key value → OK <seq>  (only once durable)      GET key → VALUE <value> | NONE
+//! DEL key       → OK <seq>                            COUNT   → COUNT <n>
+//! DIGEST        → DIGEST <hex> (FNV-1a, sorted table) PING    → PONG primary | PONG standby
+//! bad line      → ERR <why> (the connection stays)    line over 8 KiB → ERR line too long
+//! ```
+//!
+//! Start-up prints `recovered seq S count C digest D` (S: the checkpoint image) or
+//! `fresh start`, then replays the log records after the checkpoint's offset (a torn last
+//! record, from a crash in the middle of an append, fails its checksum and is ignored). With
+//! `FT_ROLE=standby` it recovers and then answers only `PING` (`PONG standby`), refusing the
+//! rest with `ERR standby`; promotion (`Server::promote`) makes it a primary in place.
+
+/// Prints one line and flushes at once, so that a supervisor's log shows it before a crash.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        ftkit_examples::service::say($crate::PROGRAM, format_args!($($arg)*))
+    };
+}
+
+mod log;
+mod store;
+
+use std::io::{BufReader, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
+use std::time::{Duration, Instant};
+
+use ft::Watch;
+use ft::critical::{CheckpointConfig, ENV_CKPT_DIR};
+use ft::proto::WatchdMessage;
+use ftkit_examples::kvproto::{LineRead, MAX_LINE, Reply, Request, Role, parse_request, read_line};
+use ftkit_examples::service::{Complaint, register};
+
+use crate::log::Op;
+use crate::store::{STREAM, Start, Store, WriteError};
+
+/// The name on every output line.
+pub const PROGRAM: &str = "kv";
+/// The thread id the program heartbeats for.
+const TID: u32 = 1;
+/// The environment variable naming the role watchd started us in.
+const ENV_ROLE: &str = "FT_ROLE";
+/// Default heartbeat deadline.
+const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 2000;
+/// Heartbeats (and idle-time safe points, watchd's requests) this often.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+/// The status line shown by `ftctl status` is refreshed this often.
+const STATUS_INTERVAL: Duration = Duration::from_secs(1);
+/// A request holding the store longer than this means the server is stuck: heartbeats stop,
+/// so that watchd restarts it. Longer than a sync-mode write may wait for its backups
+/// (`FT_REPL_SYNC_TIMEOUT`, 10 s by default) plus a checkpoint.
+const STUCK_AFTER: Duration = Duration::from_secs(30);
+/// Periodic checkpoints when neither `--checkpoint` nor watchd (`FT_CKPT_EVERY`) says.
+const DEFAULT_CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+/// Connections served at once; more are refused with `ERR busy`.
+const MAX_CLIENTS: usize = 256;
+/// A connection that sends nothing for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Read buffer of one connection.
+const READ_BUFFER: usize = 16 << 10;
+/// Exit status when the state cannot be recovered or kept.
+const EXIT_FATAL: u8 = 1;
+/// Exit status for bad options or an address that cannot be bound.
+const EXIT_USAGE: u8 = 2;
+
+const USAGE: &str = "usage: kv --listen ADDR --data DIR [--checkpoint per-request|every=MS]
+          [--heartbeat-timeout-ms T]
+  A TCP key-value server (SET/GET/DEL/COUNT/DIGEST/PING, one line each). The table lives in
+  libft critical memory, checkpointed after every write (per-request) or every MS ms (default:
+  FT_CKPT_EVERY from watchd, else 1000); every write is appended to DIR/kv.log through ft::fs
+  and synced before `OK`. Checkpoints go to $FT_CKPT_DIR, standalone to DIR/ckpt.
+  FT_ROLE=standby: recover, then answer only PING until promoted.";
+
+/// How the table is checkpointed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CheckpointMode {
+    /// A synchronous checkpoint after every write.
+    PerRequest,
+    /// At the first safe point after each period.
+    Every(Duration),
+    /// What watchd configured (`FT_CKPT_EVERY`), else [`DEFAULT_CHECKPOINT_EVERY`].
+    Default,
+}
+
+#[derive(Debug)]
+struct Options {
+    listen: SocketAddr,
+    data: PathBuf,
+    checkpoint: CheckpointMode,
+    heartbeat_timeout: Duration,
+}
+
+fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
+    let (mut listen, mut data) = (None, None);
+    let mut checkpoint = CheckpointMode::Default;
+    let mut heartbeat_timeout = Duration::from_millis(DEFAULT_HEARTBEAT_TIMEOUT_MS);
+    while let Some(flag) = args.next() {
+        if flag == "--help" || flag == "-h" {
+            return Err(String::new());
+        }
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--listen" => {
+                listen = Some(
+                    value
+                        .parse::<SocketAddr>()
+                        .map_err(|e| format!("--listen {value:?}: {e} (e.g. 127.0.0.1:7700)"))?,
+                );
+            }
+            "--data" => data = Some(PathBuf::from(value)),
+            "--checkpoint" => {
+                checkpoint = match value.as_str() {
+                    "per-request" => CheckpointMode::PerRequest,
+                    other => {
+                        let ms = other
+                            .strip_prefix("every=")
+                            .and_then(|ms| ms.parse::<u64>().ok())
+                            .filter(|ms| *ms > 0)
+                            .ok_or_else(|| {
+                                format!("--checkpoint {other:?}: per-request or every=MS (MS > 0)")
+                            })?;
+                        CheckpointMode::Every(Duration::from_millis(ms))
+                    }
+                }
+            }
+            "--heartbeat-timeout-ms" => {
+                let ms = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|ms| *ms > 0)
+                    .ok_or_else(|| format!("{flag}: {value:?} is not a number of ms"))?;
+                heartbeat_timeout = Duration::from_millis(ms.into());
+            }
+            _ => return Err(format!("unknown option {flag}")),
+        }
+    }
+    Ok(Options {
+        listen: listen.ok_or("--listen is required")?,
+        data: data.ok_or("--data is required")?,
+        checkpoint,
+        heartbeat_timeout,
+    })
+}
+
+/// Everything the connection threads and the heartbeat thread share.
+#[derive(Debug)]
+struct Server {
+    store: Mutex<Store>,
+    /// [`Role`] as a number (0 primary, 1 standby); it only ever goes from standby to
+    /// primary, in [`Server::promote`].
+    role: AtomicU8,
+    /// When the request holding the store took it (ms since `epoch`, plus one); 0 = idle.
+    busy_since: AtomicU64,
+    epoch: Instant,
+    clients: AtomicUsize,
+}
+
+const ROLE_PRIMARY: u8 = 0;
+const ROLE_STANDBY: u8 = 1;
+
+/// Marks the store busy while a request holds it (see [`STUCK_AFTER`]).
+#[derive(Debug)]
+struct Busy<'a>(&'a AtomicU64);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::Release);
+    }
+}
+
+impl Server {
+    fn role(&self) -> Role {
+        if self.role.load(Ordering::Acquire) == ROLE_STANDBY {
+            Role::Standby
+        } else {
+            Role::Primary
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX - 1)
+    }
+
+    fn lock(&self) -> (MutexGuard<'_, Store>, Busy<'_>) {
+        let store = self.store.lock().unwrap_or_else(PoisonError::into_inner);
+        self.busy_since.store(self.now_ms() + 1, Ordering::Release);
+        (store, Busy(&self.busy_since))
+    }
+
+    /// Whether one request has held the store for longer than [`STUCK_AFTER`].
+    fn stuck(&self) -> Option<Duration> {
+        let since = self.busy_since.load(Ordering::Acquire);
+        let held = Duration::from_millis(self.now_ms().saturating_sub(since.checked_sub(1)?));
+        (since != 0 && held > STUCK_AFTER).then_some(held)
+    }
+
+    /// Makes a standby the primary in place: the store replays what the log gained and
+    /// opens it for writing, then requests are served. A primary stays one.
+    fn promote(&self) -> Result<(), store::StoreError> {
+        let (mut store, _busy) = self.lock();
+        store.promote()?;
+        self.role.store(ROLE_PRIMARY, Ordering::Release);
+        say!(
+            "serving as primary: seq {} count {}",
+            store.seq(),
+            store.count()
+        );
+        Ok(())
+    }
+
+    /// Answers one request line.
+    fn handle(&self, line: &[u8]) -> Reply {
+        let request = match parse_request(line) {
+            Ok(r) => r,
+            Err(e) => return Reply::Err(e.to_string()),
+        };
+        let role = self.role();
+        match (&request, role) {
+            (Request::Ping, _) => return Reply::Pong(role),
+            (_, Role::Standby) => return Reply::Err(WriteError::Standby.to_string()),
+            _ => {}
+        }
+        let (mut store, _busy) = self.lock();
+        let written = match request {
+            Request::Set { key, value } => store.write(Op::Set {
+                key: key.to_vec(),
+                value: value.to_vec(),
+            }),
+            Request::Del { key } => store.write(Op::Del { key: key.to_vec() }),
+            Request::Get { key } => {
+                return store.get(key).map_or(Reply::None, Reply::Value);
+            }
+            Request::Count => return Reply::Count(store.count()),
+            Request::Digest => {
+                return match store.digest() {
+                    Ok(d) => Reply::Digest(d),
+                    Err(e) => Reply::Err(e.to_string()),
+                };
+            }
+            Request::Ping => return Reply::Pong(role),
+        };
+        match written {
+            Ok(seq) => Reply::Ok(seq),
+            Err(WriteError::Fatal(why)) => {
+                say!("fatal: {why}; exiting so that recovery sorts it out");
+                std::process::exit(i32::from(EXIT_FATAL));
+            }
+            Err(e) => Reply::Err(e.to_string()),
+        }
+    }
+}
+
+/// Serves one connection until the peer leaves, goes idle, or breaks the stream.
+fn serve(server: &Server, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let _ = stream.set_read_timeout(Some(IDLE_TIMEOUT));
+    let Ok(read_half) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::with_capacity(READ_BUFFER, read_half);
+    let mut writer = stream;
+    let mut line = Vec::with_capacity(MAX_LINE);
+    loop {
+        let reply = match read_line(&mut reader, &mut line, MAX_LINE) {
+            Ok(LineRead::Line) => server.handle(&line),
+            Ok(LineRead::TooLong) => Reply::Err(format!("line too long (over {MAX_LINE} bytes)")),
+            Ok(LineRead::Eof) | Err(_) => return,
+        };
+        if writer.write_all(&reply.to_line()).is_err() {
+            return;
+        }
+    }
+}
+
+/// Counts a connection for [`MAX_CLIENTS`] while it lives.
+#[derive(Debug)]
+struct Client(Arc<Server>);
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn accept_loop(server: &Arc<Server>, listener: &TcpListener) {
+    let mut accepting = Complaint::new(PROGRAM);
+    for conn in listener.incoming() {
+        let mut stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                accepting.check("accept", Err(e));
+                // EMFILE and the like: do not spin while the condition lasts.
+                std::thread::sleep(HEARTBEAT_INTERVAL);
+                continue;
+            }
+        };
+        accepting.check("accept", Ok::<(), std::io::Error>(()));
+        if server.clients.fetch_add(1, Ordering::AcqRel) >= MAX_CLIENTS {
+            server.clients.fetch_sub(1, Ordering::AcqRel);
+            let _ = stream.write_all(&Reply::Err("busy: too many clients".into()).to_line());
+            continue;
+        }
+        let client = Client(Arc::clone(server));
+        let spawned = std::thread::Builder::new()
+            .name("kv-client".into())
+            .spawn(move || serve(&client.0, stream));
+        if let Err(e) = spawned {
+            say!("cannot start a connection thread: {e}");
+        }
+    }
+}
+
+/// Heartbeats (unless a request is stuck), takes due checkpoints while idle, answers watchd's
+/// checkpoint requests and refreshes the status line. Never blocks on the store.
+fn maintenance(server: &Server, watch: Option<&Watch>, timeout: Duration) {
+    let mut hbeat = Complaint::new(PROGRAM);
+    let mut stuck_said = false;
+    let mut next_status = Instant::now();
+    loop {
+        std::thread::sleep(HEARTBEAT_INTERVAL);
+        match server.stuck() {
+            Some(held) => {
+                if !stuck_said {
+                    say!(
+                        "a request has held the store for {} ms: no more heartbeats",
+                        held.as_millis()
+                    );
+                    stuck_said = true;
+                }
+            }
+            None => {
+                stuck_said = false;
+                if let Some(w) = watch {
+                    hbeat.check("ft_hbeat", w.heartbeat(TID, timeout));
+                }
+            }
+        }
+        let mut store = match server.store.try_lock() {
+            Ok(s) => s,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => continue,
+        };
+        if server.role() == Role::Primary {
+            store.safe_point();
+        }
+        let Some(w) = watch else { continue };
+        while let Ok(Some(WatchdMessage::CheckpointNow { stream })) = w.poll_command() {
+            store.checkpoint(stream);
+        }
+        if Instant::now() >= next_status {
+            next_status = Instant::now() + STATUS_INTERVAL;
+            let _ = w.status(&format!(
+                "{}: seq {}, {} keys",
+                server.role().as_str(),
+                store.seq(),
+                store.count()
+            ));
+        }
+    }
+}
+
+fn role_from_env() -> Result<Role, String> {
+    match std::env::var(ENV_ROLE) {
+        Err(_) => Ok(Role::Primary),
+        Ok(v) if v.is_empty() => Ok(Role::Primary),
+        Ok(v) => Role::parse(&v).ok_or_else(|| format!("{ENV_ROLE}={v:?}: primary or standby")),
+    }
+}
+
+fn main() -> ExitCode {
+    let opts = match parse_options(std::env::args().skip(1)) {
+        Ok(o) => o,
+        Err(msg) => {
+            if !msg.is_empty() {
+                eprintln!("kv: {msg}");
+            }
+            eprintln!("{USAGE}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let role = match role_from_env() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("kv: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    if let Err(e) = std::fs::create_dir_all(&opts.data) {
+        say!("cannot create {}: {e}", opts.data.display());
+        return ExitCode::from(EXIT_USAGE);
+    }
+    let watch = register(PROGRAM);
+    let ckpt = match CheckpointConfig::from_env().and_then(|mut config| {
+        if std::env::var_os(ENV_CKPT_DIR).is_none_or(|d| d.is_empty()) {
+            config.dir = opts.data.join("ckpt");
+        }
+        ft::critical::init_global(config)
+    }) {
+        Ok(c) => c,
+        Err(e) => {
+            say!("critical memory unavailable: {e}");
+            return ExitCode::from(EXIT_FATAL);
+        }
+    };
+    match opts.checkpoint {
+        CheckpointMode::PerRequest => ckpt.set_every(STREAM, None),
+        CheckpointMode::Every(every) => ckpt.set_every(STREAM, Some(every)),
+        CheckpointMode::Default if ckpt.config().every.is_none() => {
+            ckpt.set_every(STREAM, Some(DEFAULT_CHECKPOINT_EVERY));
+        }
+        CheckpointMode::Default => {}
+    }
+    if let Some(w) = &watch {
+        // Report every committed image, as libft's C API does, so `ftctl status` shows it.
+        let w = Arc::clone(w);
+        ckpt.set_commit_hook(Some(Box::new(move |stream, info, pause| {
+            let _ = w.checkpointed(stream, info.seq, info.file_bytes, pause);
+        })));
+    }
+    let per_request = opts.checkpoint == CheckpointMode::PerRequest;
+    let recovered = Store::recover(ckpt, &opts.data, per_request).and_then(|(mut store, start)| {
+        match start {
+            Start::Fresh => say!("fresh start"),
+            Start::Recovered {
+                image,
+                count,
+                digest,
+            } => say!("recovered seq {image} count {count} digest {digest:016x}"),
+        }
+        if let Some(report) = ckpt.last_report() {
+            say!("recovery report: {report}");
+        }
+        store.catch_up()?;
+        Ok(store)
+    });
+    let store = match recovered {
+        Ok(s) => s,
+        Err(e) => {
+            if let Some(report) = ckpt.last_report() {
+                say!("recovery report: {report}");
+            }
+            say!("recovery failed: {e}");
+            return ExitCode::from(EXIT_FATAL);
+        }
+    };
+    let server = Arc::new(Server {
+        store: Mutex::new(store),
+        role: AtomicU8::new(ROLE_STANDBY),
+        busy_since: AtomicU64::new(0),
+        epoch: Instant::now(),
+        clients: AtomicUsize::new(0),
+    });
+    if role == Role::Primary
+        && let Err(e) = server.promote()
+    {
+        say!("cannot serve as primary: {e}");
+        return ExitCode::from(EXIT_FATAL);
+    }
+    let listener = match TcpListener::bind(opts.listen) {
+        Ok(l) => l,
+        Err(e) => {
+            say!("cannot listen on {}: {e}", opts.listen);
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    let local = listener.local_addr().map_or(opts.listen, |a| a);
+    say!("listening on {local} as {}", server.role().as_str());
+    if let Some(w) = &watch
+        && let Err(e) = w.ready()
+    {
+        say!("ft_ready failed: {e}");
+    }
+    let background = Arc::clone(&server);
+    let timeout = opts.heartbeat_timeout;
+    let spawned = std::thread::Builder::new()
+        .name("kv-maintenance".into())
+        .spawn(move || maintenance(&background, watch.as_deref(), timeout));
+    if let Err(e) = spawned {
+        say!("cannot start the maintenance thread: {e}");
+        return ExitCode::from(EXIT_FATAL);
+    }
+    accept_loop(&server, &listener);
+    ExitCode::SUCCESS
+}
