@@ -10,9 +10,12 @@
 //!           maps, fds, pagemap ─► [tracked: written pages by PAGEMAP_SCAN, or arm uffd-wp] ─►
 //!           image (meta region 0, pages, file snapshots) ─► detach ─► commit
 //! restore:  clone3 stub (TRACEME) ─► inject: close fds, open files, munmap all, move vdso,
-//!           mmap image layout, sigactions, PR_SET_MM_MAP, rseq ─► write pages ─► regs ─► detach
-//! rollback: seize the live process ─► the same rebuild in place (descriptors kept when they
-//!           still are the same file) ─► file contents put back ─► regs ─► detach
+//!           mmap image layout, sigactions, PR_SET_MM_MAP, rseq ─► write pages ─► inject
+//!           clone3 per other thread (old tid when free; TRACECLONE) ─► in each: rseq, robust
+//!           list ─► regs/xstate/sigmask of every thread ─► detach
+//! rollback: seize the live process ─► inject exit in its other threads ─► the same rebuild
+//!           in place (descriptors kept when they still are the same file) ─► file contents
+//!           put back ─► regs ─► detach
 //! ```
 
 mod dump;
@@ -98,19 +101,31 @@ pub struct DumpSummary {
 #[derive(Debug, Default)]
 pub struct RestoreOptions {
     /// Descriptors to install in place of the image's unrestorable ones (fd number → the
-    /// descriptor to give the new process, e.g. a new pipe to a log reader).
+    /// descriptor to give the new process, e.g. a new pipe to a log reader). A regular file
+    /// the image had open at such a number is not put back: the caller supplies its file (a
+    /// supervisor's log keeps what was appended since the checkpoint).
     pub fds: Vec<(i32, OwnedFd)>,
     /// Leave files the process wrote as they are now instead of putting back their
     /// checkpointed contents.
     pub keep_file_contents: bool,
+    /// A cgroup v2 directory the new process is created in (clone3 `CLONE_INTO_CGROUP`), so a
+    /// supervisor confines it exactly like a process it spawned.
+    pub cgroup: Option<OwnedFd>,
 }
 
-/// A process brought back by `restore`: a child of the calling process (reap it).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A process brought back by `restore`: a child of the calling process (reap it, e.g. with
+/// `waitid` on `pidfd`).
+#[derive(Debug)]
 pub struct RestoredProcess {
     pub pid: i32,
+    /// A pidfd of the new process (clone3 `CLONE_PIDFD`), taken before it could be reaped, so
+    /// it can never name another process.
+    pub pidfd: OwnedFd,
     /// True when it got the pid of the checkpointed process.
     pub same_pid: bool,
+    /// True when every thread, the main one included, got its checkpointed id (a program
+    /// that keeps thread ids, e.g. for `tgkill`, then finds them valid).
+    pub same_tids: bool,
     pub seq: u64,
     pub took: Duration,
 }
@@ -121,6 +136,8 @@ pub struct RollbackSummary {
     pub pid: i32,
     pub seq: u64,
     pub pause: Duration,
+    /// True when every thread the image's process had was recreated with its checkpointed id.
+    pub same_tids: bool,
 }
 
 /// Why a dump, restore or rollback failed.
@@ -196,7 +213,49 @@ pub enum ProcError {
 /// Checkpoints process `pid` into `store` (a full image). The process is stopped only while
 /// its state and memory are read, and runs on as before whether the dump succeeds or not.
 pub fn dump(pid: i32, store: &Store, opts: &DumpOptions) -> Result<DumpSummary, ProcError> {
-    dump::dump(pid, store, opts, None)
+    dump::dump(pid, store, opts, None).map_err(|e| exited_if_gone(pid, e))
+}
+
+/// `PF_EXITING` in the flags of `/proc/PID/stat` (`linux/sched.h`): the task is in `exit`.
+const PF_EXITING: u64 = 0x4;
+
+/// An error met because the target died during the call (a `/proc` file vanished, its memory
+/// or a thread could no longer be reached) reported as what it is: the process exited.
+fn exited_if_gone(pid: i32, e: ProcError) -> ProcError {
+    let esrch = match &e {
+        ProcError::Procfs { source, .. } | ProcError::File { source, .. } => {
+            source.raw_os_error() == Some(libc::ESRCH)
+        }
+        ProcError::Ptrace { errno, .. }
+        | ProcError::Injected { errno, .. }
+        | ProcError::Memory { errno, .. } => *errno == Errno::ESRCH,
+        _ => false,
+    };
+    let io_error = matches!(
+        e,
+        ProcError::Procfs { .. }
+            | ProcError::ProcfsFormat { .. }
+            | ProcError::Memory { .. }
+            | ProcError::Ptrace { .. }
+            | ProcError::Injected { .. }
+            | ProcError::File { .. }
+    );
+    // Gone, a zombie, or on its way out (its mm may already be torn down).
+    let gone = || {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return true;
+        };
+        let rest = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+        let mut fields = rest.split_whitespace();
+        let state = fields.next().unwrap_or("");
+        let flags: u64 = fields.nth(5).and_then(|f| f.parse().ok()).unwrap_or(0);
+        state.starts_with(['Z', 'X']) || flags & PF_EXITING != 0
+    };
+    if esrch || (io_error && gone()) {
+        ProcError::Exited { pid }
+    } else {
+        e
+    }
 }
 
 /// Checkpoints `tracker`'s process into `store`: an increment holding only the pages written
@@ -210,11 +269,13 @@ pub fn dump_incremental(
     opts: &DumpOptions,
 ) -> Result<DumpSummary, ProcError> {
     let pid = tracker.pid();
-    dump::dump(pid, store, opts, Some(tracker))
+    dump::dump(pid, store, opts, Some(tracker)).map_err(|e| exited_if_gone(pid, e))
 }
 
 /// Brings back the process of image `seq` (the newest good one when None) as a new child of
-/// the calling process, with the checkpointed pid when it is free.
+/// the calling process, with the checkpointed pid and thread ids when they are free
+/// (`RestoredProcess::same_tids` says whether all were), every thread with its registers,
+/// signal mask, rseq, robust list and clear_child_tid. A failure kills the half-built process.
 pub fn restore(
     store: &Store,
     seq: Option<u64>,
@@ -225,7 +286,10 @@ pub fn restore(
 
 /// Returns live process `pid` to image `seq` (the newest good one when None): memory layout
 /// and contents, registers, signal actions, descriptors and file offsets, and the contents of
-/// the files it had open for writing.
+/// the files it had open for writing. Its threads other than the main one are ended and the
+/// image's created again (with their old ids when free). A failure found before anything
+/// changed leaves the process running as it was; one after the first change (ending its
+/// threads) kills it, and the error says so: a half-rebuilt process must not run on.
 pub fn rollback(pid: i32, store: &Store, seq: Option<u64>) -> Result<RollbackSummary, ProcError> {
     rebuild::rollback(pid, store, seq)
 }

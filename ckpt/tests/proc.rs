@@ -368,6 +368,7 @@ fn a_pipe_is_reported_and_restored_only_with_a_replacement() {
         RestoreOptions {
             fds: vec![(1, fd)],
             keep_file_contents: false,
+            ..RestoreOptions::default()
         },
     )
     .unwrap();
@@ -431,8 +432,16 @@ fn dump_stops_every_thread_and_all_run_on() {
             .is_some_and(|&(x, y)| x > a + 5 && y > b + 5)
     });
     c.proc.kill();
-    let e = proc::restore(&s, None, RestoreOptions::default()).unwrap_err();
-    assert!(matches!(e, ProcError::Unsupported { .. }), "{e}");
+    // All three come back and count on.
+    let r = proc::restore(&s, None, RestoreOptions::default()).unwrap();
+    let _restored = Proc { pid: r.pid };
+    assert!(r.same_tids, "{r:?}");
+    let (a, b) = *counts(&c.out).last().unwrap();
+    wait_until("both workers counting on after the restore", || {
+        counts(&c.out)
+            .last()
+            .is_some_and(|&(x, y)| x > a + 5 && y > b + 5)
+    });
 }
 
 fn pages_bin() -> &'static Path {
@@ -562,6 +571,7 @@ fn incremental_dumps_read_the_written_pages_and_a_chain_restores() {
         RestoreOptions {
             fds: vec![(0, stdin), (1, stdout)],
             keep_file_contents: false,
+            ..RestoreOptions::default()
         },
     )
     .unwrap();
@@ -625,4 +635,472 @@ fn an_unmodified_perl_counter_continues_after_restore() {
     for (i, l) in got.iter().enumerate().take(at_dump + 50) {
         assert_eq!(l, &i.to_string(), "line {i} after the restore");
     }
+}
+
+fn mtcounter_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    compile("mtcounter", &BIN)
+}
+
+/// Output files of the mtcounter program, one per thread (stdout is the main thread's).
+const MT_FILES: [&str; 4] = ["out", "heap", "map", "pipe"];
+
+/// The multi-threaded counter (tests/progs/mtcounter.c) writing into its own directory, fed
+/// lines through a pipe on its stdin (read by its "pipe" thread).
+struct MtCounter {
+    proc: Proc,
+    dir: PathBuf,
+    input: File,
+}
+
+impl MtCounter {
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn send(&mut self, line: &str) {
+        writeln!(self.input, "{line}").unwrap();
+    }
+
+    /// Numbered lines of each thread's output.
+    fn progress(&self) -> Vec<usize> {
+        MT_FILES
+            .iter()
+            .map(|f| steps(&self.file(f)).len())
+            .collect()
+    }
+
+    /// Waits until every counting thread wrote `more` lines beyond `from` (see `progress`).
+    fn wait_counting(&self, from: &[usize], more: usize) {
+        for (i, f) in MT_FILES.iter().enumerate().take(3) {
+            wait_steps(&self.file(f), from[i] + more);
+        }
+    }
+
+    /// Sends `lines` and waits until the pipe thread wrote `total` lines.
+    fn feed(&mut self, lines: std::ops::RangeInclusive<u32>, total: usize) {
+        for n in lines {
+            self.send(&n.to_string());
+        }
+        wait_steps(&self.file("pipe"), total);
+    }
+
+    /// SIGUSR1: each counting thread re-sums its area; all three must answer "ok".
+    fn check_memory(&self, pid: i32, generation: u32) {
+        // SAFETY: kill takes plain integers.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGUSR1) }, 0);
+        let out = self.file("out");
+        let answers = || {
+            lines(&out)
+                .into_iter()
+                .filter(|l| l.starts_with("usr1 ") && l.contains(&format!(" {generation} ")))
+                .collect::<Vec<_>>()
+        };
+        wait_until("three usr1 answers", || answers().len() >= 3);
+        for a in answers() {
+            assert!(a.ends_with(" ok"), "{a}");
+        }
+    }
+}
+
+fn start_mt(parent: &Path, name: &str) -> MtCounter {
+    let dir = parent.join(name);
+    fs::create_dir_all(&dir).unwrap();
+    let (rd, wr) = nix::unistd::pipe().unwrap();
+    let mut cmd = Command::new(mtcounter_bin());
+    cmd.arg(&dir);
+    // SAFETY: one system call between fork and exec (see `start`).
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    let child = cmd
+        .stdin(Stdio::from(rd))
+        .stdout(Stdio::from(File::create(dir.join("out")).unwrap()))
+        .stderr(Stdio::from(File::create(dir.join("err")).unwrap()))
+        .spawn()
+        .unwrap();
+    let pid = i32::try_from(child.id()).unwrap();
+    std::mem::forget(child);
+    let m = MtCounter {
+        proc: Proc { pid },
+        dir,
+        input: File::from(wr),
+    };
+    wait_until("mtcounter ready", || {
+        lines(&m.file("out")).contains(&"ready".to_owned())
+    });
+    m
+}
+
+/// Thread ids of process `pid`, sorted.
+fn tids(pid: i32) -> Vec<i32> {
+    let mut t: Vec<i32> = fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    t.sort_unstable();
+    t
+}
+
+/// Per thread: its blocked signals (`SigBlk` of its status) and its robust futex list.
+fn thread_state(pid: i32) -> Vec<(i32, String, u64, usize)> {
+    tids(pid)
+        .into_iter()
+        .map(|tid| {
+            let status = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+            let blk = status
+                .lines()
+                .find_map(|l| l.strip_prefix("SigBlk:"))
+                .unwrap()
+                .trim()
+                .to_owned();
+            let mut head: u64 = 0;
+            let mut len: usize = 0;
+            // SAFETY: get_robust_list writes one pointer and one size_t to the two locals.
+            let r = unsafe {
+                libc::syscall(
+                    libc::SYS_get_robust_list,
+                    tid,
+                    &mut head as *mut u64,
+                    &mut len as *mut usize,
+                )
+            };
+            assert_eq!(r, 0, "get_robust_list({tid})");
+            (tid, blk, head, len)
+        })
+        .collect()
+}
+
+/// Every thread's output of `got` is a prefix of the uninterrupted run's (started in `ref`,
+/// fed lines 1..=`fed`), with at least `min[i]` lines.
+fn assert_mt_history(tmp: &Path, got: &MtCounter, fed: u32, min: &[usize]) {
+    let outputs: Vec<Vec<String>> = MT_FILES.iter().map(|f| steps(&got.file(f))).collect();
+    let mut r = start_mt(tmp, "ref");
+    r.feed(1..=fed, usize::try_from(fed).unwrap());
+    for (f, o) in MT_FILES.iter().zip(&outputs) {
+        wait_steps(&r.file(f), o.len());
+    }
+    r.proc.kill();
+    for ((f, o), &m) in MT_FILES.iter().zip(&outputs).zip(min) {
+        let reference = steps(&r.file(f));
+        assert!(o.len() >= m, "{f}: only {} lines", o.len());
+        for (i, (g, w)) in o.iter().zip(&reference).enumerate() {
+            assert_eq!(g, w, "{f}: line {i} differs from the uninterrupted run");
+        }
+    }
+}
+
+/// The acceptance test for multi-threaded programs: four threads (heap, mmap'd region, files
+/// written, a pipe, a signal handler, one thread blocked in read), dump → kill -9 → restore:
+/// every thread comes back with its tid, signal mask and robust list, and goes on exactly as
+/// an uninterrupted run; a joined thread's exit is seen (clear_child_tid).
+#[test]
+fn a_multi_threaded_process_restores_with_every_thread() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let mut m = start_mt(tmp.path(), "a");
+    m.feed(1..=5, 5);
+    m.wait_counting(&[0; 4], 10);
+    let before = thread_state(m.proc.pid);
+    assert_eq!(before.len(), 4, "{before:?}");
+    let d = proc::dump(m.proc.pid, &s, &DumpOptions::default()).unwrap();
+    assert_eq!(d.threads, 4, "{d:?}");
+    assert_eq!(d.unrestorable.len(), 1, "{:?}", d.unrestorable);
+    assert_eq!(d.unrestorable[0].fd, 0);
+    let at_dump = m.progress();
+    // Undone by the restore: the files go back to their checkpointed contents.
+    m.feed(6..=6, 6);
+    m.wait_counting(&at_dump, 10);
+    m.proc.kill();
+
+    let (rd, wr) = nix::unistd::pipe().unwrap();
+    let r = proc::restore(
+        &s,
+        None,
+        RestoreOptions {
+            fds: vec![(0, rd)],
+            ..RestoreOptions::default()
+        },
+    )
+    .unwrap();
+    let restored = Proc { pid: r.pid };
+    assert!(r.same_pid && r.same_tids, "{r:?}");
+    assert_eq!(
+        thread_state(r.pid),
+        before,
+        "tids, signal masks, robust lists"
+    );
+    let mut m = MtCounter {
+        proc: restored,
+        dir: m.dir.clone(),
+        input: File::from(wr),
+    };
+    assert_eq!(
+        steps(&m.file("pipe")).len(),
+        5,
+        "the pipe thread's file put back"
+    );
+    m.feed(6..=10, 10);
+    m.wait_counting(&at_dump, 30);
+    m.check_memory(r.pid, 1);
+    m.send("q");
+    wait_until("main joining the pipe thread", || {
+        lines(&m.file("out")).contains(&"joined".to_owned())
+    });
+    m.proc.kill();
+    let min: Vec<usize> = at_dump.iter().map(|n| n + 30).take(3).chain([10]).collect();
+    assert_mt_history(tmp.path(), &m, 10, &min);
+}
+
+/// Rollback in place of a live multi-threaded process whose pipe thread has ended since the
+/// checkpoint: its threads are ended and the image's four created again with their tids;
+/// memory, files and every thread's progress go back to the checkpoint and on from there as
+/// in an uninterrupted run.
+#[test]
+fn rollback_of_a_multi_threaded_process_returns_every_thread_to_the_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let mut m = start_mt(tmp.path(), "a");
+    m.feed(1..=5, 5);
+    m.wait_counting(&[0; 4], 10);
+    let before = thread_state(m.proc.pid);
+    proc::dump(m.proc.pid, &s, &DumpOptions::default()).unwrap();
+    let at_dump = m.progress();
+    m.feed(6..=8, 8);
+    m.send("q");
+    wait_until("main joining the pipe thread", || {
+        lines(&m.file("out")).contains(&"joined".to_owned())
+    });
+    assert_eq!(tids(m.proc.pid).len(), 3);
+    m.wait_counting(&at_dump, 20);
+
+    let r = proc::rollback(m.proc.pid, &s, None).unwrap();
+    assert_eq!((r.pid, r.seq), (m.proc.pid, 1));
+    assert!(r.same_tids, "{r:?}");
+    assert_eq!(thread_state(m.proc.pid), before);
+    let now = m.progress();
+    assert_eq!(now[3], 5, "the pipe thread's file went back");
+    for (i, (n, d)) in now.iter().zip(&at_dump).enumerate().take(3) {
+        assert!(
+            n <= &(d + 2),
+            "{}: {n} lines right after the rollback",
+            MT_FILES[i]
+        );
+    }
+    m.feed(6..=10, 10);
+    m.wait_counting(&at_dump, 30);
+    m.check_memory(m.proc.pid, 1);
+    m.send("q");
+    wait_until("main joining the pipe thread", || {
+        lines(&m.file("out")).contains(&"joined".to_owned())
+    });
+    m.proc.kill();
+    let min: Vec<usize> = at_dump.iter().map(|n| n + 30).take(3).chain([10]).collect();
+    assert_mt_history(tmp.path(), &m, 10, &min);
+}
+
+/// A dump that fails after the target was stopped and asked for its state (here: the store
+/// is gone) leaves every thread running as it was: the same output as an uninterrupted run.
+#[test]
+fn a_failed_dump_leaves_a_multi_threaded_target_running_as_it_was() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let mut m = start_mt(tmp.path(), "a");
+    m.feed(1..=3, 3);
+    m.wait_counting(&[0; 4], 5);
+    fs::remove_dir_all(s.dir()).unwrap();
+    fs::write(s.dir(), b"not a directory").unwrap();
+    let before = thread_state(m.proc.pid);
+    let e = proc::dump(m.proc.pid, &s, &DumpOptions::default()).unwrap_err();
+    assert!(matches!(e, ProcError::Store(_)), "{e}");
+    assert_eq!(thread_state(m.proc.pid), before);
+    let status = fs::read_to_string(format!("/proc/{}/status", m.proc.pid)).unwrap();
+    assert!(status.contains("TracerPid:\t0"), "{status}");
+    let at = m.progress();
+    m.feed(4..=6, 6);
+    m.wait_counting(&at, 20);
+    m.check_memory(m.proc.pid, 1);
+    m.proc.kill();
+    let min: Vec<usize> = at.iter().map(|n| n + 20).take(3).chain([6]).collect();
+    assert_mt_history(tmp.path(), &m, 6, &min);
+}
+
+/// A process that exits while it is being dumped (killed from another thread once the dump
+/// has it stopped): a clear error, no image, no panic.
+#[test]
+fn a_process_that_exits_mid_dump_gives_a_clear_error_and_no_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let mut failures = 0;
+    for round in 0..5 {
+        let c = start_counter(tmp.path(), &format!("x{round}"), 256, None);
+        wait_steps(&c.out, 1);
+        let pid = c.proc.pid;
+        let killer = std::thread::spawn(move || {
+            // Once the dump has seized it (a tracer shows), and then a little later each
+            // round, so the exit lands in different phases of the dump.
+            let traced = || {
+                fs::read_to_string(format!("/proc/{pid}/status"))
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0")
+            };
+            let start = Instant::now();
+            while !traced() && start.elapsed() < WAIT {
+                std::thread::yield_now();
+            }
+            std::thread::sleep(Duration::from_millis(10 * round));
+            // SAFETY: kill takes plain integers.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        });
+        let result = proc::dump(pid, &s, &DumpOptions::default());
+        killer.join().unwrap();
+        match result {
+            Ok(d) => {
+                // The dump won the race: its image is whole.
+                s.verify(d.seq).unwrap();
+                s.delete(d.seq).unwrap();
+            }
+            Err(e) => {
+                failures += 1;
+                assert!(
+                    matches!(
+                        e,
+                        ProcError::Exited { .. } | ProcError::NoSuchProcess { .. }
+                    ),
+                    "round {round}: {e:?}"
+                );
+                assert!(e.to_string().contains(&pid.to_string()), "{e}");
+            }
+        }
+        assert!(s.list().unwrap().is_empty(), "round {round}");
+        let left: Vec<_> = fs::read_dir(s.dir())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        assert!(
+            left.iter().all(|n| !n.to_string_lossy().contains("tmp")),
+            "{left:?}"
+        );
+    }
+    assert!(
+        failures > 0,
+        "no dump of five raced the exit of its process"
+    );
+}
+
+/// A process holding pid `want` (clone3 `set_tid`: root in the initial pid namespace) that
+/// only waits to be killed.
+fn occupy_pid(want: i32) -> Proc {
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+    }
+    let tid = [want];
+    let args = CloneArgs {
+        exit_signal: u64::try_from(libc::SIGCHLD).unwrap(),
+        set_tid: tid.as_ptr() as u64,
+        set_tid_size: 1,
+        ..CloneArgs::default()
+    };
+    let mut r = -1;
+    // The kernel frees a thread's id a moment after its process can be reaped: EEXIST for
+    // that moment.
+    for _ in 0..1000 {
+        // SAFETY: clone3 without CLONE_VM is a fork of this process; `args` and `tid` are
+        // live and correctly sized. The child only calls pause (no allocation, no lock)
+        // until killed.
+        r = unsafe {
+            libc::syscall(
+                libc::SYS_clone3,
+                &args as *const CloneArgs,
+                size_of::<CloneArgs>(),
+            )
+        };
+        if r >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    if r == 0 {
+        loop {
+            // SAFETY: pause takes no arguments.
+            unsafe { libc::pause() };
+        }
+    }
+    assert_eq!(
+        r,
+        i64::from(want),
+        "clone3 with set_tid {want}: {}",
+        std::io::Error::last_os_error()
+    );
+    Proc { pid: want }
+}
+
+/// A thread id taken by another process at restore time: the thread gets another one,
+/// `same_tids` says so, and the process runs on as before (its other threads too, and the
+/// renamed thread's exit is still seen by its joiner).
+#[test]
+fn a_taken_thread_id_is_replaced_and_the_process_runs_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let mut m = start_mt(tmp.path(), "a");
+    m.feed(1..=3, 3);
+    m.wait_counting(&[0; 4], 5);
+    let before = tids(m.proc.pid);
+    proc::dump(m.proc.pid, &s, &DumpOptions::default()).unwrap();
+    let at_dump = m.progress();
+    m.proc.kill();
+    let taken = *before.last().unwrap();
+    let _holder = occupy_pid(taken);
+
+    let (rd, wr) = nix::unistd::pipe().unwrap();
+    let r = proc::restore(
+        &s,
+        None,
+        RestoreOptions {
+            fds: vec![(0, rd)],
+            ..RestoreOptions::default()
+        },
+    )
+    .unwrap();
+    let restored = Proc { pid: r.pid };
+    assert!(r.same_pid && !r.same_tids, "{r:?}");
+    let now = tids(r.pid);
+    assert_eq!(now.len(), 4, "{now:?}");
+    assert!(!now.contains(&taken), "{now:?}");
+    assert_eq!(
+        now.iter().filter(|t| before.contains(t)).count(),
+        3,
+        "{before:?} → {now:?}"
+    );
+    let mut m = MtCounter {
+        proc: restored,
+        dir: m.dir.clone(),
+        input: File::from(wr),
+    };
+    m.feed(4..=6, 6);
+    m.wait_counting(&at_dump, 20);
+    m.check_memory(r.pid, 1);
+    m.send("q");
+    wait_until("main joining the pipe thread", || {
+        lines(&m.file("out")).contains(&"joined".to_owned())
+    });
+    m.proc.kill();
+    let min: Vec<usize> = at_dump.iter().map(|n| n + 20).take(3).chain([6]).collect();
+    assert_mt_history(tmp.path(), &m, 6, &min);
 }

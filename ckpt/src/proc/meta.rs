@@ -14,8 +14,10 @@
 use serde::{Deserialize, Serialize};
 
 /// Version of the metadata encoding; bumped on any incompatible change of these types.
-/// Version 2 added `Mapping::runs` (version 1 images still decode, without runs).
-pub const META_VERSION: u32 = 2;
+/// Version 2 added `Mapping::runs` (version 1 images still decode, without runs); version 3
+/// added `ThreadState::clear_child_tid` (older images decode with None, which a restore of
+/// their other threads refuses).
+pub const META_VERSION: u32 = 3;
 /// Oldest metadata version this build reads.
 pub const META_VERSION_MIN: u32 = 1;
 /// Region id of the metadata blob.
@@ -63,6 +65,11 @@ pub struct ThreadState {
     pub rseq: Option<Rseq>,
     /// Head and length of the robust futex list (0, 0 when none).
     pub robust_list: (u64, u64),
+    /// The thread's `clear_child_tid` (`set_tid_address`; 0 when none): where the kernel
+    /// clears its tid and wakes joiners when it exits. None in version 1 and 2 images, and
+    /// when the thread could not be asked at dump time.
+    #[serde(default)]
+    pub clear_child_tid: Option<u64>,
 }
 
 /// An rseq registration (`PTRACE_GET_RSEQ_CONFIGURATION`).
@@ -304,5 +311,111 @@ impl ProcessMeta {
             return Err("too many mappings".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    /// `ThreadState` and `ProcessMeta` as metadata version 2 wrote them (no clear_child_tid).
+    #[derive(Serialize)]
+    struct ThreadStateV2 {
+        tid: i32,
+        regs: Vec<u64>,
+        xstate: Vec<u8>,
+        sigmask: u64,
+        restarted_syscall: Option<u64>,
+        rseq: Option<Rseq>,
+        robust_list: (u64, u64),
+    }
+
+    #[derive(Serialize)]
+    struct ProcessMetaV2 {
+        version: u32,
+        pid: i32,
+        comm: String,
+        exe: String,
+        cwd: String,
+        threads: Vec<ThreadStateV2>,
+        mappings: Vec<Mapping>,
+        fds: Vec<FdState>,
+        files: Vec<FileSnapshot>,
+        sigactions: Vec<SigAction>,
+        mm: MmLayout,
+        auxv: Vec<u8>,
+    }
+
+    fn thread(tid: i32, ctid: Option<u64>) -> ThreadState {
+        ThreadState {
+            tid,
+            regs: vec![7; super::super::regs::USER_REGS_WORDS],
+            xstate: vec![1, 2, 3],
+            sigmask: 0xa00,
+            restarted_syscall: Some(0),
+            rseq: None,
+            robust_list: (0x1000, 24),
+            clear_child_tid: ctid,
+        }
+    }
+
+    fn meta(threads: Vec<ThreadState>) -> ProcessMeta {
+        ProcessMeta {
+            version: META_VERSION,
+            pid: 10,
+            comm: "x".into(),
+            exe: "/bin/x".into(),
+            cwd: "/".into(),
+            threads,
+            mappings: Vec::new(),
+            fds: Vec::new(),
+            files: Vec::new(),
+            sigactions: vec![SigAction::default(); NSIG],
+            mm: MmLayout::default(),
+            auxv: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn thread_state_round_trips() {
+        let m = meta(vec![thread(10, Some(0x7000)), thread(11, Some(0x8000))]);
+        let mut bytes = m.encode();
+        bytes.resize(bytes.len() + 100, 0); // the region's zero padding
+        assert_eq!(ProcessMeta::decode(&bytes).unwrap(), m);
+    }
+
+    #[test]
+    fn version_2_metadata_decodes_without_clear_child_tid() {
+        let m = meta(vec![thread(10, None), thread(11, None)]);
+        let old = ProcessMetaV2 {
+            version: 2,
+            pid: m.pid,
+            comm: m.comm.clone(),
+            exe: m.exe.clone(),
+            cwd: m.cwd.clone(),
+            threads: m
+                .threads
+                .iter()
+                .map(|t| ThreadStateV2 {
+                    tid: t.tid,
+                    regs: t.regs.clone(),
+                    xstate: t.xstate.clone(),
+                    sigmask: t.sigmask,
+                    restarted_syscall: t.restarted_syscall,
+                    rseq: t.rseq,
+                    robust_list: t.robust_list,
+                })
+                .collect(),
+            mappings: Vec::new(),
+            fds: Vec::new(),
+            files: Vec::new(),
+            sigactions: m.sigactions.clone(),
+            mm: m.mm,
+            auxv: Vec::new(),
+        };
+        let decoded = ProcessMeta::decode(&rmp_serde::to_vec(&old).unwrap()).unwrap();
+        assert_eq!(decoded.version, 2);
+        assert_eq!(decoded.threads, m.threads);
     }
 }

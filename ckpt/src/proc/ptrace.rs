@@ -7,6 +7,7 @@
 use std::collections::BTreeSet;
 use std::ffi::c_void;
 use std::io::{IoSlice, IoSliceMut};
+use std::time::{Duration, Instant};
 
 use libc::user_regs_struct;
 use nix::errno::Errno;
@@ -30,6 +31,15 @@ const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
 const STOP_ATTEMPTS: usize = 64;
 /// Rounds of re-listing `/proc/PID/task` before giving up on a process that keeps spawning.
 const TASK_LIST_ROUNDS: usize = 100;
+/// `PR_GET_TID_ADDRESS` (`linux/prctl.h`; needs CONFIG_CHECKPOINT_RESTORE).
+const PR_GET_TID_ADDRESS: u64 = 40;
+/// Bytes below a thread's stack pointer that the x86_64 ABI lets user code use without moving
+/// it (the red zone); scratch words for injected calls go below it.
+const RED_ZONE: u64 = 128;
+/// How long a killed thread may take to be reported gone before it is left to its fate.
+const REAP_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause between polls for a killed thread's exit.
+const REAP_POLL: Duration = Duration::from_millis(1);
 
 fn ptrace_err(op: &'static str, tid: Pid) -> impl FnOnce(Errno) -> ProcError {
     move |errno| {
@@ -73,6 +83,32 @@ impl Tracee {
             detach_on_drop: false,
             attached: true,
         })
+    }
+
+    /// Adopts a thread just created by an injected clone in a thread traced with
+    /// `PTRACE_O_TRACECLONE`: waits for its first stop (`SIGSTOP` under `PTRACE_TRACEME`,
+    /// `PTRACE_EVENT_STOP` under `PTRACE_SEIZE`). Dropping it kills its process: it belongs
+    /// to a process being rebuilt.
+    pub fn adopt_clone(tid: Pid) -> Result<Tracee, ProcError> {
+        let mut t = Tracee {
+            tid,
+            regs: zero_regs(),
+            resume: None,
+            pending: Vec::new(),
+            detach_on_drop: false,
+            attached: true,
+        };
+        match wait_stop(tid) {
+            Ok(Stop::Signal(sig)) if sig != libc::SIGSTOP => t.pending.push(sig),
+            Ok(_) => {}
+            Err(e) => {
+                // Exited and reaped, or not ours: nothing left to kill or wait for.
+                t.attached = false;
+                return Err(e);
+            }
+        }
+        t.regs = t.getregs()?;
+        Ok(t)
     }
 
     /// Seizes `tid` and stops it. `Ok(None)`: the thread is gone (it exited before).
@@ -249,6 +285,98 @@ impl Tracee {
         write_mem(self.tid, addr, data)
     }
 
+    /// Makes threads this one creates (clone) start traced and stopped (`PTRACE_O_TRACECLONE`);
+    /// the option ends with the detach.
+    pub fn trace_clones(&self) -> Result<(), ProcError> {
+        ptrace::setoptions(self.tid, ptrace::Options::PTRACE_O_TRACECLONE)
+            .map_err(ptrace_err("PTRACE_SETOPTIONS", self.tid))
+    }
+
+    /// Keeps `sigs` to be sent again when this thread is let go (signals taken from a thread
+    /// that went away).
+    pub fn hold(&mut self, sigs: Vec<i32>) {
+        self.pending.extend(sigs);
+    }
+
+    /// The thread's `clear_child_tid`, asked of the kernel by the thread itself (injected
+    /// `prctl(PR_GET_TID_ADDRESS)` at `syscall_ip`), through a word below its stack's red zone
+    /// that is put back afterwards. None when that word is not accessible or the kernel
+    /// refuses. Sets the resume registers (restart kept) if none were set.
+    pub fn tid_address(&mut self, syscall_ip: u64) -> Result<Option<u64>, ProcError> {
+        if self.resume.is_none() {
+            self.resume = Some(regs::resumable(&self.regs, true));
+        }
+        let at = self.regs.rsp.wrapping_sub(RED_ZONE + 8) & !7;
+        let mut saved = [0u8; 8];
+        if self.read_mem(at, &mut saved).is_err() {
+            return Ok(None);
+        }
+        let r = self.inject(syscall_ip, libc::SYS_prctl, &[PR_GET_TID_ADDRESS, at])?;
+        if r < 0 {
+            // Nothing was written.
+            return Ok(None);
+        }
+        let mut out = [0u8; 8];
+        let read = self.read_mem(at, &mut out);
+        self.write_mem(at, &saved)?;
+        read?;
+        Ok(Some(u64::from_le_bytes(out)))
+    }
+
+    /// Ends the thread (an injected `exit(0)` at `syscall_ip`, which ends only this thread)
+    /// and reaps it. Returns the signals held for it, to be sent to another thread instead.
+    /// The thread is gone whatever this returns (killed and reaped on a failure).
+    pub fn exit_thread(mut self, syscall_ip: u64) -> Result<Vec<i32>, ProcError> {
+        let tid = self.tid;
+        let mut r = self.regs;
+        r.rax = libc::SYS_exit.cast_unsigned();
+        r.rdi = 0;
+        r.rip = syscall_ip;
+        r.orig_rax = u64::MAX;
+        self.attached = false;
+        let pending = std::mem::take(&mut self.pending);
+        let started = ptrace::setregs(tid, r)
+            .and_then(|()| ptrace::cont(tid, None))
+            .map_err(ptrace_err("PTRACE_CONT (exit)", tid));
+        if let Err(e) = started {
+            reap_killed(tid);
+            return Err(e);
+        }
+        loop {
+            match waitpid(tid, Some(WaitPidFlag::__WALL)) {
+                Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return Ok(pending),
+                Err(Errno::ECHILD | Errno::ESRCH) => return Ok(pending),
+                Err(Errno::EINTR) => {}
+                // A signal (dropped: the thread is going) or an event stop before the exit.
+                Ok(_) => {
+                    if let Err(e) = ptrace::cont(tid, None) {
+                        reap_killed(tid);
+                        return Err(ptrace_err("PTRACE_CONT (exit)", tid)(e));
+                    }
+                }
+                Err(errno) => {
+                    reap_killed(tid);
+                    return Err(ProcError::Ptrace {
+                        op: "waitpid",
+                        tid: tid.as_raw(),
+                        errno,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Kills the thread's process and reaps this thread (its exit report to this tracer), so
+    /// that nothing of it stays stopped or unreaped. For a process that must not run on.
+    pub fn kill_and_reap(mut self) {
+        if !self.attached {
+            return;
+        }
+        self.attached = false;
+        let _ = nix::sys::signal::kill(self.tid, Signal::SIGKILL);
+        reap_killed(self.tid);
+    }
+
     /// Lets the thread go: writes back the resume registers, sends again the signals held
     /// while it was stopped, detaches.
     pub fn release(mut self) -> Result<(), ProcError> {
@@ -348,7 +476,27 @@ impl Drop for Tracee {
         } else {
             self.attached = false;
             let _ = nix::sys::signal::kill(self.tid, Signal::SIGKILL);
-            let _ = waitpid(self.tid, Some(WaitPidFlag::__WALL));
+            reap_killed(self.tid);
+        }
+    }
+}
+
+/// Waits for killed thread `tid` to be reported gone (reaping it), for at most
+/// `REAP_TIMEOUT`: a thread group leader is reported only after its other threads, which a
+/// caller reaps first; the bound keeps a missed one from hanging the caller.
+pub fn reap_killed(tid: Pid) {
+    let until = Instant::now() + REAP_TIMEOUT;
+    loop {
+        match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(..) | WaitStatus::Signaled(..)) => return,
+            Err(Errno::EINTR) => {}
+            Err(_) => return,
+            Ok(_) => {
+                if Instant::now() >= until {
+                    return;
+                }
+                std::thread::sleep(REAP_POLL);
+            }
         }
     }
 }

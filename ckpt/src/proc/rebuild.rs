@@ -1,9 +1,11 @@
-//! Restore and rollback: a stopped single-threaded process (a fresh stub, or the live process
-//! itself) is turned into the process of an image by system calls injected into it —
-//! descriptors, address space, vDSO position, signal actions, mm fields, rseq — then its
-//! memory is written and its registers set. Owns the image scan (verified whole before a byte
-//! is applied) and the stub. It must never apply an unverified image, and never let a process
-//! that was half rebuilt run on: a failure past the first change kills it.
+//! Restore and rollback: a stopped process reduced to one thread (a fresh stub, or the live
+//! process whose other threads were ended) is turned into the process of an image by system
+//! calls injected into it — descriptors, address space, vDSO position, signal actions, mm
+//! fields, rseq — then its memory is written, the image's other threads are cloned (each
+//! given its own kernel-side state by calls injected into it) and all registers set. Owns the
+//! image scan (verified whole before a byte is applied) and the stub. It must never apply an
+//! unverified image, and never let a process that was half rebuilt run on: a failure past the
+//! first change kills it.
 
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -204,14 +206,7 @@ pub fn restore(
     let chain = select(store, seq)?;
     let img = newest(&chain);
     let meta = &img.meta;
-    if meta.threads.len() != 1 {
-        return Err(ProcError::Unsupported {
-            reason: format!(
-                "restore of a multi-threaded process ({} threads)",
-                meta.threads.len()
-            ),
-        });
-    }
+    check_threads(img)?;
     for f in &meta.fds {
         if f.kind.reopen_path().is_none() && !opts.fds.iter().any(|(n, _)| *n == f.fd) {
             return Err(ProcError::Unrestorable {
@@ -226,19 +221,39 @@ pub fn restore(
     }
     check_mapped_files(meta)?;
     if !opts.keep_file_contents {
-        put_back_files(img)?;
+        // A file whose descriptor the caller replaces is the caller's to keep as it is.
+        let replaced: Vec<(u64, u64)> = meta
+            .fds
+            .iter()
+            .filter(|f| opts.fds.iter().any(|(n, _)| *n == f.fd))
+            .map(|f| (f.dev, f.ino))
+            .collect();
+        put_back_files(img, &replaced)?;
     }
     let kept: Vec<i32> = opts.fds.iter().map(|(n, _)| *n).collect();
-    let (stub_pid, same_pid) = spawn_stub(meta.pid, &opts.fds)?;
+    let (stub_pid, same_pid, pidfd) = spawn_stub(meta.pid, &opts.fds, opts.cgroup.as_ref())?;
     // The stub holds its copies; this process's are closed now.
     drop(opts);
     let mut stub = Tracee::adopt_stub(stub_pid)?;
-    rebuild(&mut stub, &chain, Mode::Restore, &kept)?;
+    // Declared after the stub: on a failure its threads are killed and reaped first (the
+    // stub's own exit is reported only once they are gone).
+    let mut threads = Vec::new();
+    let same_tids = rebuild(&mut stub, &chain, Mode::Restore, &kept, &mut threads)?;
     stub.keep();
-    stub.release()?;
+    for t in &mut threads {
+        t.keep();
+    }
+    if let Err(e) = release_all(stub, threads) {
+        // A thread could not be let go as rebuilt: the process must not run on without it.
+        let _ = nix::sys::signal::kill(stub_pid, Signal::SIGKILL);
+        ptrace::reap_killed(stub_pid);
+        return Err(e);
+    }
     Ok(RestoredProcess {
         pid: stub_pid.as_raw(),
+        pidfd,
         same_pid,
+        same_tids: same_pid && same_tids,
         seq: img.seq,
         took: started.elapsed(),
     })
@@ -251,29 +266,17 @@ pub fn rollback(pid: i32, store: &Store, seq: Option<u64>) -> Result<RollbackSum
     let chain = select(store, seq)?;
     let img = newest(&chain);
     let meta = &img.meta;
-    if meta.threads.len() != 1 {
-        return Err(ProcError::Unsupported {
-            reason: format!(
-                "rollback of a multi-threaded process ({} threads)",
-                meta.threads.len()
-            ),
-        });
-    }
+    check_threads(img)?;
     check_mapped_files(meta)?;
     let p = Pid::from_raw(pid);
-    let mut threads = ptrace::seize_all(p)?;
+    let mut others = ptrace::seize_all(p)?;
     let paused = Instant::now();
-    if threads.len() != 1 {
-        return Err(ProcError::Unsupported {
-            reason: format!(
-                "rollback of process {pid}, which now runs {} threads",
-                threads.len()
-            ),
-        });
+    if others.is_empty() {
+        return Err(ProcError::Exited { pid });
     }
-    let t = threads
-        .first_mut()
-        .expect("seize_all returns at least the main thread");
+    // seize_all puts the main thread first. Until the first change below, a failure drops
+    // these guards, which let every thread go as it was.
+    let mut main = others.remove(0);
     // Descriptors still open on the same file at the same number are kept (a pipe keeps its
     // peer); every other one must be reopenable, checked before anything changes.
     let current = procfs::fds(p)?;
@@ -297,24 +300,91 @@ pub fn rollback(pid: i32, store: &Store, seq: Option<u64>) -> Result<RollbackSum
             });
         }
     }
-    t.set_resume(regs::resumable(&t.regs, true));
-    let result = put_back_files(img).and_then(|()| rebuild(t, &chain, Mode::Rollback, &kept));
-    if let Err(e) = result {
-        // Whatever changed, the process is no longer what it was nor what the image holds.
+    main.set_resume(regs::resumable(&main.regs, true));
+    // The first change is ending the other threads (the image's are created anew, with their
+    // old tids). From there on the process is neither what it was nor what the image holds
+    // until the rebuild is done, so a failure kills it (and says so) rather than let it run
+    // on half rebuilt; a process that cannot be put back is not worth a second failure mode.
+    let mut created = Vec::new();
+    let result = end_threads(&mut main, &mut others, p)
+        .and_then(|()| put_back_files(img, &[]))
+        .and_then(|()| rebuild(&mut main, &chain, Mode::Rollback, &kept, &mut created));
+    let same_tids = match result {
+        Ok(same) => same,
+        Err(e) => {
+            let _ = nix::sys::signal::kill(p, Signal::SIGKILL);
+            for t in created.into_iter().chain(others) {
+                t.kill_and_reap();
+            }
+            main.kill_and_reap();
+            return Err(ProcError::Unrestorable {
+                seq: img.seq,
+                reason: format!("rollback failed part way, so process {pid} was killed: {e}"),
+            });
+        }
+    };
+    if let Err(e) = release_all(main, created) {
         let _ = nix::sys::signal::kill(p, Signal::SIGKILL);
         return Err(ProcError::Unrestorable {
             seq: img.seq,
-            reason: format!("rollback failed part way, so process {pid} was killed: {e}"),
+            reason: format!(
+                "rollback done but a thread could not be let go, so process {pid} was killed: {e}"
+            ),
         });
-    }
-    for t in threads {
-        t.release()?;
     }
     Ok(RollbackSummary {
         pid,
         seq: img.seq,
         pause: paused.elapsed(),
+        same_tids,
     })
+}
+
+/// Every thread of the image but the main one is created with the clear_child_tid it had,
+/// which images before metadata version 3 do not hold.
+fn check_threads(img: &Scanned) -> Result<(), ProcError> {
+    match img
+        .meta
+        .threads
+        .iter()
+        .skip(1)
+        .find(|t| t.clear_child_tid.is_none())
+    {
+        None => Ok(()),
+        Some(t) => Err(ProcError::Unrestorable {
+            seq: img.seq,
+            reason: format!(
+                "thread {} of {} has no recorded clear_child_tid (metadata version {}, or its \
+                 stack was not readable at dump time); dump the process again",
+                t.tid,
+                img.meta.threads.len(),
+                img.meta.version
+            ),
+        }),
+    }
+}
+
+/// Ends every thread in `others` (an injected `exit`, each reaped), keeping the signals held
+/// for them on `main`.
+fn end_threads(main: &mut Tracee, others: &mut Vec<Tracee>, p: Pid) -> Result<(), ProcError> {
+    if others.is_empty() {
+        return Ok(());
+    }
+    let ip = find_syscall_insn(p, &procfs::maps(p)?)?;
+    while let Some(t) = others.pop() {
+        main.hold(t.exit_thread(ip)?);
+    }
+    Ok(())
+}
+
+/// Lets the rebuilt threads go, the main one last (the others' registers are all set by
+/// then, so none of them runs before the process is whole). On an error the ones not yet let
+/// go are dropped, which detaches them; the caller kills the process.
+fn release_all(main: Tracee, others: Vec<Tracee>) -> Result<(), ProcError> {
+    for t in others {
+        t.release()?;
+    }
+    main.release()
 }
 
 /// Every file mapped by the image must still be the file it was.
@@ -347,10 +417,14 @@ fn check_mapped_files(meta: &ProcessMeta) -> Result<(), ProcError> {
 
 /// Puts back the files the process had open for writing: their checkpointed contents (when
 /// kept) and size. Written by path, from this process. Every image holds the whole contents
-/// of its files, so the newest image of a chain is enough.
-fn put_back_files(img: &Scanned) -> Result<(), ProcError> {
+/// of its files, so the newest image of a chain is enough. Files in `skip` (device, inode)
+/// are left alone.
+fn put_back_files(img: &Scanned, skip: &[(u64, u64)]) -> Result<(), ProcError> {
     let mut buf = Vec::new();
     for (k, f) in img.meta.files.iter().enumerate() {
+        if skip.contains(&(f.dev, f.ino)) {
+            continue;
+        }
         let file_err = |op: &'static str| {
             let path = f.path.clone();
             move |source| ProcError::File { op, path, source }
@@ -395,12 +469,23 @@ struct CloneArgs {
     tls: u64,
     set_tid: u64,
     set_tid_size: u64,
+    cgroup: u64,
 }
+
+/// clone3 flags (`linux/sched.h`): a pidfd of the child is stored at `clone_args.pidfd`; the
+/// child starts in the cgroup whose directory fd is `clone_args.cgroup`.
+const CLONE_PIDFD: u64 = 0x1000;
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
 
 /// Forks the stub: a child of this process (with the checkpointed pid when it is free) that
 /// installs the given descriptors at their numbers, closes every other one, and stops under
-/// `PTRACE_TRACEME`. Returns its pid stopped, and whether it got `want_pid`.
-fn spawn_stub(want_pid: i32, fds: &[(i32, OwnedFd)]) -> Result<(Pid, bool), ProcError> {
+/// `PTRACE_TRACEME`, created inside `cgroup` when given. Returns its pid stopped, whether it
+/// got `want_pid`, and its pidfd.
+fn spawn_stub(
+    want_pid: i32,
+    fds: &[(i32, OwnedFd)],
+    cgroup: Option<&OwnedFd>,
+) -> Result<(Pid, bool, OwnedFd), ProcError> {
     // Everything the child uses is prepared here: after the fork it may only make system
     // calls (this process may have other threads holding allocator locks).
     let hi = fds
@@ -427,16 +512,24 @@ fn spawn_stub(want_pid: i32, fds: &[(i32, OwnedFd)]) -> Result<(Pid, bool), Proc
     let mut staged = vec![0i32; moves.len()];
 
     let want = [want_pid];
+    let mut pidfd: libc::c_int = -1;
     let mut args = CloneArgs {
+        flags: CLONE_PIDFD,
+        pidfd: (&raw mut pidfd).expose_provenance() as u64,
         exit_signal: EXIT_SIGNAL,
         set_tid: want.as_ptr() as u64,
         set_tid_size: 1,
         ..CloneArgs::default()
     };
+    if let Some(dir) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = u64::from(dir.as_raw_fd().unsigned_abs());
+    }
     let mut same_pid = true;
     // SAFETY: clone3 without CLONE_VM duplicates the process (like fork); `args` is a live,
-    // correctly sized clone_args and set_tid points at one pid_t. The child branch below only
-    // makes system calls on memory prepared before the call and never returns.
+    // correctly sized clone_args, set_tid points at one pid_t and `pidfd` (where the kernel
+    // writes) outlives the call. The child branch below only makes system calls on memory
+    // prepared before the call and never returns.
     let mut r = unsafe {
         libc::syscall(
             libc::SYS_clone3,
@@ -466,12 +559,15 @@ fn spawn_stub(want_pid: i32, fds: &[(i32, OwnedFd)]) -> Result<(Pid, bool), Proc
     if r == 0 {
         stub_child(&moves, &mut staged, hi, &gaps);
     }
+    // SAFETY: clone3 succeeded with CLONE_PIDFD, so the kernel stored a new pidfd (O_CLOEXEC)
+    // that nothing else owns.
+    let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd) };
     let pid = Pid::from_raw(i32::try_from(r).map_err(|_| ProcError::Stub {
         reason: format!("clone3 returned {r}"),
     })?);
     loop {
         match waitpid(pid, Some(WaitPidFlag::__WALL)) {
-            Ok(WaitStatus::Stopped(_, Signal::SIGSTOP)) => return Ok((pid, same_pid)),
+            Ok(WaitStatus::Stopped(_, Signal::SIGSTOP)) => return Ok((pid, same_pid, pidfd)),
             Ok(WaitStatus::Exited(_, code)) => {
                 return Err(ProcError::Stub {
                     reason: match code {
@@ -624,9 +720,18 @@ fn prot_bits(p: u8) -> u64 {
     u64::from(out.cast_unsigned())
 }
 
-/// Turns the stopped thread `t` (the only thread of its process) into the image's process.
-/// `kept` lists descriptors that already are what the image says (left open, repositioned).
-fn rebuild(t: &mut Tracee, chain: &[Scanned], mode: Mode, kept: &[i32]) -> Result<(), ProcError> {
+/// Turns the stopped thread `t` (the only thread of its process) into the image's main
+/// thread and process, and creates the image's other threads (pushed to `threads`, each
+/// stopped with its state set; dropping them kills the process). `kept` lists descriptors
+/// that already are what the image says (left open, repositioned). Returns whether every
+/// created thread got its checkpointed tid.
+fn rebuild(
+    t: &mut Tracee,
+    chain: &[Scanned],
+    mode: Mode,
+    kept: &[i32],
+    threads: &mut Vec<Tracee>,
+) -> Result<bool, ProcError> {
     let img = newest(chain);
     let meta = &img.meta;
     let thread = &meta.threads[0];
@@ -810,8 +915,15 @@ fn rebuild(t: &mut Tracee, chain: &[Scanned], mode: Mode, kept: &[i32]) -> Resul
         name.push(0);
         let at = tg.stage(&name)?;
         tg.call("prctl(PR_SET_NAME)", libc::SYS_prctl, &[PR_SET_NAME, at])?;
-        // Nothing of the stub's own threads' exit handling applies to the restored program.
-        tg.call("set_tid_address", libc::SYS_set_tid_address, &[0])?;
+    }
+    // The stub's own value means nothing to the restored program; an image without one
+    // (older metadata) gets none.
+    if mode == Mode::Restore || thread.clear_child_tid.is_some() {
+        tg.call(
+            "set_tid_address",
+            libc::SYS_set_tid_address,
+            &[thread.clear_child_tid.unwrap_or(0)],
+        )?;
     }
     if let Some(r) = thread.rseq {
         tg.call(
@@ -838,6 +950,8 @@ fn rebuild(t: &mut Tracee, chain: &[Scanned], mode: Mode, kept: &[i32]) -> Resul
         }
     }
 
+    let same_tids = create_threads(&mut tg, meta, threads)?;
+
     // The scratch mapping removes itself: the step traps right after the call returns.
     let scratch = tg.scratch;
     tg.call(
@@ -849,7 +963,115 @@ fn rebuild(t: &mut Tracee, chain: &[Scanned], mode: Mode, kept: &[i32]) -> Resul
     t.set_xstate(&thread.xstate)?;
     t.set_sigmask(thread.sigmask)?;
     t.set_resume(regs::from_words(&thread.regs));
-    Ok(())
+    Ok(same_tids)
+}
+
+/// Flags of a thread clone (`linux/sched.h`), what `pthread_create` passes but the tid
+/// reporting ones: the tid lives in the image's memory already.
+const THREAD_CLONE_FLAGS: i32 = libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM
+    | libc::CLONE_SETTLS;
+/// `sizeof(struct clone_args)` up to `set_tid_size` (`CLONE_ARGS_SIZE_VER1`).
+const CLONE_ARGS_VER1: usize = 80;
+
+/// A `struct clone_args` (first version) for a thread of the image: TLS and clear_child_tid
+/// set at creation, `set_tid` (an address in the target) asking for a tid when given.
+fn thread_clone_args(tls: u64, clear_child_tid: u64, set_tid: Option<u64>) -> Vec<u8> {
+    let mut flags = u64::from(THREAD_CLONE_FLAGS.cast_unsigned());
+    if clear_child_tid != 0 {
+        flags |= u64::from(libc::CLONE_CHILD_CLEARTID.cast_unsigned());
+    }
+    let words = [
+        flags,
+        0, // pidfd
+        clear_child_tid,
+        0, // parent_tid
+        0, // exit_signal: a thread signals nobody
+        0, // stack: the thread starts on its parent's (it is stopped before it runs)
+        0, // stack_size
+        tls,
+        set_tid.unwrap_or(0),
+        u64::from(set_tid.is_some()),
+    ];
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    debug_assert_eq!(bytes.len(), CLONE_ARGS_VER1);
+    bytes
+}
+
+/// Creates every thread of the image but the main one: an injected clone3 in the main thread
+/// (traced with `PTRACE_O_TRACECLONE`, so each new thread starts stopped under ptrace), with
+/// its checkpointed tid when that is free, then rseq and the robust list injected into the
+/// new thread itself, and its extended state, signal mask and registers set. Returns whether
+/// every thread got its checkpointed tid.
+fn create_threads(
+    tg: &mut Target<'_>,
+    meta: &ProcessMeta,
+    threads: &mut Vec<Tracee>,
+) -> Result<bool, ProcError> {
+    if meta.threads.len() < 2 {
+        return Ok(true);
+    }
+    tg.t.trace_clones()?;
+    let mut same_tids = true;
+    let args_at = tg.scratch + SCRATCH_DATA;
+    let tid_at = args_at + CLONE_ARGS_VER1 as u64;
+    for th in &meta.threads[1..] {
+        let regs = regs::from_words(&th.regs);
+        // check_threads refused images without it.
+        let ctid = th.clear_child_tid.unwrap_or(0);
+        let mut staged = thread_clone_args(regs.fs_base, ctid, Some(tid_at));
+        staged.extend_from_slice(&th.tid.to_le_bytes());
+        tg.stage(&staged)?;
+        let size = CLONE_ARGS_VER1 as u64;
+        let mut r = tg.t.inject(tg.ip, libc::SYS_clone3, &[args_at, size])?;
+        if r < 0 {
+            // The tid is taken (EEXIST), or cannot be asked for here: any tid will do.
+            same_tids = false;
+            tg.stage(&thread_clone_args(regs.fs_base, ctid, None))?;
+            r = tg.t.inject(tg.ip, libc::SYS_clone3, &[args_at, size])?;
+        }
+        let tid = i32::try_from(r)
+            .ok()
+            .filter(|&t| t > 0)
+            .ok_or_else(|| ProcError::Injected {
+                syscall: "clone3 (thread)",
+                tid: tg.t.tid.as_raw(),
+                errno: Errno::from_raw(i32::try_from(-r).unwrap_or(libc::EINVAL)),
+            })?;
+        threads.push(Tracee::adopt_clone(Pid::from_raw(tid))?);
+        let t = threads
+            .last_mut()
+            .expect("the thread was pushed just above");
+        let mut own = Target {
+            t,
+            pid: tg.pid,
+            ip: tg.ip,
+            scratch: tg.scratch,
+        };
+        if let Some(r) = th.rseq {
+            own.call(
+                "rseq",
+                libc::SYS_rseq,
+                &[r.addr, u64::from(r.len), 0, u64::from(r.signature)],
+            )?;
+        }
+        if th.robust_list.0 != 0 {
+            own.call(
+                "set_robust_list",
+                libc::SYS_set_robust_list,
+                &[th.robust_list.0, th.robust_list.1],
+            )?;
+        }
+        let t = own.t;
+        t.set_xstate(&th.xstate)?;
+        t.set_sigmask(th.sigmask)?;
+        t.set_resume(regs::from_words(&th.regs));
+    }
+    Ok(same_tids)
 }
 
 /// Closes what the image does not hold, reopens what it holds at the same numbers and
@@ -1057,4 +1279,45 @@ fn write_memory(tg: &mut Target<'_>, chain: &[Scanned]) -> Result<(), ProcError>
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failed unwrap is a failed test
+mod tests {
+    use super::*;
+
+    fn word(b: &[u8], i: usize) -> u64 {
+        u64::from_le_bytes(b[i * 8..i * 8 + 8].try_into().unwrap())
+    }
+
+    #[test]
+    fn thread_clone_args_follow_the_kernel_layout() {
+        let a = thread_clone_args(0x7f00, 0x7f10, Some(0x5000));
+        assert_eq!(a.len(), CLONE_ARGS_VER1);
+        let flags = word(&a, 0);
+        for f in [libc::CLONE_THREAD, libc::CLONE_VM, libc::CLONE_SETTLS] {
+            assert_ne!(flags & u64::from(f.cast_unsigned()), 0);
+        }
+        assert_ne!(
+            flags & u64::from(libc::CLONE_CHILD_CLEARTID.cast_unsigned()),
+            0
+        );
+        // child_tid, exit_signal, tls, set_tid, set_tid_size
+        assert_eq!(
+            [
+                word(&a, 2),
+                word(&a, 4),
+                word(&a, 7),
+                word(&a, 8),
+                word(&a, 9)
+            ],
+            [0x7f10, 0, 0x7f00, 0x5000, 1]
+        );
+        let b = thread_clone_args(0x7f00, 0, None);
+        assert_eq!(
+            word(&b, 0) & u64::from(libc::CLONE_CHILD_CLEARTID.cast_unsigned()),
+            0
+        );
+        assert_eq!([word(&b, 8), word(&b, 9)], [0, 0]);
+    }
 }

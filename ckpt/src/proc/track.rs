@@ -86,6 +86,18 @@ pub struct Tracker {
     pub(super) parent: Option<Parent>,
     /// Why write tracking is not possible for this process (then every dump is full).
     pub(super) disabled: Option<String>,
+    /// The staging buffer of the previous dump, kept backed for the next one (see dump.rs).
+    pub(super) staging: Staging,
+}
+
+/// A reusable buffer; its Debug shows only its size.
+#[derive(Default)]
+pub(super) struct Staging(pub Vec<u8>);
+
+impl std::fmt::Debug for Staging {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Staging({} bytes)", self.0.len())
+    }
 }
 
 impl Tracker {
@@ -98,6 +110,7 @@ impl Tracker {
             tracked: Vec::new(),
             parent: None,
             disabled: None,
+            staging: Staging::default(),
         }
     }
 
