@@ -1,4 +1,5 @@
-//! The cluster database: its typed content (nodes, properties, groups, resources), the
+//! The cluster database: its typed content (nodes, properties, groups with their failover
+//! policy, resources validated by type, group ownership under fencing epochs), the
 //! [`Update`]s that change it, its local redb store ([`ClusterDb`]) and its area on the quorum
 //! disk (two checksummed copies of a [`DiskRecord`]).
 //!
@@ -47,27 +48,353 @@ const PROPERTIES: TableDefinition<&str, &str> = TableDefinition::new("cluster_pr
 const NODES: TableDefinition<&str, &[u8]> = TableDefinition::new("cluster_nodes");
 const GROUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("cluster_groups");
 const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("cluster_resources");
-const OUR_TABLES: [&str; 5] = [
+/// Added with ownership: a store without it (an older one) gains it, empty, on open.
+const OWNERSHIP: TableDefinition<&str, &[u8]> = TableDefinition::new("cluster_ownership");
+const OUR_TABLES: [&str; 6] = [
     "cluster_meta",
     "cluster_properties",
     "cluster_nodes",
     "cluster_groups",
     "cluster_resources",
+    "cluster_ownership",
 ];
 const KEY_FORMAT: &str = "format";
 const KEY_SEQ: &str = "seq";
 const KEY_EPOCH: &str = "epoch";
 const KEY_GUM: &str = "gum";
 
-/// A group: the unit of failover (filled in by the groups issue).
+/// Default of [`Group::failover_threshold`].
+pub const DEFAULT_FAILOVER_THRESHOLD: u32 = 3;
+/// Default of [`Group::failover_period_ms`]: one hour.
+pub const DEFAULT_FAILOVER_PERIOD_MS: u64 = 60 * 60 * 1000;
+/// The largest [`Group::failover_threshold`]: it bounds the failover history an ownership keeps.
+pub const MAX_FAILOVER_THRESHOLD: u32 = 1000;
+/// The longest [`Group::failover_period_ms`]: thirty days.
+pub const MAX_FAILOVER_PERIOD_MS: u64 = 30 * 24 * 60 * 60 * 1000;
+/// Minutes in a UTC day: failback windows are minutes of the day, below this.
+pub const MINUTES_PER_DAY: u16 = 24 * 60;
+/// Default of [`Resource::online_timeout_ms`].
+pub const DEFAULT_ONLINE_TIMEOUT_MS: u64 = 60_000;
+/// Default of [`Resource::offline_timeout_ms`].
+pub const DEFAULT_OFFLINE_TIMEOUT_MS: u64 = 30_000;
+/// Default of [`Resource::looks_alive_ms`] (the cheap check's interval).
+pub const DEFAULT_LOOKS_ALIVE_MS: u64 = 5_000;
+/// Default of [`Resource::is_alive_ms`] (the thorough check's interval).
+pub const DEFAULT_IS_ALIVE_MS: u64 = 60_000;
+/// The longest resource timeout or interval: one day (it keeps deadline arithmetic far from
+/// overflow).
+pub const MAX_RESOURCE_TIMEOUT_MS: u64 = 24 * 60 * 60 * 1000;
+/// The longest [`Ownership::reason`] an update may carry.
+pub const MAX_REASON_LEN: usize = 1024;
+/// The longest network interface name Linux accepts (`IFNAMSIZ` minus the NUL).
+const MAX_IFNAME_LEN: usize = 15;
+
+/// When a group returns to a more preferred owner that is back.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Failback {
+    /// It stays where it is.
+    #[default]
+    Never,
+    /// At once.
+    Immediate,
+    /// Only while the UTC time of day is in `[start_min, end_min)`; the window wraps past
+    /// midnight when `end_min < start_min`.
+    Window {
+        /// First minute of the UTC day inside the window (0..1440).
+        start_min: u16,
+        /// First minute of the UTC day after the window (0..1440, not `start_min`).
+        end_min: u16,
+    },
+}
+
+impl Failback {
+    /// Whether a failback may start at `now_unix_ms`.
+    pub fn allows(&self, now_unix_ms: u64) -> bool {
+        match *self {
+            Failback::Never => false,
+            Failback::Immediate => true,
+            Failback::Window { start_min, end_min } => {
+                let minute = (now_unix_ms / 60_000) % u64::from(MINUTES_PER_DAY);
+                let (start, end) = (u64::from(start_min), u64::from(end_min));
+                match start.cmp(&end) {
+                    std::cmp::Ordering::Less => start <= minute && minute < end,
+                    std::cmp::Ordering::Greater => minute >= start || minute < end,
+                    // Refused by validation: an empty window never opens.
+                    std::cmp::Ordering::Equal => false,
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for Failback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failback::Never => f.write_str("never"),
+            Failback::Immediate => f.write_str("immediate"),
+            Failback::Window { start_min, end_min } => write!(
+                f,
+                "window {:02}:{:02}-{:02}:{:02} UTC",
+                start_min / 60,
+                start_min % 60,
+                end_min / 60,
+                end_min % 60
+            ),
+        }
+    }
+}
+
+/// What operators want of a group (`ftctl group online|offline`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Desired {
+    /// Running on some node.
+    #[default]
+    Online,
+    /// Running nowhere.
+    Offline,
+}
+
+impl std::fmt::Display for Desired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Desired::Online => "online",
+            Desired::Offline => "offline",
+        })
+    }
+}
+
+/// Where a group stands on its owner.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum GroupState {
+    /// Running nowhere.
+    #[default]
+    Offline,
+    /// Its owner brings its resources online.
+    Onlining,
+    /// Running on its owner.
+    Online,
+    /// Its owner takes its resources offline.
+    Offlining,
+    /// It failed (on its owner, or the cluster gave up on it); its resources are offline.
+    Failed,
+}
+
+impl std::fmt::Display for GroupState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            GroupState::Offline => "offline",
+            GroupState::Onlining => "onlining",
+            GroupState::Online => "online",
+            GroupState::Offlining => "offlining",
+            GroupState::Failed => "failed",
+        })
+    }
+}
+
+/// Who owns a group, under which fencing epoch, and how far it got.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ownership {
+    /// The node that runs (or last ran) the group.
+    pub owner: Option<NodeId>,
+    /// The fencing token: one more with every [`Update::AssignGroup`]; handed to the group's
+    /// resources, so replication and checkpoint shipping refuse a stale owner.
+    pub epoch: u64,
+    /// Where the group stands on its owner.
+    pub state: GroupState,
+    /// Where a graceful move (operator move, failback, drain) goes once the owner reports the
+    /// group offline.
+    pub moving_to: Option<NodeId>,
+    /// Unix milliseconds of recent failovers, oldest first, pruned to the group's period.
+    pub failovers: Vec<u64>,
+    /// Why the last transition happened.
+    pub reason: String,
+}
+
+impl Ownership {
+    /// How many recorded failovers fall within `period_ms` before `now_unix_ms` (later ones,
+    /// from a proposer whose clock runs ahead, count too).
+    pub fn failovers_within(&self, period_ms: u64, now_unix_ms: u64) -> usize {
+        self.failovers
+            .iter()
+            .filter(|t| recent(**t, period_ms, now_unix_ms))
+            .count()
+    }
+}
+
+/// Whether a failover at `t` still counts at `now` for a period of `period_ms`.
+fn recent(t: u64, period_ms: u64, now: u64) -> bool {
+    t.saturating_add(period_ms) > now
+}
+
+/// The resource types, and the properties each requires.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ResourceKind {
+    /// A watchd-supervised program: property `service` (the watchd service name).
+    Service,
+    /// A replicated directory: property `fileset` (the fileset's name).
+    Fileset,
+    /// A service's checkpoint store, shipped to the other possible owners: property `service`.
+    Checkpoint,
+    /// A virtual address: properties `address` (CIDR, e.g. `10.0.0.5/24`) and `interface`.
+    Ip,
+    /// A custom type: property `agent` (the absolute path of an executable).
+    Exec,
+}
+
+impl ResourceKind {
+    /// Every kind, in the order error messages list them.
+    pub const ALL: [ResourceKind; 5] = [
+        ResourceKind::Service,
+        ResourceKind::Fileset,
+        ResourceKind::Checkpoint,
+        ResourceKind::Ip,
+        ResourceKind::Exec,
+    ];
+
+    /// The kind named `name` (as stored in [`Resource::kind`]).
+    pub fn from_name(name: &str) -> Option<ResourceKind> {
+        ResourceKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// Its name as stored in [`Resource::kind`].
+    pub fn name(self) -> &'static str {
+        match self {
+            ResourceKind::Service => "service",
+            ResourceKind::Fileset => "fileset",
+            ResourceKind::Checkpoint => "checkpoint",
+            ResourceKind::Ip => "ip",
+            ResourceKind::Exec => "exec",
+        }
+    }
+
+    /// The properties a resource of this kind must have.
+    pub fn required_properties(self) -> &'static [&'static str] {
+        match self {
+            ResourceKind::Service | ResourceKind::Checkpoint => &["service"],
+            ResourceKind::Fileset => &["fileset"],
+            ResourceKind::Ip => &["address", "interface"],
+            ResourceKind::Exec => &["agent"],
+        }
+    }
+
+    /// Checks the kind's properties in `props` (others are left to the resource agent).
+    fn check(self, props: &BTreeMap<String, String>) -> Result<(), String> {
+        for key in self.required_properties() {
+            let Some(v) = props.get(*key) else {
+                return Err(format!("a {} resource needs property {key:?}", self.name()));
+            };
+            if let Some(why) = property_problem(key, v) {
+                return Err(format!("property {key:?} = {v:?}: {why}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for ResourceKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What is wrong with the value `v` of a required property `key`, if anything.
+fn property_problem(key: &str, v: &str) -> Option<&'static str> {
+    match key {
+        "service" | "fileset" => name_ok(key, v)
+            .err()
+            .map(|_| "1 to 255 bytes without control characters"),
+        "address" => cidr_ok(v).err(),
+        "interface" => (v.is_empty()
+            || v.len() > MAX_IFNAME_LEN
+            || v == "."
+            || v == ".."
+            || v.chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control()))
+        .then_some("not a network interface name"),
+        "agent" => (!v.starts_with('/') || v.chars().any(char::is_control))
+            .then_some("not an absolute path"),
+        _ => None,
+    }
+}
+
+/// An address with its prefix length, IPv4 or IPv6.
+fn cidr_ok(v: &str) -> Result<(), &'static str> {
+    let Some((addr, len)) = v.split_once('/') else {
+        return Err("not ADDRESS/PREFIX");
+    };
+    let max = match addr.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => 32,
+        Ok(std::net::IpAddr::V6(_)) => 128,
+        Err(_) => return Err("not an IP address"),
+    };
+    match len.parse::<u8>() {
+        Ok(l) if l <= max && !len.starts_with('+') => Ok(()),
+        _ => Err("prefix length out of range"),
+    }
+}
+
+/// A group: the unit of failover, and its policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Group {
     /// Its unique name.
     pub name: String,
-    /// The nodes it prefers, best first.
+    /// The nodes it prefers, best first (cascading: `[a, b, c]`; N+1: `[own, spare]`).
     pub preferred_owners: Vec<NodeId>,
     /// Free-form settings.
     pub properties: BTreeMap<String, String>,
+    /// After the preferred owners, any other member known to the database ([`Update::AddNode`])
+    /// may own it, in name order.
+    #[serde(default)]
+    pub any_owner: bool,
+    /// More failovers than this within [`Group::failover_period_ms`] leave it failed, offline.
+    #[serde(default = "default_failover_threshold")]
+    pub failover_threshold: u32,
+    /// The period the threshold counts failovers over.
+    #[serde(default = "default_failover_period_ms")]
+    pub failover_period_ms: u64,
+    /// Whether it returns to a more preferred owner that is back.
+    #[serde(default)]
+    pub failback: Failback,
+    /// What operators want.
+    #[serde(default)]
+    pub desired: Desired,
+}
+
+fn default_failover_threshold() -> u32 {
+    DEFAULT_FAILOVER_THRESHOLD
+}
+
+fn default_failover_period_ms() -> u64 {
+    DEFAULT_FAILOVER_PERIOD_MS
+}
+
+impl Default for Group {
+    /// A group without a name (fill it in) and the default policy.
+    fn default() -> Group {
+        Group {
+            name: String::new(),
+            preferred_owners: Vec::new(),
+            properties: BTreeMap::new(),
+            any_owner: false,
+            failover_threshold: DEFAULT_FAILOVER_THRESHOLD,
+            failover_period_ms: DEFAULT_FAILOVER_PERIOD_MS,
+            failback: Failback::Never,
+            desired: Desired::Online,
+        }
+    }
+}
+
+impl Group {
+    /// The rank of `node` among the preferred owners (0 is the best); `None` when it is not
+    /// one of them.
+    pub fn preference(&self, node: &str) -> Option<usize> {
+        self.preferred_owners.iter().position(|n| n == node)
+    }
 }
 
 /// A resource inside a group.
@@ -77,12 +404,65 @@ pub struct Resource {
     pub name: String,
     /// The group it belongs to.
     pub group: String,
-    /// Its type (`service`, `fileset`, `ip`, ...).
+    /// Its type: a [`ResourceKind`] name (`service`, `fileset`, `checkpoint`, `ip`, `exec`).
     pub kind: String,
     /// Resources of the same group that must be online before it.
     pub depends_on: Vec<String>,
-    /// Free-form settings.
+    /// Its settings: the kind's required ones ([`ResourceKind::required_properties`]) and any
+    /// the resource agent understands.
     pub properties: BTreeMap<String, String>,
+    /// How long bringing it online may take.
+    #[serde(default = "default_online_timeout_ms")]
+    pub online_timeout_ms: u64,
+    /// How long taking it offline may take.
+    #[serde(default = "default_offline_timeout_ms")]
+    pub offline_timeout_ms: u64,
+    /// The interval of the cheap check.
+    #[serde(default = "default_looks_alive_ms")]
+    pub looks_alive_ms: u64,
+    /// The interval of the thorough check.
+    #[serde(default = "default_is_alive_ms")]
+    pub is_alive_ms: u64,
+}
+
+fn default_online_timeout_ms() -> u64 {
+    DEFAULT_ONLINE_TIMEOUT_MS
+}
+
+fn default_offline_timeout_ms() -> u64 {
+    DEFAULT_OFFLINE_TIMEOUT_MS
+}
+
+fn default_looks_alive_ms() -> u64 {
+    DEFAULT_LOOKS_ALIVE_MS
+}
+
+fn default_is_alive_ms() -> u64 {
+    DEFAULT_IS_ALIVE_MS
+}
+
+impl Default for Resource {
+    /// A resource without name, group or kind (fill them in) and the default timeouts.
+    fn default() -> Resource {
+        Resource {
+            name: String::new(),
+            group: String::new(),
+            kind: String::new(),
+            depends_on: Vec::new(),
+            properties: BTreeMap::new(),
+            online_timeout_ms: DEFAULT_ONLINE_TIMEOUT_MS,
+            offline_timeout_ms: DEFAULT_OFFLINE_TIMEOUT_MS,
+            looks_alive_ms: DEFAULT_LOOKS_ALIVE_MS,
+            is_alive_ms: DEFAULT_IS_ALIVE_MS,
+        }
+    }
+}
+
+impl Resource {
+    /// Its kind, when it is one this version knows (validation refuses others).
+    pub fn resource_kind(&self) -> Option<ResourceKind> {
+        ResourceKind::from_name(&self.kind)
+    }
 }
 
 /// Everything the cluster database holds.
@@ -96,6 +476,10 @@ pub struct DbContent {
     pub groups: BTreeMap<String, Group>,
     /// Resources by name.
     pub resources: BTreeMap<String, Resource>,
+    /// Ownership by group name (a group without a record, from a database older than
+    /// ownership, is offline at epoch 0: see [`DbContent::ownership_of`]).
+    #[serde(default)]
+    pub ownership: BTreeMap<String, Ownership>,
 }
 
 /// A change of the cluster database, sequenced by the global update manager.
@@ -159,6 +543,56 @@ pub enum Update {
     /// Replaces a resource (it must exist; it must not move to another group while something
     /// depends on it; its dependencies must form no cycle).
     SetResource(Resource),
+    /// Hands a group to a new owner (compare-and-set: `epoch` must be the current one plus
+    /// one, so of racing proposers one wins). With an owner the group becomes
+    /// [`GroupState::Onlining`]; without one it becomes [`GroupState::Failed`] when `failover`
+    /// (the cluster gives up on it) and [`GroupState::Offline`] otherwise. A `failover` is
+    /// recorded at `at_ms`, and the history is pruned to the group's period at `at_ms`.
+    AssignGroup {
+        /// The group.
+        group: String,
+        /// The new epoch: the current one plus one.
+        epoch: u64,
+        /// The new owner: a node of the database or a preferred owner of the group.
+        owner: Option<NodeId>,
+        /// The proposer's clock (unix ms): when the failover happened.
+        at_ms: u64,
+        /// Why.
+        reason: String,
+        /// Whether this counts as a failover (the owner was lost or failed the group).
+        failover: bool,
+    },
+    /// The owner reports how far it got (compare-and-set: `epoch` must be the current one):
+    /// onlining to online or failed, online to failed, offlining to offline or failed.
+    ReportGroup {
+        /// The group.
+        group: String,
+        /// The owner's epoch: the current one.
+        epoch: u64,
+        /// The state reached.
+        state: GroupState,
+    },
+    /// Asks the owner to take an onlining or online group offline gracefully (it becomes
+    /// [`GroupState::Offlining`]), then to hand it to `to` (compare-and-set on `epoch`).
+    ReleaseGroup {
+        /// The group.
+        group: String,
+        /// The owner's epoch: the current one.
+        epoch: u64,
+        /// Where it goes next (a node of the database or a preferred owner, not the owner);
+        /// none: it stays offline.
+        to: Option<NodeId>,
+        /// Why.
+        reason: String,
+    },
+    /// Sets what operators want of a group. On a failed group it also clears the failover
+    /// history (the operator's retry), and a failed group without owner becomes offline.
+    SetGroupDesired {
+        /// The group.
+        group: String,
+        /// What they want.
+        desired: Desired,
+    },
 }
 
 /// Why an update is refused (the caller's request failed; nothing was sequenced).
@@ -215,6 +649,52 @@ pub enum UpdateError {
         /// The resource.
         resource: String,
         /// Why.
+        why: String,
+    },
+    /// A resource type this version does not know.
+    #[error(
+        "resource {resource:?}: unknown type {kind:?} (known: service, fileset, checkpoint, ip, exec)"
+    )]
+    UnknownKind {
+        /// The resource.
+        resource: String,
+        /// Its type.
+        kind: String,
+    },
+    /// A resource's properties or timeouts do not fit its type.
+    #[error("resource {resource:?}: {why}")]
+    BadResource {
+        /// The resource.
+        resource: String,
+        /// Why.
+        why: String,
+    },
+    /// A group's policy is out of range.
+    #[error("group {group:?}: {why}")]
+    BadPolicy {
+        /// The group.
+        group: String,
+        /// Why.
+        why: String,
+    },
+    /// A compare-and-set on a group's epoch lost (another update changed the ownership first).
+    #[error("group {group:?}: epoch {got} given, {expected} expected")]
+    StaleEpoch {
+        /// The group.
+        group: String,
+        /// The epoch the update had to carry.
+        expected: u64,
+        /// The epoch it carried.
+        got: u64,
+    },
+    /// A group's state does not allow the change.
+    #[error("group {group:?} is {state}: {why}")]
+    BadState {
+        /// The group.
+        group: String,
+        /// Its state.
+        state: GroupState,
+        /// Why the change does not fit it.
         why: String,
     },
     /// The update or the database it would produce is too large.
@@ -334,6 +814,30 @@ fn exists(what: &str, name: &str) -> UpdateError {
     }
 }
 
+fn reason_ok(reason: &str) -> Result<(), UpdateError> {
+    if reason.len() > MAX_REASON_LEN {
+        return Err(UpdateError::ValueTooLong {
+            key: "reason".into(),
+            len: reason.len(),
+            max: MAX_REASON_LEN,
+        });
+    }
+    Ok(())
+}
+
+/// The compare-and-set of the group updates.
+fn epoch_is(group: &str, expected: u64, got: u64) -> Result<(), UpdateError> {
+    if got == expected {
+        Ok(())
+    } else {
+        Err(UpdateError::StaleEpoch {
+            group: group.into(),
+            expected,
+            got,
+        })
+    }
+}
+
 fn bad_dep(resource: &str, why: impl Into<String>) -> UpdateError {
     UpdateError::BadDependency {
         resource: resource.into(),
@@ -374,15 +878,31 @@ impl DbContent {
                 if !self.nodes.contains_key(node) {
                     return Err(not_found("node", node));
                 }
-                match self
+                if let Some(g) = self
                     .groups
                     .values()
                     .find(|g| g.preferred_owners.contains(node))
                 {
-                    Some(g) => Err(UpdateError::InUse {
+                    return Err(UpdateError::InUse {
                         what: "node".into(),
                         name: node.clone(),
                         by: format!("group {:?}", g.name),
+                    });
+                }
+                // A node that may run a group, or that a move heads for, stays until the
+                // group is settled elsewhere.
+                match self.ownership.iter().find(|(_, o)| {
+                    o.moving_to.as_ref() == Some(node)
+                        || (o.owner.as_ref() == Some(node)
+                            && matches!(
+                                o.state,
+                                GroupState::Onlining | GroupState::Online | GroupState::Offlining
+                            ))
+                }) {
+                    Some((g, _)) => Err(UpdateError::InUse {
+                        what: "node".into(),
+                        name: node.clone(),
+                        by: format!("the ownership of group {g:?}"),
                     }),
                     None => Ok(()),
                 }
@@ -416,13 +936,22 @@ impl DbContent {
                 if !self.groups.contains_key(name) {
                     return Err(not_found("group", name));
                 }
-                match self.resources.values().find(|r| r.group == *name) {
-                    Some(r) => Err(UpdateError::InUse {
+                if let Some(r) = self.resources.values().find(|r| r.group == *name) {
+                    return Err(UpdateError::InUse {
                         what: "group".into(),
                         name: name.clone(),
                         by: format!("resource {:?}", r.name),
-                    }),
-                    None => Ok(()),
+                    });
+                }
+                let state = self.ownership_of(name).state;
+                if matches!(state, GroupState::Offline | GroupState::Failed) {
+                    Ok(())
+                } else {
+                    Err(UpdateError::BadState {
+                        group: name.clone(),
+                        state,
+                        why: "only an offline or failed group may be removed".into(),
+                    })
                 }
             }
             Update::SetGroup(g) => {
@@ -475,7 +1004,110 @@ impl DbContent {
                 self.resource_ok(r)?;
                 self.acyclic_with(r)
             }
+            Update::AssignGroup {
+                group,
+                epoch,
+                owner,
+                at_ms: _,
+                reason,
+                failover: _,
+            } => {
+                let g = self.group(group)?;
+                let own = self.ownership_of(group);
+                let expected = own
+                    .epoch
+                    .checked_add(1)
+                    .ok_or_else(|| UpdateError::BadState {
+                        group: group.clone(),
+                        state: own.state,
+                        why: "its epoch cannot grow any more".into(),
+                    })?;
+                epoch_is(group, expected, *epoch)?;
+                if let Some(n) = owner {
+                    self.possible_owner(g, n)?;
+                }
+                reason_ok(reason)
+            }
+            Update::ReportGroup {
+                group,
+                epoch,
+                state,
+            } => {
+                self.group(group)?;
+                let own = self.ownership_of(group);
+                epoch_is(group, own.epoch, *epoch)?;
+                let bad = |why: &str| {
+                    Err(UpdateError::BadState {
+                        group: group.clone(),
+                        state: own.state,
+                        why: why.into(),
+                    })
+                };
+                if own.owner.is_none() {
+                    return bad("it has no owner to report");
+                }
+                match (own.state, *state) {
+                    (GroupState::Onlining, GroupState::Online | GroupState::Failed)
+                    | (GroupState::Online, GroupState::Failed)
+                    | (GroupState::Offlining, GroupState::Offline | GroupState::Failed) => Ok(()),
+                    (_, to) => bad(&format!("its owner cannot report it {to}")),
+                }
+            }
+            Update::ReleaseGroup {
+                group,
+                epoch,
+                to,
+                reason,
+            } => {
+                let g = self.group(group)?;
+                let own = self.ownership_of(group);
+                epoch_is(group, own.epoch, *epoch)?;
+                let bad = |why: String| {
+                    Err(UpdateError::BadState {
+                        group: group.clone(),
+                        state: own.state,
+                        why,
+                    })
+                };
+                let Some(owner) = &own.owner else {
+                    return bad("it has no owner to release it".into());
+                };
+                if !matches!(own.state, GroupState::Onlining | GroupState::Online) {
+                    return bad("only an onlining or online group can be released".into());
+                }
+                if let Some(n) = to {
+                    if n == owner {
+                        return bad(format!("{n:?} owns it already"));
+                    }
+                    self.possible_owner(g, n)?;
+                }
+                reason_ok(reason)
+            }
+            Update::SetGroupDesired { group, desired: _ } => self.group(group).map(|_| ()),
         }
+    }
+
+    /// The group named `name`.
+    fn group(&self, name: &str) -> Result<&Group, UpdateError> {
+        self.groups
+            .get(name)
+            .ok_or_else(|| not_found("group", name))
+    }
+
+    /// Whether `node` may own `g`: a node of the database or one of its preferred owners.
+    fn possible_owner(&self, g: &Group, node: &str) -> Result<(), UpdateError> {
+        name_ok("node", node)?;
+        if self.nodes.contains_key(node) || g.preference(node).is_some() {
+            Ok(())
+        } else {
+            Err(not_found("node", node))
+        }
+    }
+
+    /// The ownership of group `name`: its record, or (a group from a database older than
+    /// ownership) offline at epoch 0.
+    pub fn ownership_of(&self, name: &str) -> Ownership {
+        self.ownership.get(name).cloned().unwrap_or_default()
     }
 
     fn group_ok(&self, g: &Group) -> Result<(), UpdateError> {
@@ -490,6 +1122,36 @@ impl DbContent {
                 });
             }
         }
+        let bad = |why: String| {
+            Err(UpdateError::BadPolicy {
+                group: g.name.clone(),
+                why,
+            })
+        };
+        if g.failover_threshold > MAX_FAILOVER_THRESHOLD {
+            return bad(format!(
+                "failover threshold {} is above {MAX_FAILOVER_THRESHOLD}",
+                g.failover_threshold
+            ));
+        }
+        if g.failover_period_ms == 0 || g.failover_period_ms > MAX_FAILOVER_PERIOD_MS {
+            return bad(format!(
+                "failover period {} ms is outside 1..={MAX_FAILOVER_PERIOD_MS} ms",
+                g.failover_period_ms
+            ));
+        }
+        if let Failback::Window { start_min, end_min } = g.failback {
+            if start_min >= MINUTES_PER_DAY || end_min >= MINUTES_PER_DAY {
+                return bad(format!(
+                    "failback window {start_min}..{end_min}: minutes of the day are below {MINUTES_PER_DAY}"
+                ));
+            }
+            if start_min == end_min {
+                return bad(format!(
+                    "failback window {start_min}..{end_min} is empty (use never or immediate)"
+                ));
+            }
+        }
         properties_ok(&g.properties)
     }
 
@@ -500,6 +1162,34 @@ impl DbContent {
         name_ok("resource type", &r.kind)?;
         if !self.groups.contains_key(&r.group) {
             return Err(not_found("group", &r.group));
+        }
+        properties_ok(&r.properties)?;
+        let bad = |why: String| {
+            Err(UpdateError::BadResource {
+                resource: r.name.clone(),
+                why,
+            })
+        };
+        let Some(kind) = r.resource_kind() else {
+            return Err(UpdateError::UnknownKind {
+                resource: r.name.clone(),
+                kind: r.kind.clone(),
+            });
+        };
+        if let Err(why) = kind.check(&r.properties) {
+            return bad(why);
+        }
+        for (what, ms) in [
+            ("online timeout", r.online_timeout_ms),
+            ("offline timeout", r.offline_timeout_ms),
+            ("looks-alive interval", r.looks_alive_ms),
+            ("is-alive interval", r.is_alive_ms),
+        ] {
+            if ms == 0 || ms > MAX_RESOURCE_TIMEOUT_MS {
+                return bad(format!(
+                    "{what} {ms} ms is outside 1..={MAX_RESOURCE_TIMEOUT_MS} ms"
+                ));
+            }
         }
         let mut seen = BTreeSet::new();
         for d in &r.depends_on {
@@ -520,7 +1210,7 @@ impl DbContent {
                 Some(_) => {}
             }
         }
-        properties_ok(&r.properties)
+        Ok(())
     }
 
     /// Whether the dependencies stay acyclic once `r` replaces its namesake.
@@ -575,17 +1265,93 @@ impl DbContent {
                     p.remove(&key);
                 }
             }
-            Update::AddGroup(g) | Update::SetGroup(g) => {
+            Update::AddGroup(g) => {
+                self.ownership.insert(g.name.clone(), Ownership::default());
+                self.groups.insert(g.name.clone(), g);
+            }
+            Update::SetGroup(g) => {
                 self.groups.insert(g.name.clone(), g);
             }
             Update::RemoveGroup { name } => {
                 self.groups.remove(&name);
+                self.ownership.remove(&name);
             }
             Update::AddResource(r) | Update::SetResource(r) => {
                 self.resources.insert(r.name.clone(), r);
             }
             Update::RemoveResource { name } => {
                 self.resources.remove(&name);
+            }
+            Update::AssignGroup {
+                group,
+                epoch,
+                owner,
+                at_ms,
+                reason,
+                failover,
+            } => {
+                let (threshold, period) = self
+                    .groups
+                    .get(&group)
+                    .map_or((0, 0), |g| (g.failover_threshold, g.failover_period_ms));
+                let own = self.ownership.entry(group).or_default();
+                own.state = match (&owner, failover) {
+                    (Some(_), _) => GroupState::Onlining,
+                    (None, true) => GroupState::Failed,
+                    (None, false) => GroupState::Offline,
+                };
+                own.owner = owner;
+                own.epoch = epoch;
+                own.moving_to = None;
+                own.reason = reason;
+                if failover {
+                    own.failovers.push(at_ms);
+                    own.failovers.sort_unstable();
+                }
+                own.failovers.retain(|t| recent(*t, period, at_ms));
+                // More than threshold + 1 never changes a decision; the bound keeps the record
+                // small.
+                let keep = usize::try_from(threshold)
+                    .unwrap_or(usize::MAX)
+                    .saturating_add(1);
+                let excess = own.failovers.len().saturating_sub(keep);
+                own.failovers.drain(..excess);
+            }
+            Update::ReportGroup {
+                group,
+                epoch: _,
+                state,
+            } => {
+                let own = self.ownership.entry(group).or_default();
+                own.reason = format!("{} reported {state}", own.owner.as_deref().unwrap_or("?"));
+                own.state = state;
+            }
+            Update::ReleaseGroup {
+                group,
+                epoch: _,
+                to,
+                reason,
+            } => {
+                let own = self.ownership.entry(group).or_default();
+                own.state = GroupState::Offlining;
+                own.moving_to = to;
+                own.reason = reason;
+            }
+            Update::SetGroupDesired { group, desired } => {
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.desired = desired;
+                }
+                let own = self.ownership.entry(group).or_default();
+                if own.state == GroupState::Failed {
+                    own.failovers.clear();
+                    if own.owner.is_none() {
+                        own.state = GroupState::Offline;
+                    }
+                    own.reason = format!("operator: desired {desired}");
+                }
+                if desired == Desired::Offline {
+                    own.moving_to = None;
+                }
             }
         }
         Ok(())
@@ -780,6 +1546,7 @@ impl ClusterDb {
             txn.open_table(NODES).map_err(|e| store(e.into()))?;
             txn.open_table(GROUPS).map_err(|e| store(e.into()))?;
             txn.open_table(RESOURCES).map_err(|e| store(e.into()))?;
+            txn.open_table(OWNERSHIP).map_err(|e| store(e.into()))?;
         }
         txn.commit().map_err(|e| store(e.into()))?;
         // Decode once so that a garbled record is reported at startup.
@@ -853,6 +1620,13 @@ impl ClusterDb {
             let r: Resource = rmp_serde::from_slice(v.value())
                 .map_err(|e| self.corrupt(format!("resource {:?}: {e}", k.value())))?;
             content.resources.insert(k.value().to_owned(), r);
+        }
+        let ownership = txn.open_table(OWNERSHIP).map_err(|e| self.store(e))?;
+        for e in ownership.iter().map_err(|e| self.store(e))? {
+            let (k, v) = e.map_err(|e| self.store(e))?;
+            let o: Ownership = rmp_serde::from_slice(v.value())
+                .map_err(|e| self.corrupt(format!("ownership of {:?}: {e}", k.value())))?;
+            content.ownership.insert(k.value().to_owned(), o);
         }
         Ok(DbSnapshot {
             seq,
@@ -957,6 +1731,13 @@ impl ClusterDb {
                 "resource",
                 &before.resources,
                 &after.content.resources,
+            )?;
+            let mut ownership = txn.open_table(OWNERSHIP).map_err(|e| self.store(e))?;
+            self.write_map(
+                &mut ownership,
+                "ownership",
+                &before.ownership,
+                &after.content.ownership,
             )?;
         }
         txn.commit().map_err(|e| self.store(e))

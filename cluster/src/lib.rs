@@ -3,6 +3,7 @@
 //! share.
 
 pub mod db;
+pub mod failover;
 pub mod gum;
 pub mod membership;
 pub mod net;

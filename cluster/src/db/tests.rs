@@ -7,7 +7,7 @@ fn group(name: &str) -> Group {
     Group {
         name: name.into(),
         preferred_owners: vec!["n1".into(), "n2".into()],
-        properties: BTreeMap::new(),
+        ..Group::default()
     }
 }
 
@@ -17,7 +17,8 @@ fn resource(name: &str, group: &str, deps: &[&str]) -> Resource {
         group: group.into(),
         kind: "service".into(),
         depends_on: deps.iter().map(|d| (*d).to_string()).collect(),
-        properties: [("cmd".to_string(), "/bin/true".to_string())].into(),
+        properties: [("service".to_string(), format!("{name}-svc"))].into(),
+        ..Resource::default()
     }
 }
 
@@ -518,4 +519,589 @@ fn disk_io_errors_are_errors() {
     // A disk too small for the area fails cleanly.
     let mut small = MemDisk::new(DB_AREA_FIRST_SECTOR + 1);
     assert!(write_disk_area(&mut small, HASH, &record(1, 1)).is_err());
+}
+
+/// The shapes of the database before groups carried a policy and ownership.
+mod old {
+    use std::collections::BTreeMap;
+
+    use serde::Serialize;
+
+    #[derive(Serialize)]
+    pub struct Group {
+        pub name: String,
+        pub preferred_owners: Vec<String>,
+        pub properties: BTreeMap<String, String>,
+    }
+
+    #[derive(Serialize)]
+    pub struct Resource {
+        pub name: String,
+        pub group: String,
+        pub kind: String,
+        pub depends_on: Vec<String>,
+        pub properties: BTreeMap<String, String>,
+    }
+
+    #[derive(Serialize)]
+    pub struct DbContent {
+        pub nodes: BTreeMap<String, BTreeMap<String, String>>,
+        pub properties: BTreeMap<String, String>,
+        pub groups: BTreeMap<String, Group>,
+        pub resources: BTreeMap<String, Resource>,
+    }
+
+    #[derive(Serialize)]
+    pub struct DbSnapshot {
+        pub seq: u64,
+        pub epoch: u64,
+        pub content: DbContent,
+    }
+
+    #[derive(Serialize)]
+    #[serde(rename_all = "snake_case", tag = "op")]
+    pub enum Update {
+        AddGroup(Group),
+    }
+
+    pub fn content() -> DbContent {
+        DbContent {
+            nodes: [("n1".to_string(), BTreeMap::new())].into(),
+            properties: [("cluster.name".to_string(), "lab".to_string())].into(),
+            groups: [(
+                "web".to_string(),
+                Group {
+                    name: "web".into(),
+                    preferred_owners: vec!["n1".into(), "n2".into()],
+                    properties: [("note".to_string(), "old".to_string())].into(),
+                },
+            )]
+            .into(),
+            resources: [(
+                "httpd".to_string(),
+                Resource {
+                    name: "httpd".into(),
+                    group: "web".into(),
+                    kind: "exec".into(),
+                    depends_on: vec![],
+                    properties: [("agent".to_string(), "/usr/lib/ocf/httpd".to_string())].into(),
+                },
+            )]
+            .into(),
+        }
+    }
+}
+
+/// What [`old::content`] reads as today: the defaults fill the new fields.
+fn old_content_today() -> DbContent {
+    DbContent {
+        nodes: [("n1".to_string(), BTreeMap::new())].into(),
+        properties: [("cluster.name".to_string(), "lab".to_string())].into(),
+        groups: [(
+            "web".to_string(),
+            Group {
+                name: "web".into(),
+                preferred_owners: vec!["n1".into(), "n2".into()],
+                properties: [("note".to_string(), "old".to_string())].into(),
+                ..Group::default()
+            },
+        )]
+        .into(),
+        resources: [(
+            "httpd".to_string(),
+            Resource {
+                name: "httpd".into(),
+                group: "web".into(),
+                kind: "exec".into(),
+                properties: [("agent".to_string(), "/usr/lib/ocf/httpd".to_string())].into(),
+                ..Resource::default()
+            },
+        )]
+        .into(),
+        ownership: BTreeMap::new(),
+    }
+}
+
+#[test]
+fn databases_of_the_previous_format_still_load() {
+    let want = old_content_today();
+    let g = &want.groups["web"];
+    assert_eq!(
+        (g.any_owner, g.failover_threshold, g.failover_period_ms),
+        (false, 3, 3_600_000)
+    );
+    assert_eq!((g.failback, g.desired), (Failback::Never, Desired::Online));
+    // Compact (what the store, the disk and state transfers use) and named encodings.
+    let snap = old::DbSnapshot {
+        seq: 9,
+        epoch: 2,
+        content: old::content(),
+    };
+    let bytes = rmp_serde::to_vec(&snap).expect("encodes");
+    let back = DbSnapshot::decode(&bytes).expect("an old snapshot decodes");
+    assert_eq!((back.seq, back.epoch), (9, 2));
+    assert_eq!(back.content, want);
+    let named = rmp_serde::to_vec_named(&old::content()).expect("encodes");
+    let back: DbContent = rmp_serde::from_slice(&named).expect("an old named content decodes");
+    assert_eq!(back, want);
+    // A pending update of the old shape (persisted beside the database) decodes too.
+    let u = old::Update::AddGroup(old::content().groups.remove("web").expect("web"));
+    let bytes = rmp_serde::to_vec(&u).expect("encodes");
+    let back: Update = rmp_serde::from_slice(&bytes).expect("an old update decodes");
+    assert_eq!(back, Update::AddGroup(want.groups["web"].clone()));
+    // An old group without its ownership record is offline at epoch 0, and moves on from there.
+    let mut c = want.clone();
+    assert_eq!(c.ownership_of("web"), Ownership::default());
+    c.apply(&Update::AssignGroup {
+        group: "web".into(),
+        epoch: 1,
+        owner: Some("n1".into()),
+        at_ms: 5,
+        reason: "placed".into(),
+        failover: false,
+    })
+    .expect("the first assignment of an old group");
+    assert_eq!(c.ownership_of("web").state, GroupState::Onlining);
+}
+
+#[test]
+fn a_store_of_the_previous_format_opens_and_gains_ownership() {
+    let dir = TempDir::new("oldstore");
+    let path = dir.0.join("cluster.redb");
+    {
+        // The previous layout: five tables, no ownership.
+        let db = Database::create(&path).expect("created");
+        let txn = db.begin_write().expect("txn");
+        {
+            let mut meta = txn.open_table(META).expect("table");
+            meta.insert(KEY_FORMAT, STORE_FORMAT.to_le_bytes().as_slice())
+                .expect("insert");
+            meta.insert(KEY_SEQ, 4u64.to_le_bytes().as_slice())
+                .expect("insert");
+            let old = old::content();
+            let mut props = txn.open_table(PROPERTIES).expect("table");
+            props.insert("cluster.name", "lab").expect("insert");
+            let mut nodes = txn.open_table(NODES).expect("table");
+            let empty: BTreeMap<String, String> = BTreeMap::new();
+            let v = rmp_serde::to_vec(&empty).expect("encodes");
+            nodes.insert("n1", v.as_slice()).expect("insert");
+            let mut groups = txn.open_table(GROUPS).expect("table");
+            let v = rmp_serde::to_vec(&old.groups["web"]).expect("encodes");
+            groups.insert("web", v.as_slice()).expect("insert");
+            let mut resources = txn.open_table(RESOURCES).expect("table");
+            let v = rmp_serde::to_vec(&old.resources["httpd"]).expect("encodes");
+            resources.insert("httpd", v.as_slice()).expect("insert");
+        }
+        txn.commit().expect("commit");
+    }
+    let mut db = ClusterDb::open(&path).expect("an old store opens");
+    let s = db.snapshot().expect("read");
+    assert_eq!(s.seq, 4);
+    assert_eq!(s.content, old_content_today());
+    let placed = Update::AssignGroup {
+        group: "web".into(),
+        epoch: 1,
+        owner: Some("n2".into()),
+        at_ms: 7,
+        reason: "placed on n2".into(),
+        failover: false,
+    };
+    let after = db.apply(5, 1, &placed).expect("applied");
+    drop(db);
+    let db = ClusterDb::open(&path).expect("reopened");
+    let s = db.snapshot().expect("read");
+    assert_eq!(s, after);
+    assert_eq!(s.content.ownership["web"].owner.as_deref(), Some("n2"));
+}
+
+fn assign(group: &str, epoch: u64, owner: Option<&str>, at_ms: u64, failover: bool) -> Update {
+    Update::AssignGroup {
+        group: group.into(),
+        epoch,
+        owner: owner.map(Into::into),
+        at_ms,
+        reason: "test".into(),
+        failover,
+    }
+}
+
+fn report(group: &str, epoch: u64, state: GroupState) -> Update {
+    Update::ReportGroup {
+        group: group.into(),
+        epoch,
+        state,
+    }
+}
+
+#[test]
+fn ownership_changes_by_compare_and_set_and_sensible_transitions() {
+    let mut c = populated().content;
+    let own = |c: &DbContent| c.ownership_of("web");
+    assert_eq!(
+        own(&c),
+        Ownership::default(),
+        "AddGroup starts offline at 0"
+    );
+    let refused = |c: &DbContent, u: Update| -> UpdateError {
+        let mut t = c.clone();
+        let e = t.apply(&u).expect_err("refused");
+        assert_eq!(&t, c, "a refused update changed the database");
+        e
+    };
+    // The epoch must be the next one; the owner a known node.
+    for bad in [0, 2] {
+        let e = refused(&c, assign("web", bad, Some("n1"), 1, false));
+        assert!(
+            matches!(e, UpdateError::StaleEpoch { expected: 1, got, .. } if got == bad),
+            "{e}"
+        );
+    }
+    let e = refused(&c, assign("web", 1, Some("n9"), 1, false));
+    assert!(matches!(e, UpdateError::NotFound { .. }), "{e}");
+    let e = refused(&c, assign("nope", 1, Some("n1"), 1, false));
+    assert!(matches!(e, UpdateError::NotFound { .. }), "{e}");
+    let e = refused(
+        &c,
+        Update::AssignGroup {
+            group: "web".into(),
+            epoch: 1,
+            owner: Some("n1".into()),
+            at_ms: 0,
+            reason: "r".repeat(MAX_REASON_LEN + 1),
+            failover: false,
+        },
+    );
+    assert!(matches!(e, UpdateError::ValueTooLong { .. }), "{e}");
+    // An offline group reports nothing; it is assigned first.
+    let e = refused(&c, report("web", 0, GroupState::Online));
+    assert!(matches!(e, UpdateError::BadState { .. }), "{e}");
+    // n2 is a preferred owner, though not a node of the database: a possible owner.
+    c.apply(&assign("web", 1, Some("n2"), 100, false))
+        .expect("placed");
+    assert_eq!(
+        own(&c),
+        Ownership {
+            owner: Some("n2".into()),
+            epoch: 1,
+            state: GroupState::Onlining,
+            moving_to: None,
+            failovers: vec![],
+            reason: "test".into(),
+        }
+    );
+    let e = refused(&c, report("web", 0, GroupState::Online));
+    assert!(matches!(e, UpdateError::StaleEpoch { .. }), "{e}");
+    for bad in [
+        GroupState::Offline,
+        GroupState::Onlining,
+        GroupState::Offlining,
+    ] {
+        let e = refused(&c, report("web", 1, bad));
+        assert!(e.to_string().contains("cannot report"), "{e}");
+    }
+    c.apply(&report("web", 1, GroupState::Online))
+        .expect("online");
+    // An online group cannot be removed; releasing it needs the current epoch and another node.
+    let e = refused(&c, Update::RemoveGroup { name: "web".into() });
+    assert!(matches!(e, UpdateError::InUse { .. }), "{e}");
+    let release = |epoch: u64, to: Option<&str>| Update::ReleaseGroup {
+        group: "web".into(),
+        epoch,
+        to: to.map(Into::into),
+        reason: "move".into(),
+    };
+    assert!(matches!(
+        refused(&c, release(2, Some("n1"))),
+        UpdateError::StaleEpoch { .. }
+    ));
+    assert!(matches!(
+        refused(&c, release(1, Some("n2"))),
+        UpdateError::BadState { .. }
+    ));
+    assert!(matches!(
+        refused(&c, release(1, Some("n7"))),
+        UpdateError::NotFound { .. }
+    ));
+    // A node that runs a group cannot be removed.
+    let mut t = c.clone();
+    t.apply(&Update::AddNode { node: "n3".into() })
+        .expect("node");
+    t.apply(&Update::AddGroup(Group {
+        name: "other".into(),
+        ..Group::default()
+    }))
+    .expect("group");
+    t.apply(&assign("other", 1, Some("n3"), 1, false))
+        .expect("any known node may own it");
+    let e = t
+        .apply(&Update::RemoveNode { node: "n3".into() })
+        .expect_err("it runs other");
+    assert!(e.to_string().contains("ownership"), "{e}");
+    let e = t
+        .apply(&Update::RemoveGroup {
+            name: "other".into(),
+        })
+        .expect_err("onlining");
+    assert!(
+        matches!(
+            e,
+            UpdateError::BadState {
+                state: GroupState::Onlining,
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    c.apply(&release(1, Some("n1"))).expect("released");
+    assert_eq!(
+        (own(&c).state, own(&c).moving_to.as_deref()),
+        (GroupState::Offlining, Some("n1"))
+    );
+    assert!(matches!(
+        refused(&c, release(1, None)),
+        UpdateError::BadState { .. }
+    ));
+    c.apply(&report("web", 1, GroupState::Offline))
+        .expect("offline");
+    // A failover is recorded at its time and pruned to the period on the next assignment.
+    c.apply(&assign("web", 2, Some("n1"), 1_000, true))
+        .expect("failover");
+    assert_eq!(own(&c).failovers, [1_000]);
+    assert_eq!(own(&c).moving_to, None);
+    c.apply(&report("web", 2, GroupState::Failed))
+        .expect("failed locally");
+    let period = DEFAULT_FAILOVER_PERIOD_MS;
+    c.apply(&assign("web", 3, Some("n2"), 1_000 + period, true))
+        .expect("failover after the period");
+    assert_eq!(own(&c).failovers, [1_000 + period]);
+    assert_eq!(own(&c).failovers_within(period, 1_000 + period), 1);
+    assert_eq!(own(&c).failovers_within(period, 1_000 + 2 * period), 0);
+    // Giving up: no owner, failed, and it may be removed; an operator's retry resets it.
+    c.apply(&assign("web", 4, None, 2_000 + period, true))
+        .expect("give up");
+    assert_eq!((own(&c).owner, own(&c).state), (None, GroupState::Failed));
+    assert_eq!(own(&c).failovers.len(), 2);
+    let mut t = c.clone();
+    t.apply(&Update::SetGroupDesired {
+        group: "web".into(),
+        desired: Desired::Online,
+    })
+    .expect("retry");
+    assert_eq!(
+        (
+            t.ownership_of("web").state,
+            t.ownership_of("web").failovers.len()
+        ),
+        (GroupState::Offline, 0)
+    );
+    // Removing the group removes its ownership.
+    for u in [
+        Update::RemoveResource {
+            name: "httpd".into(),
+        },
+        Update::RemoveResource { name: "ip".into() },
+        Update::RemoveGroup { name: "web".into() },
+    ] {
+        c.apply(&u).expect("removal");
+    }
+    assert!(!c.ownership.contains_key("web"));
+    assert!(matches!(
+        refused(
+            &c,
+            Update::SetGroupDesired {
+                group: "web".into(),
+                desired: Desired::Offline
+            }
+        ),
+        UpdateError::NotFound { .. }
+    ));
+}
+
+#[test]
+fn the_failover_history_is_bounded_by_the_threshold() {
+    let mut c = DbContent::default();
+    c.apply(&Update::AddGroup(Group {
+        name: "g".into(),
+        preferred_owners: vec!["a".into()],
+        failover_threshold: 2,
+        ..Group::default()
+    }))
+    .expect("group");
+    for i in 1..=10u64 {
+        c.apply(&assign("g", i, Some("a"), i, true))
+            .expect("assign");
+    }
+    assert_eq!(c.ownership_of("g").failovers, [8, 9, 10]);
+}
+
+#[test]
+fn group_policies_and_resource_kinds_are_validated() {
+    let s = populated();
+    let refused = |u: Update| -> UpdateError {
+        let mut t = s.clone();
+        let e = t.apply(4, &u).expect_err("refused");
+        assert_eq!(t, s, "a refused update changed the database");
+        e
+    };
+    let with = |f: fn(&mut Group)| {
+        let mut g = group("g2");
+        f(&mut g);
+        Update::AddGroup(g)
+    };
+    for (u, needle) in [
+        (with(|g| g.failover_period_ms = 0), "failover period"),
+        (
+            with(|g| g.failover_period_ms = MAX_FAILOVER_PERIOD_MS + 1),
+            "failover period",
+        ),
+        (
+            with(|g| g.failover_threshold = MAX_FAILOVER_THRESHOLD + 1),
+            "threshold",
+        ),
+        (
+            with(|g| {
+                g.failback = Failback::Window {
+                    start_min: 1440,
+                    end_min: 10,
+                }
+            }),
+            "minutes of the day",
+        ),
+        (
+            with(|g| {
+                g.failback = Failback::Window {
+                    start_min: 60,
+                    end_min: 60,
+                }
+            }),
+            "empty",
+        ),
+    ] {
+        let e = refused(u);
+        assert!(
+            matches!(e, UpdateError::BadPolicy { .. }) && e.to_string().contains(needle),
+            "{e}"
+        );
+    }
+    let mut ok = s.clone();
+    ok.apply(
+        4,
+        &with(|g| {
+            g.failback = Failback::Window {
+                start_min: 22 * 60,
+                end_min: 6 * 60,
+            };
+            g.any_owner = true;
+            g.failover_threshold = 0;
+        }),
+    )
+    .expect("a window wrapping midnight is fine");
+
+    let kind = |kind: &str, props: &[(&str, &str)]| {
+        Update::AddResource(Resource {
+            name: "r".into(),
+            group: "web".into(),
+            kind: kind.into(),
+            properties: props
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+            ..Resource::default()
+        })
+    };
+    let e = refused(kind("teleporter", &[]));
+    assert!(matches!(e, UpdateError::UnknownKind { .. }), "{e}");
+    assert!(e.to_string().contains("unknown type \"teleporter\""), "{e}");
+    for k in ResourceKind::ALL {
+        assert!(e.to_string().contains(k.name()), "{e} does not list {k}");
+        assert_eq!(ResourceKind::from_name(k.name()), Some(k));
+    }
+    for (u, needle) in [
+        (kind("service", &[]), "needs property \"service\""),
+        (kind("checkpoint", &[]), "needs property \"service\""),
+        (kind("fileset", &[]), "needs property \"fileset\""),
+        (kind("fileset", &[("fileset", "")]), "fileset"),
+        (kind("exec", &[]), "needs property \"agent\""),
+        (kind("exec", &[("agent", "bin/agent")]), "absolute path"),
+        (
+            kind("ip", &[("interface", "eth0")]),
+            "needs property \"address\"",
+        ),
+        (
+            kind("ip", &[("address", "10.0.0.5/24")]),
+            "needs property \"interface\"",
+        ),
+        (
+            kind("ip", &[("address", "10.0.0.5"), ("interface", "eth0")]),
+            "ADDRESS/PREFIX",
+        ),
+        (
+            kind("ip", &[("address", "10.0.0.500/24"), ("interface", "eth0")]),
+            "not an IP",
+        ),
+        (
+            kind("ip", &[("address", "10.0.0.5/33"), ("interface", "eth0")]),
+            "prefix",
+        ),
+        (
+            kind("ip", &[("address", "fd00::5/129"), ("interface", "eth0")]),
+            "prefix",
+        ),
+        (
+            kind("ip", &[("address", "10.0.0.5/24"), ("interface", "eth0/x")]),
+            "interface",
+        ),
+        (
+            kind(
+                "ip",
+                &[
+                    ("address", "10.0.0.5/24"),
+                    ("interface", "a-very-long-ifname"),
+                ],
+            ),
+            "interface",
+        ),
+    ] {
+        let e = refused(u);
+        assert!(
+            matches!(e, UpdateError::BadResource { .. }) && e.to_string().contains(needle),
+            "{needle}: {e}"
+        );
+    }
+    for u in [
+        kind("service", &[("service", "kv")]),
+        kind("checkpoint", &[("service", "kv")]),
+        kind("fileset", &[("fileset", "data")]),
+        kind(
+            "exec",
+            &[("agent", "/usr/lib/ocf/resource.d/x"), ("args", "--y")],
+        ),
+        kind("ip", &[("address", "10.0.0.5/24"), ("interface", "eth0")]),
+        kind("ip", &[("address", "fd00::5/64"), ("interface", "veth-a")]),
+    ] {
+        let mut t = s.clone();
+        t.apply(4, &u).expect("valid resource");
+        assert_eq!(
+            t.content.resources["r"]
+                .resource_kind()
+                .map(ResourceKind::name),
+            Some(t.content.resources["r"].kind.as_str())
+        );
+    }
+    // Timeouts and intervals are positive and bounded.
+    for f in [
+        |r: &mut Resource| r.online_timeout_ms = 0,
+        |r: &mut Resource| r.offline_timeout_ms = 0,
+        |r: &mut Resource| r.looks_alive_ms = 0,
+        |r: &mut Resource| r.is_alive_ms = MAX_RESOURCE_TIMEOUT_MS + 1,
+    ] {
+        let mut r = resource("r", "web", &[]);
+        f(&mut r);
+        let e = refused(Update::AddResource(r));
+        assert!(matches!(e, UpdateError::BadResource { .. }), "{e}");
+    }
+    // The existing checks still hold for typed resources.
+    let e = refused(Update::SetResource(resource("ip", "web", &["httpd"])));
+    assert!(e.to_string().contains("cycle"), "{e}");
 }

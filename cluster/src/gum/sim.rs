@@ -1306,7 +1306,7 @@ pub(crate) fn random_update(rng: &mut Rng) -> Update {
         5 => Update::AddGroup(Group {
             name: group(rng),
             preferred_owners: vec!["n0".into()],
-            properties: BTreeMap::new(),
+            ..Group::default()
         }),
         6 => Update::RemoveGroup { name: group(rng) },
         7 | 8 => {
@@ -1320,7 +1320,8 @@ pub(crate) fn random_update(rng: &mut Rng) -> Update {
                 group: group(rng),
                 kind: "exec".into(),
                 depends_on: deps,
-                properties: BTreeMap::new(),
+                properties: [("agent".to_owned(), "/bin/true".to_owned())].into(),
+                ..Resource::default()
             })
         }
         _ => Update::RemoveResource {

@@ -673,7 +673,7 @@ fn forwarded_updates_reach_the_leader_and_come_back() {
         Update::AddGroup(Group {
             name: "web".into(),
             preferred_owners: vec!["n4".into()],
-            properties: BTreeMap::new(),
+            ..Group::default()
         }),
     );
     sim.propose(
@@ -681,7 +681,7 @@ fn forwarded_updates_reach_the_leader_and_come_back() {
         Update::AddGroup(Group {
             name: "web".into(),
             preferred_owners: vec![],
-            properties: BTreeMap::new(),
+            ..Group::default()
         }),
     );
     sim.run_until(sim.elapsed() + secs(1.0));
