@@ -29,6 +29,12 @@
  * t_checkpoint_wait for the disk. No other thread may write critical memory while a
  * checkpoint is taken. FT_DIRTY=hash forces page hashing instead of userfaultfd tracking.
  *
+ * Warm standby: a process started with FT_ROLE=standby (ft_role() == FT_ROLE_STANDBY) writes
+ * no checkpoints; watchd ships the owner's images into its $FT_CKPT_DIR/<id>, and the standby
+ * loops on ft_standby_wait(id, ms) + ft_standby_apply(id), which keep its critical memory equal
+ * to the newest good one, in place. ft_promoted() turns non-zero when watchd promotes it
+ * (failover, `ftctl promote`): it calls ft_standby_apply(id) once more and serves as primary.
+ *
  * Link with -lft: libft.so, or libft.a plus the system libraries the Rust standard library
  * needs (-lgcc_s -lutil -lrt -lpthread -lm -ldl).
  */
@@ -122,6 +128,31 @@
  * FT_HEAP_ADDR, FT_HEAP_SIZE, FT_CKPT_* or FT_DIRTY is invalid.
  */
 #define FT_ECONFIG -23
+
+/**
+ * The process is a warm standby (FT_ROLE=standby): it writes no checkpoints until promoted.
+ */
+#define FT_ESTANDBY -24
+
+/**
+ * The process was not started as a standby (FT_ROLE): there is nothing to follow.
+ */
+#define FT_ENOTSTANDBY -25
+
+/**
+ * The process was promoted and has written checkpoints of its own: it follows no more.
+ */
+#define FT_EPROMOTED -26
+
+/**
+ * ft_role(): the process serves and writes checkpoints.
+ */
+#define FT_ROLE_PRIMARY 0
+
+/**
+ * ft_role(): the process is a warm standby that follows shipped checkpoints.
+ */
+#define FT_ROLE_STANDBY 1
 
 /**
  * Not a handle returned by ft_create_file, or closed already.
@@ -266,8 +297,9 @@ int t_checkpoint_wait(uint32_t id);
 int64_t t_recover(uint32_t id);
 
 /**
- * A description of the last t_recover: what was restored from where, which newer images were
- * skipped and why, or why it failed. Never NULL; valid until the next t_recover.
+ * A description of the last t_recover (or ft_standby_apply): what was restored from where,
+ * which newer images were skipped and why, or why it failed. Never NULL; valid until the next
+ * t_recover or ft_standby_apply.
  */
 const char *t_recover_report(void);
 
@@ -286,6 +318,43 @@ int t_checkpoint_every(uint32_t id, uint32_t ms);
  * previous image).
  */
 int t_safe_point(void);
+
+/**
+ * The process's role: FT_ROLE_STANDBY while it is a warm standby (started with
+ * FT_ROLE=standby and not promoted yet), else FT_ROLE_PRIMARY.
+ */
+int ft_role(void);
+
+/**
+ * Non-zero once watchd promoted this process (a standby made primary in place, e.g. on
+ * failover): then ft_role() is FT_ROLE_PRIMARY and checkpoints may be written; they continue
+ * the sequence of the checkpoints applied. Looks for watchd's messages itself (when registered
+ * with ft_reg_watch); never blocks.
+ */
+int ft_promoted(void);
+
+/**
+ * Warm standby: waits up to `timeout_ms` milliseconds until checkpoints of stream `id` newer
+ * than the one applied arrive in its store directory ($FT_CKPT_DIR/<id>, where watchd ships
+ * the owner's images). Returns 1 when there are (call ft_standby_apply), 0 on timeout, or a
+ * negative FT_E* code (FT_ENOTSTANDBY when FT_ROLE is not standby). Keep the timeout short
+ * (about 100 ms) and check ft_promoted() between waits.
+ */
+int ft_standby_wait(uint32_t id, uint32_t timeout_ms);
+
+/**
+ * Warm standby: applies the newest good checkpoint of stream `id` that arrived since the last
+ * call into critical memory (heap and ft_critical regions), in place, as t_recover does
+ * (incremental chains resolved; images that do not verify skipped, t_recover_report says
+ * which). Returns its sequence number (> 0), 0 when nothing new was applied, or a negative
+ * FT_E* code. The checkpoint t_recover restored at start-up counts as applied. After a
+ * promotion call it once more, before changing critical memory, to take the last image
+ * shipped; once the process writes checkpoints of its own it returns FT_EPROMOTED.
+ *
+ * # Safety
+ * No other thread may access critical memory during the call: its contents are replaced.
+ */
+int64_t ft_standby_apply(uint32_t id);
 
 /**
  * A static, human-readable description of an FT_* code; never NULL, never to be freed.

@@ -2,10 +2,12 @@
 //!
 //! Owns the process-wide [`Watch`] behind `ft_reg_watch`, and exposes the process-wide
 //! critical memory ([`crate::critical::global`]) as `t_ftmalloc`, `ft_critical`,
-//! `t_checkpoint`, `t_recover` and friends. Every exported function runs inside a panic
+//! `t_checkpoint`, `t_recover` and friends, and warm standby (`ft_role`, `ft_standby_wait`,
+//! `ft_standby_apply`, `ft_promoted`). Every exported function runs inside a panic
 //! boundary, NULL-checks its pointers and returns an `FT_E*` code: nothing here may unwind into
 //! C, abort the process, block or allocate on the heartbeat path.
 
+use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use crate::critical::{self, CheckpointConfig, Checkpointer};
 use crate::proto::WatchdMessage;
+use crate::standby::{self, Follower, Role};
 use crate::watch::{Error, Watch};
 
 /// Success.
@@ -50,6 +53,16 @@ pub const FT_EBUSY: c_int = -21;
 pub const FT_ECKPT: c_int = -22;
 /// FT_HEAP_ADDR, FT_HEAP_SIZE, FT_CKPT_* or FT_DIRTY is invalid.
 pub const FT_ECONFIG: c_int = -23;
+/// The process is a warm standby (FT_ROLE=standby): it writes no checkpoints until promoted.
+pub const FT_ESTANDBY: c_int = -24;
+/// The process was not started as a standby (FT_ROLE): there is nothing to follow.
+pub const FT_ENOTSTANDBY: c_int = -25;
+/// The process was promoted and has written checkpoints of its own: it follows no more.
+pub const FT_EPROMOTED: c_int = -26;
+/// ft_role(): the process serves and writes checkpoints.
+pub const FT_ROLE_PRIMARY: c_int = 0;
+/// ft_role(): the process is a warm standby that follows shipped checkpoints.
+pub const FT_ROLE_STANDBY: c_int = 1;
 
 /// Alignment of `t_ftmalloc` blocks, that of `malloc` (max_align_t) on x86_64 and aarch64.
 const MALLOC_ALIGN: usize = 16;
@@ -177,6 +190,7 @@ fn critical_code(e: &critical::Error) -> c_int {
         E::Corrupt(_) => FT_ECORRUPT,
         E::Mismatch(_) => FT_EMISMATCH,
         E::Busy(_) => FT_EBUSY,
+        E::Standby => FT_ESTANDBY,
         E::Store(_) | E::Image(_) | E::Snapshot(_) | E::Tracking(_) | E::Writer(_) => FT_ECKPT,
     }
 }
@@ -198,6 +212,27 @@ fn critical_global() -> Result<&'static Checkpointer, &'static critical::Error> 
     Ok(c)
 }
 
+/// Checkpoint streams watchd asked for and t_safe_point has not taken yet.
+static REQUESTED: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Reads every message watchd sent: checkpoint requests are queued for t_safe_point, a
+/// promotion is recorded by the Watch itself (`ft::standby`). Never blocks.
+fn poll_watchd() {
+    let guard = WATCH.read().unwrap_or_else(PoisonError::into_inner);
+    let Some(watch) = guard.as_ref() else {
+        return;
+    };
+    while let Ok(Some(message)) = watch.poll_command() {
+        match message {
+            WatchdMessage::CheckpointNow { stream } => REQUESTED
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(stream),
+            WatchdMessage::Promote { .. } => {}
+        }
+    }
+}
+
 /// Takes the checkpoints watchd asked for (`ftctl checkpoint`), looking at most every
 /// REQUEST_POLL_INTERVAL.
 fn serve_watchd_requests(c: &Checkpointer) -> Result<(), critical::Error> {
@@ -210,16 +245,9 @@ fn serve_watchd_requests(c: &Checkpointer) -> Result<(), critical::Error> {
     }
     let interval = u64::try_from(REQUEST_POLL_INTERVAL.as_nanos()).unwrap_or(u64::MAX);
     NEXT_POLL_NS.store(now.saturating_add(interval), Ordering::Relaxed);
-    let mut streams = Vec::new();
-    {
-        let guard = WATCH.read().unwrap_or_else(PoisonError::into_inner);
-        let Some(watch) = guard.as_ref() else {
-            return Ok(());
-        };
-        while let Ok(Some(WatchdMessage::CheckpointNow { stream })) = watch.poll_command() {
-            streams.push(stream);
-        }
-    }
+    poll_watchd();
+    let mut streams =
+        std::mem::take(&mut *REQUESTED.lock().unwrap_or_else(PoisonError::into_inner));
     streams.sort_unstable();
     streams.dedup();
     for stream in streams {
@@ -395,8 +423,9 @@ pub unsafe extern "C" fn t_recover(id: u32) -> i64 {
     })
 }
 
-/// A description of the last t_recover: what was restored from where, which newer images were
-/// skipped and why, or why it failed. Never NULL; valid until the next t_recover.
+/// A description of the last t_recover (or ft_standby_apply): what was restored from where,
+/// which newer images were skipped and why, or why it failed. Never NULL; valid until the next
+/// t_recover or ft_standby_apply.
 #[unsafe(no_mangle)]
 pub extern "C" fn t_recover_report() -> *const c_char {
     boundary_or(c"internal error in libft".as_ptr(), || {
@@ -434,6 +463,102 @@ pub extern "C" fn t_safe_point() -> c_int {
     })
 }
 
+/// The process's role: FT_ROLE_STANDBY while it is a warm standby (started with
+/// FT_ROLE=standby and not promoted yet), else FT_ROLE_PRIMARY.
+#[unsafe(no_mangle)]
+pub extern "C" fn ft_role() -> c_int {
+    boundary_or(FT_ROLE_PRIMARY, || match crate::standby::role() {
+        Role::Primary => FT_ROLE_PRIMARY,
+        Role::Standby => FT_ROLE_STANDBY,
+    })
+}
+
+/// Non-zero once watchd promoted this process (a standby made primary in place, e.g. on
+/// failover): then ft_role() is FT_ROLE_PRIMARY and checkpoints may be written; they continue
+/// the sequence of the checkpoints applied. Looks for watchd's messages itself (when registered
+/// with ft_reg_watch); never blocks.
+#[unsafe(no_mangle)]
+pub extern "C" fn ft_promoted() -> c_int {
+    boundary_or(0, || {
+        poll_watchd();
+        c_int::from(crate::standby::promoted().is_some())
+    })
+}
+
+/// The followers of ft_standby_wait / ft_standby_apply, one per stream.
+static FOLLOWERS: Mutex<BTreeMap<u32, Follower<'static>>> = Mutex::new(BTreeMap::new());
+
+fn standby_code(e: &standby::Error) -> c_int {
+    match e {
+        standby::Error::BadRole(_) | standby::Error::NotStandby => FT_ENOTSTANDBY,
+        standby::Error::Promoted => FT_EPROMOTED,
+        standby::Error::Dir { .. } => FT_ECKPT,
+        standby::Error::Critical(e) => critical_code(e),
+    }
+}
+
+/// Runs `call` on the follower of stream `id`, made on first use.
+fn with_follower<T>(
+    id: u32,
+    call: impl FnOnce(&mut Follower<'static>) -> Result<T, standby::Error>,
+) -> Result<T, c_int> {
+    let c = critical_global().map_err(critical_code)?;
+    let mut followers = FOLLOWERS.lock().unwrap_or_else(PoisonError::into_inner);
+    let follower = match followers.entry(id) {
+        std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
+        std::collections::btree_map::Entry::Vacant(v) => {
+            v.insert(Follower::new(c, id).map_err(|e| standby_code(&e))?)
+        }
+    };
+    call(follower).map_err(|e| standby_code(&e))
+}
+
+/// Warm standby: waits up to `timeout_ms` milliseconds until checkpoints of stream `id` newer
+/// than the one applied arrive in its store directory ($FT_CKPT_DIR/<id>, where watchd ships
+/// the owner's images). Returns 1 when there are (call ft_standby_apply), 0 on timeout, or a
+/// negative FT_E* code (FT_ENOTSTANDBY when FT_ROLE is not standby). Keep the timeout short
+/// (about 100 ms) and check ft_promoted() between waits.
+#[unsafe(no_mangle)]
+pub extern "C" fn ft_standby_wait(id: u32, timeout_ms: u32) -> c_int {
+    boundary(|| {
+        let timeout = Duration::from_millis(u64::from(timeout_ms));
+        match with_follower(id, |f| f.wait_for_change(timeout)) {
+            Ok(changed) => c_int::from(changed),
+            Err(code) => code,
+        }
+    })
+}
+
+/// Warm standby: applies the newest good checkpoint of stream `id` that arrived since the last
+/// call into critical memory (heap and ft_critical regions), in place, as t_recover does
+/// (incremental chains resolved; images that do not verify skipped, t_recover_report says
+/// which). Returns its sequence number (> 0), 0 when nothing new was applied, or a negative
+/// FT_E* code. The checkpoint t_recover restored at start-up counts as applied. After a
+/// promotion call it once more, before changing critical memory, to take the last image
+/// shipped; once the process writes checkpoints of its own it returns FT_EPROMOTED.
+///
+/// # Safety
+/// No other thread may access critical memory during the call: its contents are replaced.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn ft_standby_apply(id: u32) -> i64 {
+    boundary_or(i64::from(FT_EPANIC), || {
+        // SAFETY: the caller guarantees nobody accesses critical memory meanwhile.
+        let applied = with_follower(id, |f| unsafe { f.apply_newest() });
+        if let Ok(c) = critical_global()
+            && let Some(report) = c.last_report()
+        {
+            let text = report.to_string().replace('\0', " ");
+            *RECOVER_REPORT
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = CString::new(text).ok();
+        }
+        match applied {
+            Ok(seq) => seq.map_or(0, |s| i64::try_from(s).unwrap_or(i64::MAX)),
+            Err(code) => i64::from(code),
+        }
+    })
+}
+
 fn set_errno(code: c_int) {
     // SAFETY: __errno_location returns the calling thread's errno slot, valid to write.
     unsafe { *libc::__errno_location() = code };
@@ -465,6 +590,9 @@ fn strerror(code: c_int) -> &'static CStr {
         FT_EBUSY => c"busy: another checkpoint operation is in progress",
         FT_ECKPT => c"checkpoint error (store, snapshot or dirty tracking)",
         FT_ECONFIG => c"invalid critical-memory configuration (FT_HEAP_*, FT_CKPT_*, FT_DIRTY)",
+        FT_ESTANDBY => c"this process is a standby: no checkpoints until it is promoted",
+        FT_ENOTSTANDBY => c"not a standby (FT_ROLE is not standby): nothing to follow",
+        FT_EPROMOTED => c"promoted and writing its own checkpoints: following has ended",
         FT_EBADHANDLE => c"not an open ft_create_file handle",
         FT_EFILE => c"file operation failed (see errno)",
         FT_EREPL => c"done locally, but not logged for replication (ring full or unusable)",
@@ -827,6 +955,7 @@ mod tests {
             (E::Corrupt(String::new()), FT_ECORRUPT),
             (E::Mismatch(String::new()), FT_EMISMATCH),
             (E::Busy("x"), FT_EBUSY),
+            (E::Standby, FT_ESTANDBY),
             (E::Snapshot(io(libc::EAGAIN)), FT_ECKPT),
             (E::Tracking(io(libc::EPERM)), FT_ECKPT),
             (E::Writer(io(libc::EAGAIN)), FT_ECKPT),
@@ -868,6 +997,9 @@ mod tests {
             FT_EBUSY,
             FT_ECKPT,
             FT_ECONFIG,
+            FT_ESTANDBY,
+            FT_ENOTSTANDBY,
+            FT_EPROMOTED,
         ];
         let texts: Vec<String> = codes
             .iter()

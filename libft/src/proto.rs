@@ -23,6 +23,7 @@
 //!
 //! ```text
 //! kind 0x81 CheckpointNow  body: stream u32
+//! kind 0x82 Promote        body: epoch u64
 //! ```
 
 /// The first two bytes of every datagram.
@@ -85,9 +86,17 @@ pub enum WatchdMessage {
         /// The checkpoint stream.
         stream: u32,
     },
+    /// This standby instance (`FT_ROLE=standby`) is now the primary (`ftctl promote`, or its
+    /// group moved to this node): it serves, and its checkpoints continue the sequence.
+    Promote {
+        /// The ownership epoch (fencing token) of the promotion; 0 when an operator promoted
+        /// outside any group.
+        epoch: u64,
+    },
 }
 
 const KIND_CHECKPOINT_NOW: u8 = 0x81;
+const KIND_PROMOTE: u8 = 0x82;
 
 impl WatchdMessage {
     /// Encodes into `buf` and returns the number of bytes used.
@@ -100,6 +109,11 @@ impl WatchdMessage {
                 buf[4..8].copy_from_slice(&stream.to_le_bytes());
                 HEADER_LEN + 4
             }
+            WatchdMessage::Promote { epoch } => {
+                buf[3] = KIND_PROMOTE;
+                buf[4..12].copy_from_slice(&epoch.to_le_bytes());
+                HEADER_LEN + 8
+            }
         }
     }
 
@@ -111,6 +125,12 @@ impl WatchdMessage {
                 let b = fixed_body(body, 4)?;
                 Ok(WatchdMessage::CheckpointNow {
                     stream: u32_at(b, 0),
+                })
+            }
+            KIND_PROMOTE => {
+                let b = fixed_body(body, 8)?;
+                Ok(WatchdMessage::Promote {
+                    epoch: u64_at(b, 0),
                 })
             }
             other => Err(DecodeError::BadKind(other)),
@@ -319,6 +339,73 @@ mod tests {
         assert!(AppMessage::decode(&buf[..n]).is_err());
         let n = AppMessage::HeartbeatEnd { tid: 1 }.encode(&mut buf);
         assert!(WatchdMessage::decode(&buf[..n]).is_err());
+    }
+
+    #[test]
+    fn watchd_messages_roundtrip_and_refuse_garbage() {
+        let mut buf = [0u8; MAX_DATAGRAM];
+        for m in [
+            WatchdMessage::Promote { epoch: 0 },
+            WatchdMessage::Promote { epoch: 7 },
+            WatchdMessage::Promote { epoch: u64::MAX },
+            WatchdMessage::CheckpointNow { stream: u32::MAX },
+        ] {
+            let n = m.encode(&mut buf);
+            assert_eq!(WatchdMessage::decode(&buf[..n]), Ok(m.clone()));
+            assert_eq!(
+                WatchdMessage::decode(&buf[..n - 1]),
+                Err(DecodeError::Truncated)
+            );
+            let mut longer = buf[..n].to_vec();
+            longer.push(0);
+            assert_eq!(WatchdMessage::decode(&longer), Err(DecodeError::Oversized));
+            // The other direction never mistakes it for one of its own.
+            assert!(AppMessage::decode(&buf[..n]).is_err());
+        }
+        let n = WatchdMessage::Promote {
+            epoch: 0x0102_0304_0506_0708,
+        }
+        .encode(&mut buf);
+        assert_eq!(&buf[..n], b"FT\x01\x82\x08\x07\x06\x05\x04\x03\x02\x01");
+        assert_eq!(
+            WatchdMessage::decode(b"FT\x01\x82"),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(
+            WatchdMessage::decode(b"FT\x02\x82\0\0\0\0\0\0\0\0"),
+            Err(DecodeError::BadVersion(2))
+        );
+        assert_eq!(
+            WatchdMessage::decode(b"XT\x01\x82\0\0\0\0\0\0\0\0"),
+            Err(DecodeError::BadMagic)
+        );
+        assert_eq!(
+            WatchdMessage::decode(b"FT\x01\x83\0\0\0\0\0\0\0\0"),
+            Err(DecodeError::BadKind(0x83))
+        );
+        // Random bytes behind a valid header never panic and never decode to a wrong length.
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut garbage = [0u8; 32];
+        for _ in 0..100_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let len = usize::try_from(x % 32).expect("< 32");
+            for (i, b) in garbage.iter_mut().enumerate().take(len) {
+                *b = (x >> (i % 8 * 8)).to_le_bytes()[0];
+            }
+            if len >= 4 {
+                garbage[0..3].copy_from_slice(b"FT\x01");
+                garbage[3] = if x.is_multiple_of(2) {
+                    KIND_PROMOTE
+                } else {
+                    garbage[3]
+                };
+            }
+            if let Ok(WatchdMessage::Promote { .. }) = WatchdMessage::decode(&garbage[..len]) {
+                assert_eq!(len, HEADER_LEN + 8);
+            }
+        }
     }
 
     #[test]

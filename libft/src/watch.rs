@@ -164,13 +164,17 @@ impl Watch {
     }
 
     /// The next request watchd sent (e.g. `ftctl checkpoint`), if any; never blocks. Datagrams
-    /// that do not decode are skipped.
+    /// that do not decode are skipped. A [`WatchdMessage::Promote`] is recorded before it is
+    /// returned ([`crate::standby::promote`]): from then on the process is the primary.
     pub fn poll_command(&self) -> Result<Option<WatchdMessage>, Error> {
         let mut buf = [0u8; MAX_DATAGRAM + 1];
         loop {
             match self.sock.recv(&mut buf) {
                 Ok(n) => {
                     if let Ok(m) = WatchdMessage::decode(&buf[..n]) {
+                        if let WatchdMessage::Promote { epoch } = m {
+                            crate::standby::promote(epoch);
+                        }
                         return Ok(Some(m));
                     }
                 }

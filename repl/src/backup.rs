@@ -61,7 +61,8 @@ pub struct StreamMeta {
 const META_FILE: &str = "stream";
 
 impl StreamMeta {
-    fn load(dir: &Path) -> Result<StreamMeta, BackupError> {
+    /// The stream state kept in `dir` (the default when there is none yet).
+    pub fn load(dir: &Path) -> Result<StreamMeta, BackupError> {
         let path = dir.join(META_FILE);
         match std::fs::read(&path) {
             Ok(bytes) => rmp_serde::from_slice(&bytes).map_err(|e| BackupError::Meta {
@@ -174,6 +175,18 @@ pub struct Bcplog {
     acked: u64,
 }
 
+/// What [`Bcplog::promote`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Promotion {
+    /// The replica is complete (and durable) through this seq of the stream it followed.
+    pub applied: u64,
+    /// The generation of the stream the replica had followed to its end (0: none, or a resync
+    /// was cut short: the replica may lack files).
+    pub followed_generation: u64,
+    /// Whether the log continued the replica (otherwise its records were not applied).
+    pub log_consistent: bool,
+}
+
 /// Counters for `ftctl repl status` on a backup.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupSideStatus {
@@ -234,6 +247,64 @@ impl Bcplog {
     pub fn connected(&mut self) {
         self.phase = Phase::Greeting;
         self.received = 0;
+    }
+
+    /// The highest ownership epoch this backup has accepted (durable).
+    pub fn epoch(&self) -> u64 {
+        self.meta.epoch
+    }
+
+    /// Whether a pump greeting with (`fileset`, `epoch`) may stream to this backup: the same
+    /// fileset, and an epoch no older than the highest one accepted so far. A newer epoch is
+    /// accepted (and remembered when its `Hello` is handled).
+    pub fn admits(&self, fileset: &str, epoch: u64) -> Result<(), BackupError> {
+        if fileset != self.spec.fileset {
+            return Err(BackupError::Refused(format!(
+                "this stream is for fileset `{}`, not `{fileset}`",
+                self.spec.fileset
+            )));
+        }
+        if epoch < self.meta.epoch {
+            return Err(BackupError::Refused(format!(
+                "stale epoch {epoch}: this backup has seen epoch {}",
+                self.meta.epoch
+            )));
+        }
+        Ok(())
+    }
+
+    /// Before this node becomes the fileset's primary: applies everything the log holds
+    /// durably to the replica and makes it durable (the replica is then complete up to the
+    /// last received operation), trims the log, and forgets the followed stream (the files
+    /// will change under a new primary, so any later stream must resync them). The epoch is
+    /// kept. The caller must have stopped the stream (no connection is served any more).
+    pub fn promote(&mut self) -> Result<Promotion, BackupError> {
+        self.phase = Phase::Greeting;
+        let followed = self.meta.generation;
+        let (applied, log_consistent) = {
+            let mut log = lock(&self.shared.log);
+            log.sync()?;
+            let mut replica = lock(&self.shared.replica);
+            let consistent = log_continues(&log, replica.applied_seq());
+            let applied = if consistent {
+                replay::drain(&mut log, &mut replica)?
+            } else {
+                // Records past a hole cannot be applied in order: what the replica holds is
+                // all there is.
+                tracing::warn!(fileset = %self.spec.fileset, "bcplog: the log does not continue the replica; promoting the replica as it is");
+                replica.commit()?
+            };
+            log.trim_through(applied)?;
+            (applied, consistent)
+        };
+        self.meta.generation = 0;
+        self.meta.store(&self.spec.state_dir)?;
+        tracing::info!(fileset = %self.spec.fileset, applied, followed, "bcplog: replica drained for promotion");
+        Ok(Promotion {
+            applied,
+            followed_generation: followed,
+            log_consistent,
+        })
     }
 
     /// Counters.
@@ -303,18 +374,7 @@ impl Bcplog {
         epoch: u64,
         mode: Mode,
     ) -> Result<Vec<ToPrimary>, BackupError> {
-        if fileset != self.spec.fileset {
-            return Err(BackupError::Refused(format!(
-                "this stream is for fileset `{}`, not `{fileset}`",
-                self.spec.fileset
-            )));
-        }
-        if epoch < self.meta.epoch {
-            return Err(BackupError::Refused(format!(
-                "stale epoch {epoch}: this backup has seen epoch {}",
-                self.meta.epoch
-            )));
-        }
+        self.admits(&fileset, epoch)?;
         if epoch > self.meta.epoch {
             self.meta.epoch = epoch;
             self.meta.store(&self.spec.state_dir)?;

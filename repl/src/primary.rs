@@ -40,6 +40,16 @@ const RESYNC_BATCH_BYTES: usize = 4 << 20;
 const RESYNC_QUEUE: usize = 4;
 /// Pause before redialing a backup after a link ended.
 const REDIAL_PAUSE: Duration = Duration::from_millis(100);
+/// First pause before redialing a backup that refused the stream (a stale epoch, most likely:
+/// this pump's owner was cut off and replaced; it keeps trying, quietly more seldom, until it
+/// is stopped).
+const REFUSED_PAUSE_INITIAL: Duration = Duration::from_millis(500);
+/// Longest pause between redials of a backup that keeps refusing.
+const REFUSED_PAUSE_MAX: Duration = Duration::from_secs(10);
+/// How often [`flush`] looks at the pump.
+const FLUSH_POLL: Duration = Duration::from_millis(10);
+/// Suffix of the file beside a ring that names the ownership epoch the ring was created for.
+const RING_EPOCH_SUFFIX: &str = ".epoch";
 
 /// A backup node and its addresses (one per network).
 #[derive(Debug, Clone)]
@@ -148,6 +158,13 @@ pub struct PrimaryStatus {
     pub backups: Vec<BackupLinkStatus>,
     /// Why the source stopped, if it did.
     pub source_error: Option<String>,
+    /// The ownership epoch this pump streams with.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Times the source found nothing more to read (ring mode): once this grew past a value
+    /// seen after a write, that write has been handed to the pump.
+    #[serde(default)]
+    pub idle_reads: u64,
 }
 
 /// One backup as the pump sees it.
@@ -169,6 +186,14 @@ pub struct BackupLinkStatus {
     pub lag_ms: u64,
     /// Resyncs so far.
     pub resyncs: u64,
+    /// Why the backup refused this pump the last time it did (a stale epoch: this pump's
+    /// ownership was taken over), until it accepts the stream again.
+    #[serde(default)]
+    pub refused: Option<String>,
+    /// The newest ownership epoch the refusing backup knows of: above this pump's epoch, this
+    /// pump is fenced (its owner was replaced).
+    #[serde(default)]
+    pub refused_epoch: u64,
 }
 
 impl From<BackupView> for BackupLinkStatus {
@@ -188,6 +213,8 @@ impl From<BackupView> for BackupLinkStatus {
             lag_bytes: v.lag_bytes,
             lag_ms: u64::try_from(v.lag_time.as_millis()).unwrap_or(u64::MAX),
             resyncs: v.resyncs,
+            refused: None,
+            refused_epoch: 0,
         }
     }
 }
@@ -222,6 +249,11 @@ pub struct PumpState {
     copy_source: Option<CopySource>,
     source_error: Option<String>,
     generation: u64,
+    /// The last refusal of each backup (why, and the newest epoch it knows), until it
+    /// accepts the stream again.
+    refusals: BTreeMap<String, (String, u64)>,
+    /// Empty reads of the ring source (see [`PrimaryStatus::idle_reads`]).
+    idle_reads: Arc<AtomicU64>,
 }
 
 impl Actor for PumpActor {
@@ -236,21 +268,22 @@ impl Actor for PumpActor {
     ) -> Result<PumpState, ActorProcessingErr> {
         std::fs::create_dir_all(&spec.root)?;
         let release = Arc::new(AtomicU64::new(0));
+        let idle_reads = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (mut copy_task, mut copy_source) = (None, None);
         let (generation, head_seq, source_thread) = match &spec.source {
             SourceSpec::Ring { path, capacity } => {
                 let sync = spec.pump.mode == proto::Mode::Sync;
-                let ring = open_or_create_ring(path, *capacity, sync)?;
+                let ring = open_or_create_ring(path, *capacity, sync, spec.epoch)?;
                 let generation = ring.generation();
                 let consumer = ring.consumer(ConsumerOptions::default())?;
                 let head_seq = consumer.head_seq();
                 release.store(head_seq - 1, Ordering::Relaxed);
                 let me = myself.clone();
-                let (rel, st) = (release.clone(), stop.clone());
+                let (rel, st, idle) = (release.clone(), stop.clone(), idle_reads.clone());
                 let thread = std::thread::Builder::new()
                     .name(format!("ring-{}", spec.fileset))
-                    .spawn(move || ring_source(consumer, me, rel, st, sync))?;
+                    .spawn(move || ring_source(consumer, me, rel, st, idle, sync))?;
                 (generation, head_seq, Some(thread))
             }
             SourceSpec::Copy { quiet } => {
@@ -299,7 +332,7 @@ impl Actor for PumpActor {
                 peer.clone(),
             )));
         }
-        tracing::info!(fileset = %spec.fileset, generation, head_seq, "pump started");
+        tracing::info!(fileset = %spec.fileset, generation, epoch = spec.epoch, head_seq, "pump started");
         Ok(PumpState {
             spec,
             pump,
@@ -311,6 +344,8 @@ impl Actor for PumpActor {
             copy_source,
             source_error: None,
             generation,
+            refusals: BTreeMap::new(),
+            idle_reads,
         })
     }
 
@@ -382,11 +417,14 @@ impl Actor for PumpActor {
                     ToPrimary::State {
                         generation,
                         durable,
-                    } => Input::State {
-                        backup,
-                        generation,
-                        durable,
-                    },
+                    } => {
+                        st.refusals.remove(&backup);
+                        Input::State {
+                            backup,
+                            generation,
+                            durable,
+                        }
+                    }
                     ToPrimary::Ack { durable } => Input::Ack { backup, durable },
                     ToPrimary::Manifest { entries, last } => {
                         if let Some(tx) = &l.manifest_tx {
@@ -394,8 +432,9 @@ impl Actor for PumpActor {
                         }
                         return Ok(());
                     }
-                    ToPrimary::Refused { reason } => {
-                        tracing::warn!(fileset = %st.spec.fileset, %backup, %reason, "pump: the backup refused the stream");
+                    ToPrimary::Refused { reason, epoch } => {
+                        tracing::warn!(fileset = %st.spec.fileset, %backup, epoch = st.spec.epoch, newest = epoch, %reason, "pump: the backup refused the stream");
+                        st.refusals.insert(backup.clone(), (reason, epoch));
                         st.links.remove(&backup);
                         Input::Disconnected { backup }
                     }
@@ -428,8 +467,22 @@ impl Actor for PumpActor {
                     released: st.pump.released(),
                     retained_ops: ops as u64,
                     retained_bytes: bytes as u64,
-                    backups: st.pump.view(now).into_iter().map(Into::into).collect(),
+                    backups: st
+                        .pump
+                        .view(now)
+                        .into_iter()
+                        .map(|v| {
+                            let refusal = st.refusals.get(&v.name).cloned();
+                            BackupLinkStatus {
+                                refused_epoch: refusal.as_ref().map_or(0, |r| r.1),
+                                refused: refusal.map(|r| r.0),
+                                ..v.into()
+                            }
+                        })
+                        .collect(),
                     source_error: st.source_error.clone(),
+                    epoch: st.spec.epoch,
+                    idle_reads: st.idle_reads.load(Ordering::Acquire),
                 });
                 return Ok(());
             }
@@ -495,31 +548,78 @@ fn perform(myself: &ActorRef<PumpMsg>, st: &mut PumpState, action: Action) {
     }
 }
 
-/// Creates the ring, or opens it when a compatible one exists (records written while watchd
-/// was down are still there).
+/// Creates the ring, or opens it when a compatible one exists that was created for the same
+/// ownership `epoch` (records written while watchd was down are still there). A ring of another
+/// epoch is replaced: a new owner starts a new generation, so every backup compares its files
+/// with this node's (a resync) instead of resuming a stream that another primary continued.
 fn open_or_create_ring(
     path: &std::path::Path,
     capacity: u64,
     sync: bool,
-) -> Result<Ring, ft::replog::ring::RingError> {
-    match Ring::open(path) {
-        Ok(ring) if ring.capacity() == capacity && !ring.is_retired() => {
+    epoch: u64,
+) -> Result<Ring, RingError> {
+    let epoch_file = ring_epoch_path(path);
+    let ring_epoch = std::fs::read_to_string(&epoch_file)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok());
+    let ring = match Ring::open(path) {
+        Ok(ring)
+            if ring.capacity() == capacity && !ring.is_retired() && ring_epoch == Some(epoch) =>
+        {
             ring.set_sync(sync);
-            Ok(ring)
+            return Ok(ring);
         }
         Ok(old) => {
-            // Another size: producers must move to a new ring; its generation makes the
-            // backups resync.
+            // Another size or another owner: producers must move to a new ring; its
+            // generation makes the backups resync.
             old.retire();
             let _ = std::fs::remove_file(path);
-            Ring::create(path, capacity, sync)
+            Ring::create(path, capacity, sync)?
         }
         Err(e) => {
             if path.exists() {
                 tracing::warn!(path = %path.display(), error = %e, "ring unusable; replacing it");
                 let _ = std::fs::remove_file(path);
             }
-            Ring::create(path, capacity, sync)
+            Ring::create(path, capacity, sync)?
+        }
+    };
+    write_ring_epoch(&epoch_file, epoch).map_err(|source| RingError::Io {
+        what: "write the epoch file of",
+        path: path.to_owned(),
+        source,
+    })?;
+    Ok(ring)
+}
+
+/// The file beside `ring` that names the epoch it was created for.
+pub fn ring_epoch_path(ring: &std::path::Path) -> PathBuf {
+    let mut name = ring.as_os_str().to_owned();
+    name.push(RING_EPOCH_SUFFIX);
+    PathBuf::from(name)
+}
+
+/// Written with a rename, so a reader sees the old epoch or the new one.
+fn write_ring_epoch(file: &std::path::Path, epoch: u64) -> std::io::Result<()> {
+    let mut tmp = file.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, format!("{epoch}\n"))?;
+    std::fs::rename(&tmp, file)
+}
+
+/// Retires the ring at `path` (producers stop logging into it and look for a new one, which
+/// does not exist until a pump creates it) and removes it with its epoch file: for a node that
+/// stops being the fileset's primary.
+pub fn retire_ring(path: &std::path::Path) {
+    if let Ok(ring) = Ring::open(path) {
+        ring.retire();
+    }
+    for p in [path.to_owned(), ring_epoch_path(path)] {
+        if let Err(e) = std::fs::remove_file(&p)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %p.display(), error = %e, "cannot remove a retired ring");
         }
     }
 }
@@ -531,6 +631,7 @@ fn ring_source(
     pump: ActorRef<PumpMsg>,
     release: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
+    idle_reads: Arc<AtomicU64>,
     sync: bool,
 ) {
     let capacity = consumer.ring().capacity();
@@ -557,6 +658,7 @@ fn ring_source(
         let mut bytes = 0;
         let mut timeout = wait;
         let mut lost = None;
+        let mut idle = false;
         while batch.len() < SOURCE_BATCH && bytes < SOURCE_BATCH_BYTES {
             match consumer.next(timeout) {
                 Ok(Some(RingItem::Op { seq, op })) => {
@@ -572,7 +674,10 @@ fn ring_source(
                     lost = Some(item.seq());
                     break;
                 }
-                Ok(None) => break,
+                Ok(None) => {
+                    idle = true;
+                    break;
+                }
                 Err(e) => {
                     // A ring that cannot be read on (corrupt, or a reservation that never
                     // completes) is retired: producers move to a new one, whose generation
@@ -601,6 +706,10 @@ fn ring_source(
         {
             return;
         }
+        if idle {
+            // Counted after the batch was handed over: see `flush`.
+            idle_reads.fetch_add(1, Ordering::Release);
+        }
         if last_usage.elapsed() >= SOURCE_IDLE_WAIT {
             last_usage = Instant::now();
             let used = consumer.used_bytes();
@@ -613,6 +722,12 @@ fn ring_source(
 async fn link_task(pump: ActorRef<PumpMsg>, net: NetConfig, fileset: String, peer: Peer) {
     let channel = proto::channel(&fileset);
     let mut backoff = Backoff::default();
+    let mut refused_backoff = Backoff::new(
+        REFUSED_PAUSE_INITIAL,
+        REFUSED_PAUSE_MAX,
+        net::DEFAULT_BACKOFF_FACTOR,
+        net::DEFAULT_BACKOFF_JITTER,
+    );
     let mut link = 0u64;
     loop {
         let conn = net::connect_retry(&net, &peer.addrs, &channel, &mut backoff).await;
@@ -623,6 +738,7 @@ async fn link_task(pump: ActorRef<PumpMsg>, net: NetConfig, fileset: String, pee
         }
         backoff.reset();
         link += 1;
+        let mut refused = false;
         let (mut sender, mut receiver) = conn.into_split();
         let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
         let (resync_tx, mut resync_rx) = mpsc::channel::<Outbound>(RESYNC_QUEUE);
@@ -664,6 +780,7 @@ async fn link_task(pump: ActorRef<PumpMsg>, net: NetConfig, fileset: String, pee
             tokio::select! {
                 r = receiver.recv::<ToPrimary>() => match r {
                     Ok(msg) => {
+                        refused |= matches!(msg, ToPrimary::Refused { .. });
                         if pump.cast(PumpMsg::FromBackup { backup: peer.name.clone(), link, msg }).is_err() {
                             writer.abort();
                             return;
@@ -683,7 +800,12 @@ async fn link_task(pump: ActorRef<PumpMsg>, net: NetConfig, fileset: String, pee
             backup: peer.name.clone(),
             link,
         });
-        tokio::time::sleep(REDIAL_PAUSE).await;
+        if refused {
+            tokio::time::sleep(refused_backoff.next_delay()).await;
+        } else {
+            refused_backoff.reset();
+            tokio::time::sleep(REDIAL_PAUSE).await;
+        }
     }
 }
 
@@ -758,4 +880,81 @@ async fn resync(
         .await
         .map_err(|_| closed())?;
     Ok(())
+}
+
+/// Why [`flush`] did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    /// The pump did not answer.
+    #[error("the pump does not answer: {0}")]
+    Pump(String),
+    /// Some connected backup had not acknowledged everything in time.
+    #[error("backups still behind after {after:?}: {behind}")]
+    Timeout {
+        /// The bound.
+        after: Duration,
+        /// Which backups lag, and how far.
+        behind: String,
+    },
+}
+
+/// Waits until everything written to the fileset before the call has been read by the pump
+/// (ring: an empty read of the ring after the call; copy mode: the quiet interval and the
+/// rename grace, after which changed files have been copied) and acknowledged as durable by
+/// every connected backup, or `timeout`. Backups that are down are not waited for (they resume
+/// or resync later). For a primary that hands the fileset over gracefully: the next primary
+/// must not lose the last writes. Returns the pump's last status.
+pub async fn flush(
+    pump: &ActorRef<PumpMsg>,
+    source: &SourceSpec,
+    timeout: Duration,
+) -> Result<PrimaryStatus, FlushError> {
+    let deadline = Instant::now() + timeout;
+    let ask_ms = u64::try_from(timeout.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let status = || async {
+        ractor::call_t!(pump, PumpMsg::Status, ask_ms).map_err(|e| FlushError::Pump(e.to_string()))
+    };
+    let ring = match source {
+        SourceSpec::Ring { .. } => true,
+        SourceSpec::Copy { quiet } => {
+            let settle = (*quiet + crate::copy::EVENT_GRACE)
+                .min(deadline.saturating_duration_since(Instant::now()));
+            tokio::time::sleep(settle).await;
+            false
+        }
+    };
+    let first = status().await?;
+    // Two more empty reads: the second began after `first` was answered, so everything written
+    // before the call was handed to the pump before it was counted. The count seen in one
+    // answer is judged with the next one, which the pump gives after handling those records.
+    let target = first.idle_reads.saturating_add(2);
+    let mut seen_idle = first.idle_reads;
+    loop {
+        let s = status().await?;
+        let read_all = !ring || seen_idle >= target;
+        let newest = s.next_seq.saturating_sub(1);
+        let behind: Vec<String> = s
+            .backups
+            .iter()
+            .filter(|b| b.connected && b.acked < newest)
+            .map(|b| format!("{} acknowledged {} of {newest}", b.name, b.acked))
+            .collect();
+        if read_all && behind.is_empty() {
+            return Ok(s);
+        }
+        if Instant::now() >= deadline {
+            return Err(FlushError::Timeout {
+                after: timeout,
+                behind: if read_all {
+                    behind.join(", ")
+                } else {
+                    "the ring was not read to its end".into()
+                },
+            });
+        }
+        seen_idle = s.idle_reads;
+        tokio::time::sleep(FLUSH_POLL).await;
+    }
 }

@@ -85,8 +85,16 @@ pub enum ToPrimary {
         entries: Vec<(RelPath, Entry)>,
         last: bool,
     },
-    /// The backup refuses the stream (stale epoch, wrong fileset); the connection closes.
-    Refused { reason: String },
+    /// The backup refuses the stream (stale epoch, wrong fileset, not a backup now); the
+    /// connection closes.
+    Refused {
+        /// Why, for a person.
+        reason: String,
+        /// The newest ownership epoch the refusing node knows of (0: none). Above the pump's
+        /// own, it means the pump's owner was replaced: it is fenced.
+        #[serde(default)]
+        epoch: u64,
+    },
 }
 
 #[cfg(test)]

@@ -2,7 +2,9 @@
 //! replay on a real listener. Files are written for real on the "primary" directory and the
 //! matching operations appended to the ring (what the shim and libft do); the replica must end
 //! identical (same manifest content hash), also across a restart of the backup side and with
-//! files that existed before replication started (resync).
+//! files that existed before replication started (resync). Also the hand-over to a new primary
+//! with a newer ownership epoch: the old primary's files, which hold writes the new one never
+//! had, converge on the new primary's, and a pump of the old epoch is refused.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -59,7 +61,7 @@ async fn start_backup(d: &Dirs, listener: &Listener) -> ActorRef<BcplogMsg> {
                 state_dir: d.state.clone(),
                 segment: SegmentOptions::default(),
             },
-            primary: "a".into(),
+            primaries: vec!["a".into()],
             conns,
         },
     )
@@ -198,4 +200,180 @@ async fn replica_follows_the_primary_through_resync_and_restarts() {
     );
     pump.stop(None);
     backup.stop(None);
+}
+
+/// One side of a fileset in the hand-over test: its files, its backup state, its ring.
+struct Side {
+    node: &'static str,
+    root: PathBuf,
+    state: PathBuf,
+    ring: PathBuf,
+}
+
+impl Side {
+    fn new(base: &Path, node: &'static str) -> Side {
+        let side = Side {
+            node,
+            root: base.join(format!("{node}-files")),
+            state: base.join(format!("{node}-state")),
+            ring: base.join(format!("{node}-ring")),
+        };
+        std::fs::create_dir_all(&side.root).expect("mkdir");
+        side
+    }
+}
+
+async fn pump_of(
+    node: &str,
+    root: &Path,
+    ring: &Path,
+    epoch: u64,
+    backup: &str,
+    addr: std::net::SocketAddr,
+) -> ActorRef<PumpMsg> {
+    let (a, _) = Actor::spawn(
+        None,
+        PumpActor,
+        PrimarySpec {
+            fileset: "data".into(),
+            root: root.to_owned(),
+            source: SourceSpec::Ring {
+                path: ring.to_owned(),
+                capacity: 1 << 20,
+            },
+            backups: vec![Peer {
+                name: backup.into(),
+                addrs: vec![addr],
+            }],
+            epoch,
+            pump: PumpConfig::default(),
+            net: net(node),
+        },
+    )
+    .await
+    .expect("pump starts");
+    a
+}
+
+async fn bcplog_of(side: &Side, primary: &str, listener: &Listener) -> ActorRef<BcplogMsg> {
+    let (a, _) = Actor::spawn(
+        None,
+        BcplogActor,
+        BcplogArgs {
+            spec: BackupSpec {
+                fileset: "data".into(),
+                root: side.root.clone(),
+                state_dir: side.state.clone(),
+                segment: SegmentOptions::default(),
+            },
+            primaries: vec![primary.into()],
+            conns: vec![listener.channel("repl/data").expect("channel")],
+        },
+    )
+    .await
+    .expect("bcplog starts");
+    a
+}
+
+async fn same_trees(a: &Path, b: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (x, y) = (a.to_owned(), b.to_owned());
+        let same = tokio::task::spawn_blocking(move || tree_hash(&x) == tree_hash(&y))
+            .await
+            .expect("join");
+        if same {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the trees did not become identical"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_newer_epoch_takes_over_and_the_divergent_old_primary_converges_on_it() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (Side::new(tmp.path(), "a"), Side::new(tmp.path(), "b"));
+    let any = "127.0.0.1:0".parse().expect("addr");
+    let la = Listener::bind(&net(a.node), any).await.expect("bind");
+    let lb = Listener::bind(&net(b.node), any).await.expect("bind");
+
+    // Epoch 1: a is the primary, b follows.
+    let b_log = bcplog_of(&b, a.node, &lb).await;
+    let a_pump = pump_of(a.node, &a.root, &a.ring, 1, b.node, lb.local_addr()).await;
+    let a_ring = Ring::open(&a.ring).expect("ring");
+    write(&a_ring, &a.root, "shared", 0, b"version 1");
+    write(&a_ring, &a.root, "dir/kept", 0, b"kept");
+    same_trees(&a.root, &b.root, "epoch 1").await;
+
+    // a is cut off: what it writes from now on never reaches b (its pump is gone, the records
+    // stay in its ring), and it changes files b has.
+    a_pump.stop_and_wait(None, None).await.expect("stop");
+    write(&a_ring, &a.root, "only-on-a", 0, b"never shipped");
+    write(&a_ring, &a.root, "shared", 0, b"VERSION A, LONGER THAN B'S");
+    write(&a_ring, &a.root, "dir/kept", 4, b" and more");
+
+    // Epoch 2: b is promoted (its replay drained), its pump streams to a's files.
+    let promotion = ractor::call!(b_log, BcplogMsg::Promote)
+        .expect("call")
+        .expect("promoted");
+    assert!(promotion.log_consistent, "{promotion:?}");
+    b_log.stop_and_wait(None, None).await.expect("stop");
+    let b_pump = pump_of(b.node, &b.root, &b.ring, 2, a.node, la.local_addr()).await;
+    let a_log = bcplog_of(&a, b.node, &la).await;
+    let b_ring = Ring::open(&b.ring).expect("ring");
+    write(&b_ring, &b.root, "shared", 0, b"version 2");
+    write(&b_ring, &b.root, "new-on-b", 0, b"b");
+    same_trees(&a.root, &b.root, "a follows b").await;
+    assert!(!a.root.join("only-on-a").exists());
+    assert_eq!(
+        std::fs::read(a.root.join("shared")).expect("read"),
+        b"version 2"
+    );
+    assert_eq!(
+        std::fs::read(a.root.join("dir/kept")).expect("read"),
+        b"kept"
+    );
+
+    // A pump of the old epoch (b's name, another tree) is refused by a, and nothing of it
+    // reaches a's files; b's stream goes on.
+    let stale_root = tmp.path().join("stale-files");
+    std::fs::create_dir_all(&stale_root).expect("mkdir");
+    std::fs::write(stale_root.join("junk"), b"from the old epoch").expect("write");
+    let stale = pump_of(
+        b.node,
+        &stale_root,
+        &tmp.path().join("stale-ring"),
+        1,
+        a.node,
+        la.local_addr(),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = ractor::call!(stale, PumpMsg::Status).expect("status");
+        if let Some(why) = &st.backups[0].refused {
+            assert!(why.contains("stale epoch 1"), "{why}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stale pump was not refused: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    write(&b_ring, &b.root, "after-the-stale-pump", 0, b"still b");
+    same_trees(&a.root, &b.root, "b's stream after the stale pump").await;
+    assert!(!a.root.join("junk").exists());
+    let st = ractor::call!(b_pump, PumpMsg::Status).expect("status");
+    assert_eq!(st.epoch, 2);
+    assert_eq!(st.backups[0].state, "streaming", "{st:?}");
+    let st = ractor::call!(a_log, BcplogMsg::Status).expect("status");
+    assert!(st.connected && st.counters.epoch == 2, "{st:?}");
+    stale.stop(None);
+    b_pump.stop(None);
+    a_log.stop(None);
 }

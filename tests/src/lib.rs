@@ -18,7 +18,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
+pub mod cluster;
 pub mod netns;
+pub mod replica;
 
 /// How often conditions are re-checked while waiting.
 pub const POLL: Duration = Duration::from_millis(25);

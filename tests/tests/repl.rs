@@ -78,10 +78,6 @@ impl Pair {
     }
 }
 
-fn tree_hash(root: &Path) -> Option<u64> {
-    repl::manifest::scan(root).ok().map(|m| m.content_hash())
-}
-
 fn wait_identical(a: &Path, b: &Path, what: &str) {
     assert!(
         becomes_identical(a, b),
@@ -91,18 +87,7 @@ fn wait_identical(a: &Path, b: &Path, what: &str) {
 
 /// Whether the trees under `a` and `b` become identical within [`CATCH_UP`].
 fn becomes_identical(a: &Path, b: &Path) -> bool {
-    let deadline = Instant::now() + CATCH_UP;
-    loop {
-        if let (Some(x), Some(y)) = (tree_hash(a), tree_hash(b))
-            && x == y
-        {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    ftkit_tests::replica::becomes_identical(a, b, CATCH_UP)
 }
 
 /// Both nodes' replication status and the tails of their logs, for a failure message.

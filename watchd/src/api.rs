@@ -52,12 +52,28 @@ pub enum Request {
     },
     /// Re-read the configuration file and apply it.
     Reload,
-    /// Ask a service that uses libft to take a checkpoint at its next safe point.
+    /// Checkpoint a service: a transparent one is dumped by watchd now (the answer is
+    /// `checkpointed`); any other is asked, through libft, to checkpoint at its next safe point.
     Checkpoint {
         /// Service name.
         service: String,
         /// Checkpoint stream (`t_checkpoint(id)`); 0 when absent.
         stream: Option<u32>,
+    },
+    /// Promote the warm standby instance of a service (`FT_ROLE=standby`) in place: libft
+    /// tells it (`Promote`), and it serves as primary from then on.
+    Promote {
+        /// Service name.
+        service: String,
+        /// The ownership epoch handed to the application; 0 when absent.
+        epoch: Option<u64>,
+    },
+    /// Roll a service with transparent checkpoints back, in place, to one of them.
+    Rollback {
+        /// Service name.
+        service: String,
+        /// The checkpoint (image sequence); the newest good one when absent.
+        seq: Option<u64>,
     },
     /// Test hook (refused unless watchd runs with `WATCHD_TEST_HOOKS=1`): make the service's
     /// supervisor actor panic, to show that the actor is restarted and the service untouched.
@@ -94,6 +110,11 @@ pub enum Request {
         /// The change.
         update: cluster::gum::Update,
     },
+    /// Resource groups (`ftctl group ...`, `ftctl resource status`).
+    Group {
+        /// What to do.
+        request: crate::group::apply::GroupRequest,
+    },
 }
 
 /// What watchd answers.
@@ -107,6 +128,10 @@ pub enum Response {
     },
     /// The answer to `status`.
     Status(StatusReport),
+    /// A transparent checkpoint was taken (answer to `checkpoint` of a transparent service).
+    Checkpointed(TransparentCheckpoint),
+    /// The service was rolled back (answer to `rollback`).
+    RolledBack(TransparentRollback),
     /// Answer to `ReplStatus`.
     Repl {
         /// One report per configured fileset.
@@ -120,6 +145,11 @@ pub enum Response {
     ClusterEvents {
         /// Oldest first.
         events: Vec<crate::node::report::ClusterEvent>,
+    },
+    /// Answer to `Group` status: every group and its resources.
+    Groups {
+        /// In name order.
+        groups: Vec<crate::group::apply::GroupReport>,
     },
     /// One event (`events` sends one line per event, then `end` unless following).
     Event(EventRecord),
@@ -167,6 +197,62 @@ pub struct ServiceStatus {
     /// What the state machine shows.
     #[serde(flatten)]
     pub view: View,
+    /// The last transparent checkpoint of the service, when it has transparent checkpoints.
+    #[serde(default)]
+    pub transparent: Option<TransparentStatus>,
+}
+
+/// The last transparent checkpoint of a service, as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransparentStatus {
+    /// Image sequence.
+    pub seq: u64,
+    /// Pages of memory written to the image (an increment holds only those written since).
+    pub pages: u64,
+    /// Whether it is a full image (not an increment).
+    pub full: bool,
+    /// How long the service was stopped for it, in microseconds.
+    pub pause_us: u64,
+    /// Milliseconds since it was taken.
+    pub age_ms: u64,
+    /// Dumps that failed since the last one that succeeded.
+    pub failures: u64,
+}
+
+/// A transparent checkpoint just taken.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransparentCheckpoint {
+    /// The service.
+    pub service: String,
+    /// The process dumped.
+    pub pid: u32,
+    /// Image sequence (the ID `rollback` takes).
+    pub seq: u64,
+    /// The image it is an increment against; none for a full image.
+    pub parent: Option<u64>,
+    /// Pages of memory written to the image.
+    pub pages: u64,
+    /// Bytes of the image file.
+    pub image_bytes: u64,
+    /// How long the service was stopped, in microseconds.
+    pub pause_us: u64,
+    /// The whole dump, commit included, in microseconds.
+    pub total_us: u64,
+    /// Descriptors a restore cannot bring back by itself (pipes, sockets, ...).
+    pub unrestorable: Vec<String>,
+}
+
+/// A rollback just done.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TransparentRollback {
+    /// The service.
+    pub service: String,
+    /// The process rolled back.
+    pub pid: u32,
+    /// The image it now is.
+    pub seq: u64,
+    /// How long the service was stopped, in microseconds.
+    pub pause_us: u64,
 }
 
 /// Counters of the application sockets (`FT_SOCKET`, `NOTIFY_SOCKET`).

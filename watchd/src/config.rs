@@ -54,6 +54,8 @@ pub const DEFAULT_EVENTS_KEEP: usize = 10_000;
 pub const DEFAULT_CKPT_KEEP: u32 = 3;
 /// A full checkpoint image after this many incremental ones.
 pub const DEFAULT_CKPT_FULL_EVERY: u32 = 8;
+/// Shortest period of transparent checkpoints: each one stops the service for its dump.
+pub const MIN_TRANSPARENT_EVERY: Duration = Duration::from_millis(100);
 /// Longest heartbeat timeout an application may ask for.
 pub const MAX_HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
@@ -185,9 +187,13 @@ pub struct ServiceConfig {
     /// Command run when the service exceeds its restart budget (argv).
     #[serde(default)]
     pub on_escalate: Vec<String>,
-    /// Checkpoints of critical memory taken by libft in the service.
+    /// Checkpoints: of critical memory taken by libft in the service, or (`transparent`) of
+    /// the whole process taken by watchd.
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    /// Where a crashed or hung service comes back from.
+    #[serde(default)]
+    pub restart_from: RestartFrom,
     /// Filesets whose files the service changes: it gets `FT_REPL_FILESETS`, so libft's file
     /// API (and the shim) log its changes for replication.
     #[serde(default)]
@@ -197,12 +203,18 @@ pub struct ServiceConfig {
     pub repl_shim: bool,
 }
 
-/// `[service.checkpoint]`: passed to the service's libft through its environment
-/// (`FT_CKPT_EVERY`, `FT_CKPT_KEEP`, `FT_CKPT_FULL_EVERY`); images go to `FT_CKPT_DIR`.
+/// `[service.checkpoint]`. Without `transparent`: passed to the service's libft through its
+/// environment (`FT_CKPT_EVERY`, `FT_CKPT_KEEP`, `FT_CKPT_FULL_EVERY`); images go to
+/// `FT_CKPT_DIR`. With `transparent = true`: watchd itself dumps the whole process
+/// (`ckpt::proc`) every `every` into `<data_dir>/ckpt/<service>/transparent`, and libft is
+/// told nothing of a period.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CheckpointConfig {
-    /// Take a checkpoint this often, at the application's next safe point.
+    /// Checkpoint the unmodified process from outside (ptrace) instead of asking libft.
+    pub transparent: bool,
+    /// Take a checkpoint this often (libft: at the application's next safe point;
+    /// transparent: whenever the period is up). None: only on request (`ftctl checkpoint`).
     #[serde(with = "humantime_serde")]
     pub every: Option<Duration>,
     /// Good checkpoints kept.
@@ -214,11 +226,25 @@ pub struct CheckpointConfig {
 impl Default for CheckpointConfig {
     fn default() -> Self {
         CheckpointConfig {
+            transparent: false,
             every: None,
             keep: DEFAULT_CKPT_KEEP,
             full_every: DEFAULT_CKPT_FULL_EVERY,
         }
     }
+}
+
+/// `restart_from`: what a restart after a crash or a hang verdict starts from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartFrom {
+    /// Run the command again.
+    #[default]
+    Scratch,
+    /// Restore the newest good transparent checkpoint (the command runs only when there is
+    /// none or the restore fails). Operator starts, restarts and rejuvenation still start
+    /// from scratch.
+    Checkpoint,
 }
 
 fn yes() -> bool {
@@ -658,6 +684,7 @@ impl Config {
             if s.checkpoint.keep == 0 {
                 return Err((at, field("checkpoint.keep"), "must be at least 1".into()));
             }
+            validate_transparent(s).map_err(|(f, message)| (at, field(f), message))?;
             for (j, p) in s.probes.iter().enumerate() {
                 let pat = Some(p.kind.span().start);
                 let pfield = |f: &str| format!("service[{i}].probe[{j}].{f}");
@@ -713,6 +740,59 @@ impl Config {
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
         self.services.iter().find(|s| s.name() == name)
     }
+}
+
+/// The rules of transparent checkpoints and of restarts from them: (field, message).
+fn validate_transparent(s: &ServiceConfig) -> Result<(), (&'static str, String)> {
+    let c = &s.checkpoint;
+    if c.transparent
+        && let Some(every) = c.every
+        && every < MIN_TRANSPARENT_EVERY
+    {
+        return Err((
+            "checkpoint.every",
+            format!(
+                "transparent checkpoints stop the service for each dump: at least {} apart",
+                humantime::format_duration(MIN_TRANSPARENT_EVERY)
+            ),
+        ));
+    }
+    if s.restart_from != RestartFrom::Checkpoint {
+        return Ok(());
+    }
+    if !c.transparent {
+        return Err((
+            "restart_from",
+            "restart_from = \"checkpoint\" needs transparent checkpoints \
+             (checkpoint = { transparent = true, every = \"30s\" })"
+                .into(),
+        ));
+    }
+    if s.user.is_some() {
+        return Err((
+            "restart_from",
+            "restart_from = \"checkpoint\" cannot be used with `user`: a restored process \
+             keeps watchd's credentials"
+                .into(),
+        ));
+    }
+    if s.ready.notify {
+        return Err((
+            "restart_from",
+            "restart_from = \"checkpoint\" cannot be used with ready.notify: a restored \
+             process is past its READY and never says it again"
+                .into(),
+        ));
+    }
+    if s.repl_shim || !s.filesets.is_empty() {
+        return Err((
+            "restart_from",
+            "restart_from = \"checkpoint\" cannot be used with replicated filesets: the \
+             replication log would not go back with the process"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 fn line_of(text: &str, offset: usize) -> usize {
@@ -901,6 +981,57 @@ failures = 2
         let e = parse("[[service]]\nname = \"a\"\ncommand = \"x\"\ncheckpoint = { keep = 0 }\n")
             .expect_err("keep 0");
         assert_eq!(e.field.as_deref(), Some("service[0].checkpoint.keep"));
+    }
+
+    #[test]
+    fn transparent_checkpoints_and_restart_from() {
+        let base = "[[service]]\nname = \"a\"\ncommand = \"x\"\n";
+        let c = parse(&format!(
+            "{base}checkpoint = {{ transparent = true, every = \"200ms\", keep = 2 }}\nrestart_from = \"checkpoint\"\n"
+        ))
+        .expect("valid");
+        let s = &c.services[0];
+        assert!(s.checkpoint.transparent);
+        assert_eq!(s.checkpoint.every, Some(Duration::from_millis(200)));
+        assert_eq!(s.restart_from, RestartFrom::Checkpoint);
+        let plain = parse(base).expect("valid");
+        assert_eq!(plain.services[0].restart_from, RestartFrom::Scratch);
+        assert!(!plain.services[0].checkpoint.transparent);
+
+        let refused = [
+            ("restart_from = \"checkpoint\"", "needs transparent"),
+            (
+                "checkpoint = { every = \"1s\" }\nrestart_from = \"checkpoint\"",
+                "needs transparent",
+            ),
+            (
+                "checkpoint = { transparent = true, every = \"50ms\" }",
+                "100ms",
+            ),
+            (
+                "checkpoint = { transparent = true }\nrestart_from = \"checkpoint\"\nuser = \"nobody\"",
+                "credentials",
+            ),
+            (
+                "checkpoint = { transparent = true }\nrestart_from = \"checkpoint\"\nready = { notify = true }",
+                "READY",
+            ),
+            (
+                "checkpoint = { transparent = true }\nrestart_from = \"checkpoint\"\nrepl_shim = true",
+                "replicated",
+            ),
+        ];
+        for (extra, expected) in refused {
+            let e = parse(&format!("{base}{extra}\n")).expect_err(extra);
+            assert!(e.message.contains(expected), "{extra}: {e}");
+            assert_eq!(e.line, Some(2), "{extra}: {e}");
+            let field = e.field.as_deref().unwrap_or_default();
+            assert!(field.starts_with("service[0]."), "{extra}: {e}");
+        }
+        let e = parse(&format!("{base}restart_from = \"later\"\n")).expect_err("bad value");
+        assert_eq!(e.line, Some(4), "{e}");
+        // Transparent without a period: on request only.
+        parse(&format!("{base}checkpoint = {{ transparent = true }}\n")).expect("valid");
     }
 
     #[test]

@@ -13,9 +13,10 @@ use tokio::net::{UnixListener, UnixStream};
 
 use crate::api::{MAX_REQUEST_LINE, Request, Response, ServiceStatus, StatusReport};
 use crate::logs;
-use crate::machine::{Input, View};
+use crate::machine::{EventKind, Input, View};
 use crate::node::{NodeHandle, NodeRequestError};
 use crate::supervisor::{RootMsg, ServiceMsg, Shared};
+use crate::transparent::TransparentError;
 use cluster::db::UpdateError;
 use cluster::gum::GumError;
 
@@ -27,6 +28,8 @@ const RELOAD_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_LOG_TAIL: u64 = 64 * 1024;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a transparent checkpoint or rollback may take before the answer gives up on it.
+const TRANSPARENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Serves the control socket until the process ends. `node` is the cluster node, when this
 /// watchd is one.
@@ -205,11 +208,28 @@ async fn connection(
             send(&mut write, &response).await
         }
         Request::Checkpoint { service, stream } => {
-            let response = match shared.actor(&service) {
-                None => Response::NotFound {
+            let response = match (shared.actor(&service), shared.checkpointer(&service)) {
+                (None, _) => Response::NotFound {
                     what: format!("service `{service}`"),
                 },
-                Some(_) => match shared.request_checkpoint(&service, stream.unwrap_or(0)) {
+                (Some(_), Some(c)) => {
+                    match tokio::time::timeout(TRANSPARENT_TIMEOUT, c.dump()).await {
+                        Ok(Ok(report)) => {
+                            shared.events.emit(
+                                Some(&service),
+                                EventKind::Checkpointed,
+                                format!(
+                                    "transparent checkpoint #{} of pid {} on request: {} pages, paused {} µs",
+                                    report.seq, report.pid, report.pages, report.pause_us
+                                ),
+                            );
+                            Response::Checkpointed(report)
+                        }
+                        Ok(Err(e)) => transparent_failure(&e),
+                        Err(_) => timed_out(&service, "checkpoint"),
+                    }
+                }
+                (Some(_), None) => match shared.request_checkpoint(&service, stream.unwrap_or(0)) {
                     Ok(pid) => Response::Ok {
                         message: format!(
                             "{service}: checkpoint of stream {} requested from pid {pid}",
@@ -218,6 +238,42 @@ async fn connection(
                     },
                     Err(message) => Response::Error { message },
                 },
+            };
+            send(&mut write, &response).await
+        }
+        Request::Promote { service, epoch } => {
+            let epoch = epoch.unwrap_or(0);
+            let response = match shared.actor(&service) {
+                None => Response::NotFound {
+                    what: format!("service `{service}`"),
+                },
+                Some(_) => match shared.request_promote(&service, epoch) {
+                    Ok(pid) => Response::Ok {
+                        message: format!("{service}: pid {pid} promoted (epoch {epoch})"),
+                    },
+                    Err(message) => Response::Error { message },
+                },
+            };
+            send(&mut write, &response).await
+        }
+        Request::Rollback { service, seq } => {
+            let response = match (shared.actor(&service), shared.checkpointer(&service)) {
+                (None, _) => Response::NotFound {
+                    what: format!("service `{service}`"),
+                },
+                (Some(_), None) => Response::Error {
+                    message: format!(
+                        "`{service}` has no transparent checkpoints \
+                         (checkpoint = {{ transparent = true }} in its configuration)"
+                    ),
+                },
+                (Some(_), Some(c)) => {
+                    match tokio::time::timeout(TRANSPARENT_TIMEOUT, c.rollback(seq)).await {
+                        Ok(Ok(report)) => Response::RolledBack(report),
+                        Ok(Err(e)) => transparent_failure(&e),
+                        Err(_) => timed_out(&service, "rollback"),
+                    }
+                }
             };
             send(&mut write, &response).await
         }
@@ -246,6 +302,15 @@ async fn connection(
                     what: "cluster: this watchd has no [cluster] table".into(),
                 },
                 Some(node) => cluster_request(node, request).await,
+            };
+            send(&mut write, &response).await
+        }
+        Request::Group { request } => {
+            let response = match shared.groups.get() {
+                None => Response::NotFound {
+                    what: "groups: this watchd has no [cluster] table".into(),
+                },
+                Some(groups) => crate::group::apply::serve(groups, request).await,
             };
             send(&mut write, &response).await
         }
@@ -281,6 +346,29 @@ async fn connection(
                 }
             }
         }
+    }
+}
+
+/// A transparent checkpoint or rollback that did not happen: nothing running or no such
+/// checkpoint is a valid negative answer, anything else an error.
+fn transparent_failure(e: &TransparentError) -> Response {
+    if e.is_negative() {
+        Response::NotFound {
+            what: e.to_string(),
+        }
+    } else {
+        Response::Error {
+            message: e.to_string(),
+        }
+    }
+}
+
+fn timed_out(service: &str, what: &str) -> Response {
+    Response::Error {
+        message: format!(
+            "{service}: the transparent {what} did not finish within {}s (it goes on in watchd)",
+            TRANSPARENT_TIMEOUT.as_secs()
+        ),
     }
 }
 
@@ -360,6 +448,7 @@ async fn status(shared: &Shared) -> StatusReport {
                 name,
                 cgroup: false,
                 view: unknown_view(),
+                transparent: None,
             },
         };
         services.push(s);

@@ -16,10 +16,14 @@ use clap::{Parser, Subcommand};
 use nix::errno::Errno;
 use nix::sys::socket::{AddressFamily, SockFlag, SockType, UnixAddr};
 
-use crate::api::{CONTROL_SOCKET, EventRecord, Request, Response, ServiceStatus, StatusReport};
+use crate::api::{
+    CONTROL_SOCKET, EventRecord, Request, Response, ServiceStatus, StatusReport, TransparentStatus,
+};
 use crate::config::{Config, ConfigError, DEFAULT_DATA_DIR};
 use crate::machine::{EventKind, View};
 use crate::node::report::{ClusterEvent, ClusterStatus, DbReport};
+
+mod group;
 
 /// The environment variable that names the control socket (below `--socket`, above `--config`).
 pub const SOCKET_ENV: &str = "FTCTL_SOCKET";
@@ -99,13 +103,39 @@ enum Command {
     },
     /// Make watchd re-read its configuration file.
     Reload,
-    /// Ask a service that uses libft to checkpoint its critical memory at its next safe point.
+    /// Checkpoint a service: one with transparent checkpoints is dumped now (prints the image
+    /// ID, pages and pause); one that uses libft is asked to checkpoint its critical memory at
+    /// its next safe point.
     Checkpoint {
         /// Service name.
         service: String,
-        /// Checkpoint stream (`t_checkpoint(id)`).
+        /// Checkpoint stream (`t_checkpoint(id)`; libft services only).
         #[arg(long, default_value_t = 0)]
         stream: u32,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Promote the warm standby instance of a service (started with FT_ROLE=standby) in
+    /// place: it serves as primary from then on, without a restart.
+    Promote {
+        /// Service name.
+        service: String,
+        /// The ownership epoch handed to the application (default 0: an operator's promotion
+        /// outside any group).
+        #[arg(long, value_name = "N")]
+        epoch: Option<u64>,
+    },
+    /// Roll a service with transparent checkpoints back, in place, to checkpoint ID (the
+    /// newest good one when omitted).
+    Rollback {
+        /// Service name.
+        service: String,
+        /// The checkpoint's image ID (as `ftctl checkpoint` prints it).
+        id: Option<u64>,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
     },
     /// File replication.
     Repl {
@@ -121,6 +151,16 @@ enum Command {
     Node {
         #[command(subcommand)]
         command: NodeCommand,
+    },
+    /// Resource groups: define, show, move, want online or offline.
+    Group {
+        #[command(subcommand)]
+        command: group::GroupCommand,
+    },
+    /// The resources of every group.
+    Resource {
+        #[command(subcommand)]
+        command: group::ResourceCommand,
     },
 }
 
@@ -359,9 +399,19 @@ fn execute(
             max_bytes: *bytes,
         },
         Command::Reload => Request::Reload,
-        Command::Checkpoint { service, stream } => Request::Checkpoint {
+        Command::Checkpoint {
+            service, stream, ..
+        } => Request::Checkpoint {
             service: service.clone(),
             stream: Some(*stream),
+        },
+        Command::Promote { service, epoch } => Request::Promote {
+            service: service.clone(),
+            epoch: *epoch,
+        },
+        Command::Rollback { service, id, .. } => Request::Rollback {
+            service: service.clone(),
+            seq: *id,
         },
         Command::Repl { .. } => Request::ReplStatus,
         Command::Cluster {
@@ -403,6 +453,8 @@ fn execute(
             },
             NodeCommand::Leave { node } => Request::NodeLeave { node: node.clone() },
         },
+        Command::Group { command } => group::group_request(command)?,
+        Command::Resource { command } => group::resource_request(command),
     };
     let mut conn = Connection::open(socket, cli.timeout)?;
     conn.send(&request)?;
@@ -418,11 +470,66 @@ fn execute(
             }
             other => negative_or_fail(other, err),
         },
+        Command::Checkpoint { json, .. } | Command::Rollback { json, .. } => {
+            match conn.answer()? {
+                Response::Checkpointed(c) if *json => {
+                    json_line(&c, out)?;
+                    Ok(Outcome::Success)
+                }
+                Response::Checkpointed(c) => {
+                    let kind = match c.parent {
+                        Some(p) => format!("increment on #{p}"),
+                        None => "full".to_owned(),
+                    };
+                    writeln!(
+                        out,
+                        "{}: checkpoint #{} of pid {} ({kind}): {} pages, {}, paused {}",
+                        sanitize(&c.service),
+                        c.seq,
+                        c.pid,
+                        c.pages,
+                        format_bytes(c.image_bytes),
+                        format_micros(c.pause_us)
+                    )
+                    .map_err(output_error)?;
+                    for u in &c.unrestorable {
+                        writeln!(out, "  not restorable by itself: {}", sanitize(u))
+                            .map_err(output_error)?;
+                    }
+                    Ok(Outcome::Success)
+                }
+                Response::RolledBack(r) if *json => {
+                    json_line(&r, out)?;
+                    Ok(Outcome::Success)
+                }
+                Response::RolledBack(r) => {
+                    writeln!(
+                        out,
+                        "{}: pid {} rolled back to checkpoint #{}, paused {}",
+                        sanitize(&r.service),
+                        r.pid,
+                        r.seq,
+                        format_micros(r.pause_us)
+                    )
+                    .map_err(output_error)?;
+                    Ok(Outcome::Success)
+                }
+                Response::Ok { message } if *json => {
+                    json_line(&serde_json::json!({ "message": message }), out)?;
+                    Ok(Outcome::Success)
+                }
+                Response::Ok { message } => {
+                    writeln!(out, "{}", sanitize(&message)).map_err(output_error)?;
+                    Ok(Outcome::Success)
+                }
+                other => negative_or_fail(other, err),
+            }
+        }
         Command::Start { .. }
         | Command::Stop { .. }
         | Command::Restart { .. }
+        | Command::Promote { .. }
         | Command::Reload
-        | Command::Checkpoint { .. }
         | Command::Node { .. } => match conn.answer()? {
             Response::Ok { message } => {
                 writeln!(out, "{}", sanitize(&message)).map_err(output_error)?;
@@ -478,6 +585,8 @@ fn execute(
             }
             (_, other) => negative_or_fail(other, err),
         },
+        Command::Group { command } => group::group_answer(command, conn.answer()?, out, err),
+        Command::Resource { command } => group::resource_answer(command, conn.answer()?, out, err),
     }
 }
 
@@ -657,25 +766,47 @@ fn print_cluster_db(db: &DbReport, json: bool, out: &mut dyn Write) -> Result<()
         rows.push(vec!["node".into(), sanitize(n), props(p)]);
     }
     for g in c.groups.values() {
-        rows.push(vec![
-            "group".into(),
-            sanitize(&g.name),
-            format!(
-                "preferred: {} {}",
-                sanitize(&g.preferred_owners.join(",")),
-                props(&g.properties)
-            ),
-        ]);
+        let own = c.ownership_of(&g.name);
+        let moving = own
+            .moving_to
+            .as_deref()
+            .map(|n| format!(" moving to {}", sanitize(n)))
+            .unwrap_or_default();
+        let mut details = format!(
+            "{} on {} (epoch {}){moving}, desired {}; preferred: {}{}; failback {}; \
+             failovers {}/{} per {} ms",
+            own.state,
+            sanitize(own.owner.as_deref().unwrap_or("none")),
+            own.epoch,
+            g.desired,
+            sanitize(&g.preferred_owners.join(",")),
+            if g.any_owner { " then any" } else { "" },
+            g.failback,
+            own.failovers.len(),
+            g.failover_threshold,
+            g.failover_period_ms,
+        );
+        for extra in [sanitize(&own.reason), props(&g.properties)] {
+            if !extra.is_empty() {
+                details.push_str("; ");
+                details.push_str(&extra);
+            }
+        }
+        rows.push(vec!["group".into(), sanitize(&g.name), details]);
     }
     for r in c.resources.values() {
         rows.push(vec![
             "resource".into(),
             sanitize(&r.name),
             format!(
-                "group {} kind {} depends on [{}] {}",
+                "group {} kind {} depends on [{}] timeouts {}/{} ms checks {}/{} ms {}",
                 sanitize(&r.group),
                 sanitize(&r.kind),
                 sanitize(&r.depends_on.join(",")),
+                r.online_timeout_ms,
+                r.offline_timeout_ms,
+                r.looks_alive_ms,
+                r.is_alive_ms,
                 props(&r.properties)
             ),
         ]);
@@ -876,10 +1007,13 @@ fn response_name(r: &Response) -> &'static str {
     match r {
         Response::Ok { .. } => "ok",
         Response::Status(_) => "status",
+        Response::Checkpointed(_) => "checkpointed",
+        Response::RolledBack(_) => "rolled_back",
         Response::Repl { .. } => "repl",
         Response::Cluster(_) => "cluster",
         Response::ClusterEvents { .. } => "cluster_events",
         Response::ClusterDb(_) => "cluster_db",
+        Response::Groups { .. } => "groups",
         Response::Event(_) => "event",
         Response::End => "end",
         Response::Logs { .. } => "logs",
@@ -1111,7 +1245,9 @@ fn status_row(s: &ServiceStatus) -> Vec<String> {
         restarts,
         v.last_exit.map_or_else(dash, |e| e.to_string()),
         heartbeat_cell(v),
-        checkpoint_cell(v),
+        s.transparent
+            .as_ref()
+            .map_or_else(|| checkpoint_cell(v), transparent_cell),
         if status.is_empty() { dash() } else { status },
     ]
     .into_iter()
@@ -1135,6 +1271,33 @@ fn checkpoint_cell(v: &View) -> String {
         format_bytes(c.bytes),
         format_millis(c.age_ms)
     )
+}
+
+/// A transparent checkpoint: "T#seq N pages, paused X, age ago" (and failures since).
+fn transparent_cell(t: &TransparentStatus) -> String {
+    let failures = if t.failures > 0 {
+        format!(", {} failed since", t.failures)
+    } else {
+        String::new()
+    };
+    format!(
+        "T#{} {} pages, paused {}, {} ago{failures}",
+        t.seq,
+        t.pages,
+        format_micros(t.pause_us),
+        format_millis(t.age_ms)
+    )
+}
+
+/// Microseconds for people: `850µs`, `12.3ms`, `1.2s`.
+fn format_micros(us: u64) -> String {
+    if us < 1000 {
+        format!("{us}µs")
+    } else if us < 1_000_000 {
+        format!("{}.{}ms", us / 1000, us % 1000 / 100)
+    } else {
+        format_millis(us / 1000)
+    }
 }
 
 fn format_bytes(b: u64) -> String {
@@ -1431,6 +1594,7 @@ mod tests {
                 heartbeats: vec![(7, 1500), (8, 900)],
                 ..view("running")
             },
+            transparent: None,
         };
         let db = ServiceStatus {
             name: "db".into(),
@@ -1442,6 +1606,7 @@ mod tests {
                 heartbeats: vec![(1, -20)],
                 ..view("failed")
             },
+            transparent: None,
         };
         StatusReport {
             node: "n1".into(),
@@ -2145,6 +2310,26 @@ mod tests {
             leader: Some("a".into()),
             content: cluster::db::DbContent {
                 properties: [("color".to_owned(), "blue".to_owned())].into(),
+                groups: [(
+                    "web".to_owned(),
+                    cluster::db::Group {
+                        name: "web".into(),
+                        preferred_owners: vec!["a".into(), "b".into()],
+                        ..Default::default()
+                    },
+                )]
+                .into(),
+                ownership: [(
+                    "web".to_owned(),
+                    cluster::db::Ownership {
+                        owner: Some("b".into()),
+                        epoch: 3,
+                        state: cluster::db::GroupState::Online,
+                        reason: "b reported online".into(),
+                        ..Default::default()
+                    },
+                )]
+                .into(),
                 ..Default::default()
             },
         };
@@ -2155,7 +2340,11 @@ mod tests {
         assert!(
             out.stdout
                 .starts_with("cluster database at update 2 (committed in view 4; leader a)")
-                && out.stdout.contains("property  color  blue"),
+                && out.stdout.contains("property  color  blue")
+                && out.stdout.contains(
+                    "group     web    online on b (epoch 3), desired online; preferred: a,b; \
+                     failback never; failovers 0/3 per 3600000 ms; b reported online"
+                ),
             "{}",
             out.stdout
         );

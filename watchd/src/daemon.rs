@@ -160,6 +160,7 @@ pub async fn run(config_path: PathBuf, config: Config, options: Options) -> anyh
         .unwrap_or_default();
     let log_max = config.watchd.log_max_bytes.0;
     let log_keep = config.watchd.log_keep;
+    let config_for_groups = config.clone();
     let (root, root_handle) = Actor::spawn(
         None,
         Root,
@@ -170,6 +171,13 @@ pub async fn run(config_path: PathBuf, config: Config, options: Options) -> anyh
     )
     .await
     .context("cannot start the root supervisor")?;
+    if let Some(node) = &cluster_node {
+        let groups =
+            crate::group::executor::start(node.clone(), shared.clone(), &config_for_groups)
+                .await
+                .context("cannot start the group executor")?;
+        let _ = shared.groups.set(groups);
+    }
     tokio::spawn(control::serve(
         control_listener,
         shared.clone(),

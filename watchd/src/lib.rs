@@ -21,3 +21,4 @@ pub mod process;
 pub mod registry;
 pub mod repl;
 pub mod supervisor;
+pub mod transparent;

@@ -220,6 +220,22 @@ pub enum EventKind {
     ActorRestarted,
     /// The escalation hook could not be run or failed.
     HookFailed,
+    /// A transparent checkpoint was taken on request (periodic ones only show in status).
+    Checkpointed,
+    /// A transparent checkpoint failed; the service runs on untouched.
+    CheckpointFailed,
+    /// The service came back from a transparent checkpoint instead of from scratch.
+    Restored,
+    /// Restoring from a transparent checkpoint was not possible; started from scratch.
+    RestoreFailed,
+    /// The live service was rolled back to a transparent checkpoint.
+    RolledBack,
+    /// A group's ownership changed in the cluster database (owner, epoch, state).
+    Ownership,
+    /// A group run of this node changed state (onlining, online, offlining, offline, failed).
+    Group,
+    /// A resource of a group run of this node changed state.
+    Resource,
 }
 
 /// One event.
@@ -428,6 +444,9 @@ pub struct ServiceMachine {
     early_ready: bool,
     /// The last checkpoint reported, and when.
     last_checkpoint: Option<(CheckpointView, Instant)>,
+    /// The pending or latest spawn brings the service back after a crash or a hang verdict
+    /// (not an operator's start or restart, nor a rejuvenation).
+    spawn_after_failure: bool,
     rng: u64,
 }
 
@@ -449,6 +468,7 @@ impl ServiceMachine {
             probe_fail_counts: vec![0; probes],
             early_ready: false,
             last_checkpoint: None,
+            spawn_after_failure: false,
             rng: seed | 1,
         }
     }
@@ -457,6 +477,12 @@ impl ServiceMachine {
     pub fn set_rules(&mut self, rules: Rules) {
         self.probe_fail_counts = vec![0; rules.probe_failures.len()];
         self.rules = rules;
+    }
+
+    /// Whether the spawn asked for last brings the service back after a crash or a hang
+    /// verdict (the executor may then restore a checkpoint instead of starting from scratch).
+    pub fn spawn_after_failure(&self) -> bool {
+        self.spawn_after_failure
     }
 
     /// The current phase.
@@ -637,7 +663,7 @@ impl ServiceMachine {
                 // An operator's start is a fresh start: the budget and backoff begin again.
                 self.restart_times.clear();
                 self.consecutive_failures = 0;
-                self.begin_spawn(now, out);
+                self.begin_spawn(now, false, out);
             }
             Phase::Spawning {
                 ref mut stop_requested,
@@ -715,7 +741,8 @@ impl ServiceMachine {
 
     /// Asks for a spawn. What the new process says before the executor reports it spawned
     /// (READY, heartbeats, status) is kept: it may speak before its spawn is seen.
-    fn begin_spawn(&mut self, now: Instant, out: &mut Vec<Action>) {
+    fn begin_spawn(&mut self, now: Instant, after_failure: bool, out: &mut Vec<Action>) {
+        self.spawn_after_failure = after_failure;
         self.reset_process_state(now);
         self.early_ready = false;
         self.phase = Phase::Spawning {
@@ -751,7 +778,7 @@ impl ServiceMachine {
                 then: AfterStop::Restart,
                 ..
             } => {
-                self.begin_spawn(now, out);
+                self.begin_spawn(now, false, out);
             }
             Phase::Stopping {
                 then: AfterStop::Fail { reason },
@@ -812,7 +839,7 @@ impl ServiceMachine {
         self.restart_times.push_back(now);
         self.restarts_total = self.restarts_total.saturating_add(1);
         if delay.is_zero() {
-            self.begin_spawn(now, out);
+            self.begin_spawn(now, true, out);
         } else {
             report(
                 out,
@@ -937,7 +964,8 @@ impl ServiceMachine {
     fn on_tick(&mut self, now: Instant, out: &mut Vec<Action>) {
         match self.phase.clone() {
             Phase::BackingOff { until } if now >= until => {
-                self.begin_spawn(now, out);
+                // Backing off is only ever entered after a failure.
+                self.begin_spawn(now, true, out);
             }
             Phase::Stopping {
                 pid,

@@ -399,6 +399,9 @@ const SCRIPT_SHELL: &str = "/bin/sh";
 /// stdin of every service.
 const DEV_NULL: &str = "/dev/null";
 
+/// `CLOSE_RANGE_CLOEXEC` of linux/close_range.h: mark the range close-on-exec.
+const CLOSE_RANGE_CLOEXEC: libc::c_uint = 1 << 2;
+
 /// Lowest fd that dup2 onto stdin/stdout/stderr cannot overwrite.
 const FIRST_NON_STDIO_FD: RawFd = 3;
 
@@ -876,6 +879,18 @@ impl ExecPlan<'_> {
             if unsafe { libc::dup2(from, to) } < 0 {
                 return (ChildStep::Stdio, last_errno());
             }
+        }
+        // Descriptors watchd inherited without CLOEXEC must not reach the service (a stray
+        // pipe would also make its transparent checkpoints unrestorable). Best effort: kernels
+        // before 5.11 lack the flag, and exec then passes them on as before.
+        // SAFETY: plain integer arguments; only marks this child's own descriptors.
+        unsafe {
+            libc::syscall(
+                libc::SYS_close_range,
+                FIRST_NON_STDIO_FD,
+                libc::c_uint::MAX,
+                CLOSE_RANGE_CLOEXEC,
+            );
         }
         if let Some(cwd) = &self.image.cwd {
             // SAFETY: a NUL-terminated string prepared before the clone.

@@ -19,11 +19,12 @@ use tokio::task::JoinHandle;
 use crate::api::{Response, ServiceStatus};
 use crate::board::{Board, Mark};
 use crate::cgroup::{Cgroup, CgroupRoot};
-use crate::config::{Config, MAX_HEARTBEAT_TIMEOUT, ServiceConfig};
+use crate::config::{Config, MAX_HEARTBEAT_TIMEOUT, RestartFrom, ServiceConfig};
 use crate::events::Events;
 use crate::listener::{Counters, Deliver, Directory};
 use crate::machine::{Action, EventKind, ExitStatus, Input, Rules, ServiceMachine, TreeSignal};
 use crate::registry::{Record, Registry};
+use crate::transparent::{self, Checkpointer};
 use crate::{logs, probe, process};
 
 /// How long the escalation hook may run before it is killed.
@@ -70,6 +71,12 @@ pub struct Shared {
     replies: Mutex<HashMap<String, (u32, nix::sys::socket::UnixAddr)>>,
     /// watchd's end of the libft socket, for those requests.
     ft_sender: Mutex<Option<std::os::unix::net::UnixDatagram>>,
+    /// The transparent checkpointers of the services that have them (held by their actors).
+    checkpointers: Mutex<HashMap<String, Arc<Checkpointer>>>,
+    /// Environment a resource group adds to a service's next starts (`FT_EPOCH`, `FT_GROUP`).
+    pub group_env: Mutex<HashMap<String, Vec<(String, String)>>>,
+    /// The resource group executor, when this node is in a cluster.
+    pub groups: std::sync::OnceLock<crate::group::executor::GroupsHandle>,
 }
 
 /// The variable that lists a service's filesets for libft and the shim.
@@ -129,7 +136,30 @@ impl Shared {
             boards: RwLock::default(),
             replies: Mutex::default(),
             ft_sender: Mutex::default(),
+            checkpointers: Mutex::default(),
+            group_env: Mutex::default(),
+            groups: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The transparent checkpointer of `service`, when it has transparent checkpoints.
+    pub fn checkpointer(&self, service: &str) -> Option<Arc<Checkpointer>> {
+        self.checkpointers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(service)
+            .cloned()
+    }
+
+    fn set_checkpointer(&self, service: &str, c: Option<Arc<Checkpointer>>) {
+        let mut map = self
+            .checkpointers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match c {
+            Some(c) => map.insert(service.to_owned(), c),
+            None => map.remove(service),
+        };
     }
 
     /// The heartbeat board of `service` (made on first use).
@@ -161,6 +191,23 @@ impl Shared {
     /// Sends "checkpoint `stream` now" to the process of `service` that registered with libft.
     /// Returns its pid, or why it cannot be asked.
     pub fn request_checkpoint(&self, service: &str, stream: u32) -> Result<u32, String> {
+        self.send_to_app(service, &ft::proto::WatchdMessage::CheckpointNow { stream })
+    }
+
+    /// Promotes the warm standby instance of `service` (started with `FT_ROLE=standby`) in
+    /// place, with ownership epoch `epoch`: libft tells the application, which serves from
+    /// then on (`ftctl promote`; the group executor when a warm-standby group moves here).
+    /// Returns its pid, or why it cannot be told.
+    pub fn request_promote(&self, service: &str, epoch: u64) -> Result<u32, String> {
+        self.send_to_app(service, &ft::proto::WatchdMessage::Promote { epoch })
+    }
+
+    /// Sends `message` to the process of `service` that registered with libft.
+    fn send_to_app(
+        &self,
+        service: &str,
+        message: &ft::proto::WatchdMessage,
+    ) -> Result<u32, String> {
         let (pid, addr) = self
             .replies
             .lock()
@@ -179,7 +226,7 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         let sock = sender.as_ref().ok_or("the libft socket is not open")?;
         let mut buf = [0u8; ft::proto::MAX_DATAGRAM];
-        let n = ft::proto::WatchdMessage::CheckpointNow { stream }.encode(&mut buf);
+        let n = message.encode(&mut buf);
         nix::sys::socket::sendto(
             std::os::fd::AsRawFd::as_raw_fd(sock),
             &buf[..n],
@@ -286,8 +333,8 @@ pub enum ServiceMsg {
     },
     /// An input for the state machine (operator request, heartbeat, sd_notify, ...).
     Input(Input),
-    /// The result of a spawn that ran off the event loop.
-    SpawnDone(Result<process::Spawned, String>),
+    /// The result of a spawn (or restore) that ran off the event loop.
+    SpawnDone(Result<SpawnedProcess, String>),
     /// The main process ended.
     Exited {
         /// Which.
@@ -316,6 +363,17 @@ pub enum ServiceMsg {
     InjectPanic,
 }
 
+/// A started main process, and how it was started.
+#[derive(Debug)]
+pub struct SpawnedProcess {
+    /// Its pid.
+    pub pid: u32,
+    /// The process.
+    pub spawned: process::Spawned,
+    /// Started from scratch (false: restored from a transparent checkpoint).
+    pub fresh: bool,
+}
+
 /// One service's supervisor actor.
 #[derive(Debug)]
 pub struct ServiceSupervisor;
@@ -333,6 +391,10 @@ pub struct ServiceState {
     rss: Option<JoinHandle<()>>,
     removing: bool,
     recorded: Option<Record>,
+    /// Transparent checkpoints, when configured.
+    checkpointer: Option<Arc<Checkpointer>>,
+    /// The process being spawned or watched was started from scratch (not restored).
+    fresh: bool,
 }
 
 /// What a service actor starts from.
@@ -374,7 +436,10 @@ impl Actor for ServiceSupervisor {
         let seed =
             u64::try_from(seed & u128::from(u64::MAX)).unwrap_or(7) ^ u64::from(std::process::id());
         let board = args.shared.board(args.config.name());
+        let checkpointer = start_checkpointer(&args.shared, &args.config);
         Ok(ServiceState {
+            checkpointer,
+            fresh: true,
             machine: ServiceMachine::new(Rules::from_config(&args.config), seed),
             shared: args.shared,
             config: args.config,
@@ -399,6 +464,8 @@ impl Actor for ServiceSupervisor {
             ServiceMsg::Input(input) => drive(&myself, st, input),
             ServiceMsg::SpawnDone(Ok(spawned)) => {
                 let pid = spawned.pid;
+                st.fresh = spawned.fresh;
+                let spawned = spawned.spawned;
                 watch_process(&myself, st, pid, spawned.start_time, spawned.pidfd);
                 drive(&myself, st, Input::Spawned { pid });
             }
@@ -429,6 +496,7 @@ impl Actor for ServiceSupervisor {
                     name: st.config.name().to_owned(),
                     cgroup: st.cgroup.is_some(),
                     view: st.machine.view(std::time::Instant::now()),
+                    transparent: st.checkpointer.as_ref().and_then(|c| c.status()),
                 });
             }
             ServiceMsg::Reconfigure(config) => reconfigure(&myself, st, *config),
@@ -458,7 +526,37 @@ impl Actor for ServiceSupervisor {
         st: &mut ServiceState,
     ) -> Result<(), ActorProcessingErr> {
         stop_tasks(st);
+        // Only the actor that owns the published checkpointer withdraws it.
+        if let Some(c) = &st.checkpointer
+            && st
+                .shared
+                .checkpointer(st.config.name())
+                .is_some_and(|p| Arc::ptr_eq(&p, c))
+        {
+            st.shared.set_checkpointer(st.config.name(), None);
+        }
         Ok(())
+    }
+}
+
+/// The checkpointer of a service with transparent checkpoints, published in `shared`.
+fn start_checkpointer(shared: &Shared, config: &ServiceConfig) -> Option<Arc<Checkpointer>> {
+    let name = config.name();
+    let settings = transparent::Settings::from_config(config)?;
+    match Checkpointer::start(name, &shared.data_dir, settings, shared.events.clone()) {
+        Ok(c) => {
+            let c = Arc::new(c);
+            shared.set_checkpointer(name, Some(c.clone()));
+            Some(c)
+        }
+        Err(e) => {
+            shared.events.emit(
+                Some(name),
+                EventKind::CheckpointFailed,
+                format!("cannot start the transparent checkpointer thread: {e}"),
+            );
+            None
+        }
     }
 }
 
@@ -475,6 +573,8 @@ fn boot(myself: &ActorRef<ServiceMsg>, st: &mut ServiceState, start: bool) {
     if let Some((pid, start_time)) = recorded {
         match process::adopt(pid, start_time) {
             Ok(Some(pidfd)) => {
+                // Its checkpoints are its own: a later crash may come back from them.
+                st.fresh = false;
                 watch_process(myself, st, pid, start_time, pidfd);
                 drive(myself, st, Input::Adopted { pid });
                 return;
@@ -518,6 +618,9 @@ fn watch_process(
 ) {
     let name = st.config.name().to_owned();
     st.shared.directory.insert(pid, &name);
+    if let Some(c) = &st.checkpointer {
+        c.track(pid, st.fresh);
+    }
     let record = Record {
         pid,
         start_time,
@@ -550,6 +653,9 @@ fn watch_process(
 
 fn forget_process(st: &mut ServiceState, pid: u32) {
     st.shared.directory.remove(pid);
+    if let Some(c) = &st.checkpointer {
+        c.untrack(pid);
+    }
     let name = st.config.name();
     let mut live = st.shared.live();
     if live.get(name).is_some_and(|l| l.pid == pid) {
@@ -598,11 +704,42 @@ fn act(myself: &ActorRef<ServiceMsg>, st: &mut ServiceState, action: Action) {
             let (spec, ckpt_dir) = spawn_spec(st);
             let me = myself.clone();
             let directory = st.shared.directory.clone();
+            if st.config.restart_from == RestartFrom::Checkpoint
+                && st.machine.spawn_after_failure()
+                && let Some(c) = &st.checkpointer
+            {
+                let service = spec.service.clone();
+                let answer = c.restore(spec);
+                tokio::spawn(async move {
+                    let result = match answer.await {
+                        Ok(r) => r.map(|s| SpawnedProcess {
+                            pid: s.spawned.pid,
+                            fresh: s.restored_from.is_none(),
+                            spawned: s.spawned,
+                        }),
+                        Err(_) => {
+                            Err("the checkpointer ended before it started the service".into())
+                        }
+                    };
+                    let pid = result.as_ref().ok().map(|s| s.pid);
+                    let _ = me.cast(ServiceMsg::SpawnDone(result));
+                    if let Some(pid) = pid {
+                        directory.insert(pid, &service);
+                    }
+                });
+                return;
+            }
             tokio::task::spawn_blocking(move || {
                 // The service finds its checkpoint store ready (FT_CKPT_DIR); a failure shows
                 // to the service itself when it checkpoints.
                 let _ = std::fs::create_dir_all(&ckpt_dir);
-                let result = process::spawn(&spec).map_err(|e| e.to_string());
+                let result = process::spawn(&spec)
+                    .map(|spawned| SpawnedProcess {
+                        pid: spawned.pid,
+                        spawned,
+                        fresh: true,
+                    })
+                    .map_err(|e| e.to_string());
                 let pid = result.as_ref().ok().map(|s| s.pid);
                 let _ = me.cast(ServiceMsg::SpawnDone(result));
                 // Published to the listener only now, so that anything the child says (READY
@@ -643,7 +780,7 @@ fn spawn_spec(st: &ServiceState) -> (process::SpawnSpec, PathBuf) {
         ("FT_ROLE".to_owned(), "primary".to_owned()),
         ("FT_CKPT_DIR".to_owned(), ckpt_dir.display().to_string()),
     ];
-    if let Some(every) = c.checkpoint.every {
+    if let (Some(every), false) = (c.checkpoint.every, c.checkpoint.transparent) {
         env.push((
             "FT_CKPT_EVERY".to_owned(),
             format!("{}ms", every.as_millis()),
@@ -679,6 +816,14 @@ fn spawn_spec(st: &ServiceState) -> (process::SpawnSpec, PathBuf) {
         }
     }
     env.extend(c.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if let Some(group) = sh
+        .group_env
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .get(&name)
+    {
+        env.extend(group.iter().cloned());
+    }
     let spec = process::SpawnSpec {
         service: name.clone(),
         command: c.command.clone(),
@@ -810,6 +955,23 @@ fn arm_timer(myself: &ActorRef<ServiceMsg>, st: &mut ServiceState) {
 fn reconfigure(myself: &ActorRef<ServiceMsg>, st: &mut ServiceState, config: ServiceConfig) {
     let old = std::mem::replace(&mut st.config, config);
     st.machine.set_rules(Rules::from_config(&st.config));
+    match (
+        transparent::Settings::from_config(&st.config),
+        st.checkpointer.clone(),
+    ) {
+        (Some(settings), Some(c)) => c.configure(settings),
+        (Some(_), None) => {
+            st.checkpointer = start_checkpointer(&st.shared, &st.config);
+            if let (Some(c), Some(pid)) = (&st.checkpointer, st.machine.pid()) {
+                c.track(pid, false);
+            }
+        }
+        (None, Some(_)) => {
+            st.checkpointer = None;
+            st.shared.set_checkpointer(st.config.name(), None);
+        }
+        (None, None) => {}
+    }
     stop_tasks(st);
     let c = &st.config;
     let process_changed = old.command != c.command

@@ -660,7 +660,10 @@ impl Checkpointer {
     /// the checkpoint started, if any, or the failure of starting one (or of the stream's
     /// previous image, reported once).
     pub fn safe_point(&self) -> Result<Option<Started>, Error> {
-        if self.now_ns() < self.next_due.load(Ordering::Acquire) {
+        if self.now_ns() < self.next_due.load(Ordering::Acquire)
+            || crate::standby::role() == crate::standby::Role::Standby
+        {
+            // A standby takes no periodic checkpoints: its images come from the owner.
             return Ok(None);
         }
         let mut st = self.state();
@@ -792,6 +795,7 @@ impl Checkpointer {
 
     /// Collects, captures and queues one image of `id`; the stream must be idle.
     fn try_start(&self, st: &mut State, id: u32) -> Result<Attempt, Error> {
+        crate::standby::admit_checkpoint()?;
         let _quiet = PauseGuard::enter(&self.shared);
         let paused = Instant::now();
         let store = self.store(st, id)?;

@@ -98,6 +98,10 @@ pub enum Error {
     /// The operation conflicts with one in progress.
     #[error("busy: {0}")]
     Busy(&'static str),
+    /// The process is a warm standby (`FT_ROLE=standby`): it writes no checkpoint until it
+    /// is promoted (`ft::standby`).
+    #[error("this process is a standby: it writes no checkpoints until it is promoted")]
+    Standby,
     /// The checkpoint store failed (disk full, I/O error, ...).
     #[error("checkpoint store: {0}")]
     Store(#[from] ckpt::StoreError),

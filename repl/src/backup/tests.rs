@@ -260,3 +260,63 @@ fn a_crash_between_log_reset_and_replica_rebase_is_mended_by_the_next_resync() {
         b"after"
     );
 }
+
+#[test]
+fn promotion_applies_the_whole_log_and_forgets_the_stream() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut b = resynced(dir.path(), 1, Vec::new());
+    b.handle(ToBackup::Ops {
+        records: (1..=20)
+            .map(|i| write(i, &format!("f{}", i % 3), format!("v{i}").as_bytes()))
+            .collect(),
+    })
+    .expect("append");
+    b.sync().expect("sync");
+    // No replay ran: the records are only in the log.
+    assert!(!dir.path().join("replica/f0").exists());
+    let p = b.promote().expect("promote");
+    assert_eq!(
+        p,
+        Promotion {
+            applied: 20,
+            followed_generation: GEN,
+            log_consistent: true
+        }
+    );
+    assert_eq!(
+        std::fs::read(dir.path().join("replica/f2")).expect("applied"),
+        b"v20"
+    );
+    assert_eq!(b.status().committed, 20);
+    drop(b);
+    // A later stream (of the next primary, or this node's own old one) must resync: the files
+    // change under this node's pump from now on.
+    let mut b = Bcplog::open(spec(dir.path())).expect("reopen");
+    b.connected();
+    let r = b.handle(hello(1)).expect("hello");
+    assert_eq!(
+        r,
+        vec![ToPrimary::State {
+            generation: 0,
+            durable: 20
+        }]
+    );
+}
+
+#[test]
+fn admission_follows_the_highest_epoch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut b = resynced(dir.path(), 1, Vec::new());
+    assert!(b.admits("data", 1).is_ok());
+    b.connected();
+    b.handle(hello(3)).expect("a newer epoch is accepted");
+    assert_eq!(b.epoch(), 3);
+    assert!(b.admits("data", 3).is_ok());
+    let e = b.admits("data", 2).expect_err("stale");
+    assert!(matches!(e, BackupError::Refused(_)), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "refused: stale epoch 2: this backup has seen epoch 3"
+    );
+    assert!(b.admits("other", 9).is_err());
+}

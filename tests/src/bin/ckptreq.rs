@@ -22,6 +22,9 @@ fn main() {
                 println!("ckptreq: checkpoint of stream {stream} requested; reporting #{seq}");
                 let _ = watch.checkpointed(stream, seq, 4096 * seq, Duration::from_micros(250));
             }
+            Ok(Some(ft::proto::WatchdMessage::Promote { epoch })) => {
+                println!("ckptreq: promoted (epoch {epoch})");
+            }
             Ok(None) => {}
             Err(e) => eprintln!("ckptreq: poll failed: {e}"),
         }

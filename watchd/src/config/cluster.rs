@@ -257,7 +257,16 @@ pub enum FilesetMode {
     Copy,
 }
 
+/// The `primary` of a fileset whose primary is chosen at run time by the resource group that
+/// holds it (a `fileset` or `checkpoint` resource), not by the configuration.
+pub const GROUP_MANAGED_PRIMARY: &str = "group";
+
 /// One `[[fileset]]`: a directory replicated from its primary to its backups.
+///
+/// With `primary = "group"` the fileset is group-managed: `backups` lists every node that may
+/// hold it (at least two); each starts as a backup, and the group executor makes the group's
+/// owner the primary (with the group's ownership epoch, which the backups use to refuse an old
+/// owner's stream).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FilesetConfig {
@@ -265,9 +274,9 @@ pub struct FilesetConfig {
     pub name: Spanned<String>,
     /// The directory on this node: the live files on the primary, the replica on a backup.
     pub path: PathBuf,
-    /// The node whose files are the original.
+    /// The node whose files are the original, or `"group"` (see above).
     pub primary: String,
-    /// The nodes that keep a replica.
+    /// The nodes that keep a replica (group-managed: every node that may hold the fileset).
     pub backups: Vec<String>,
     /// replay (default) or copy.
     #[serde(default)]
@@ -275,7 +284,8 @@ pub struct FilesetConfig {
     /// A write or fsync returns only once every reachable backup has it durable.
     #[serde(default)]
     pub sync: bool,
-    /// Copy mode: copy a file once it has been quiet this long.
+    /// Copy mode: copy a file once it has been quiet this long (a checkpoint directory, whose
+    /// images are complete when renamed into place, does well with `20ms`).
     #[serde(default = "default_quiet", with = "humantime_serde")]
     pub quiet: Duration,
     /// Size of the operation ring (a power of two).
@@ -306,6 +316,11 @@ impl FilesetConfig {
     /// The fileset's name.
     pub fn name(&self) -> &str {
         self.name.get_ref()
+    }
+
+    /// Whether its primary is chosen by a resource group at run time (`primary = "group"`).
+    pub fn group_managed(&self) -> bool {
+        self.primary == GROUP_MANAGED_PRIMARY
     }
 }
 
@@ -516,14 +531,37 @@ pub fn validate(
                 format!("`{path}` must be a directory other than / without `;` or `|`"),
             ));
         }
-        for node in std::iter::once(&f.primary).chain(&f.backups) {
+        if f.group_managed() && known.contains(GROUP_MANAGED_PRIMARY) {
+            return Err((
+                at,
+                field("primary"),
+                format!(
+                    "`{GROUP_MANAGED_PRIMARY}` is ambiguous: it means \"chosen by the resource group\", \
+                     but a node has that name too (rename the node)"
+                ),
+            ));
+        }
+        let primary = (!f.group_managed()).then_some(&f.primary);
+        for node in primary.into_iter().chain(&f.backups) {
             if !known.contains(node) {
                 return Err((
                     at,
-                    field("primary"),
+                    field(if primary == Some(node) {
+                        "primary"
+                    } else {
+                        "backups"
+                    }),
                     format!("node `{node}` is neither this node nor a [[node]]"),
                 ));
             }
+        }
+        if f.group_managed() && f.backups.len() < 2 {
+            return Err((
+                at,
+                field("backups"),
+                "with primary = \"group\", lists every node that may hold the fileset: at least two"
+                    .into(),
+            ));
         }
         if f.backups.is_empty() {
             return Err((
@@ -603,13 +641,41 @@ addresses = ["10.0.0.2:7400", "10.1.0.2:7400"]
     }
 
     #[test]
+    fn a_group_managed_fileset_lists_every_node_that_may_hold_it() {
+        let c = parse(
+            "[[fileset]]\nname = \"ckpt\"\npath = \"/srv/ckpt\"\nprimary = \"group\"\n\
+             backups = [\"a\", \"b\"]\nmode = \"copy\"\nquiet = \"20ms\"\n",
+        )
+        .expect("valid");
+        let f = &c.filesets[0];
+        assert!(f.group_managed());
+        assert_eq!(f.quiet, std::time::Duration::from_millis(20));
+        let err = parse(
+            "[[node]]\nname = \"group\"\naddresses = [\"10.0.0.3:7400\"]\n\n\
+             [[fileset]]\nname = \"d\"\npath = \"/srv/d\"\nprimary = \"group\"\nbackups = [\"a\", \"b\"]\n",
+        )
+        .expect_err("ambiguous");
+        assert!(err.contains("ambiguous"), "{err}");
+    }
+
+    #[test]
     fn inconsistent_tables_are_refused_with_the_field() {
         let fs = |body: &str| format!("[[fileset]]\nname = \"data\"\npath = \"/srv/d\"\n{body}\n");
         let cases = [
             (
                 fs("primary = \"a\"\nbackups = [\"zz\"]"),
+                "fileset[0].backups",
+                "zz",
+            ),
+            (
+                fs("primary = \"zz\"\nbackups = [\"b\"]"),
                 "fileset[0].primary",
                 "zz",
+            ),
+            (
+                fs("primary = \"group\"\nbackups = [\"b\"]"),
+                "fileset[0].backups",
+                "at least two",
             ),
             (
                 fs("primary = \"a\"\nbackups = []"),

@@ -18,7 +18,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 
 use super::exec::ExecResource;
+use super::fileset::{FilesetResource, Replicated};
 use super::ip::IpResource;
+use super::service::{ServiceCatalog, ServiceResource};
 use crate::machine::ExitStatus;
 
 /// How long bringing a resource online may take by default (Pacemaker's default operation
@@ -207,7 +209,7 @@ pub enum ResourceError {
 }
 
 /// The kinds [`Resource::from_properties`] accepts, for error messages.
-pub const KNOWN_KINDS: &str = "exec, ip";
+pub const KNOWN_KINDS: &str = "exec, ip, service, fileset, checkpoint";
 
 /// `: OUTPUT` or nothing.
 fn shown(output: &str) -> String {
@@ -261,16 +263,35 @@ pub enum ResourceKind {
     Exec(ExecResource),
     /// A virtual IP address on an interface.
     Ip(IpResource),
+    /// A watchd service of this node.
+    Service(ServiceResource),
+    /// A group-managed replicated directory (`fileset`), or a service's checkpoint directory
+    /// replicated in copy mode (`checkpoint`).
+    Fileset(FilesetResource),
 }
 
 impl ResourceKind {
-    /// The kind's name as configured (`exec`, `ip`).
+    /// The kind's name as configured (`exec`, `ip`, `service`).
     pub fn name(&self) -> &'static str {
         match self {
             ResourceKind::Exec(_) => "exec",
             ResourceKind::Ip(_) => "ip",
+            ResourceKind::Service(_) => "service",
+            ResourceKind::Fileset(r) => match r.replicated() {
+                Replicated::Files => "fileset",
+                Replicated::Checkpoints { .. } => "checkpoint",
+            },
         }
     }
+}
+
+/// What building a resource may need of the running watchd (kinds that act through it).
+#[derive(Debug, Clone)]
+pub struct ResourceContext {
+    /// The group the resource belongs to.
+    pub group: String,
+    /// This node's services, and the supervisor they run under (`service` resources).
+    pub services: Option<(ServiceCatalog, std::sync::Arc<crate::supervisor::Shared>)>,
 }
 
 impl Resource {
@@ -294,9 +315,55 @@ impl Resource {
         let kind = match kind {
             "exec" => ResourceKind::Exec(ExecResource::from_properties(name, properties)?),
             "ip" => ResourceKind::Ip(IpResource::from_properties(properties)?),
+            "service" => {
+                return Err(ResourceError::BadProperty {
+                    property: super::service::SERVICE_PROPERTY.to_owned(),
+                    why: "a service resource needs watchd's services (Resource::build)".into(),
+                });
+            }
+            "fileset" | "checkpoint" => {
+                return Err(ResourceError::BadProperty {
+                    property: super::fileset::FILESET_PROPERTY.to_owned(),
+                    why: format!(
+                        "a {kind} resource needs watchd's file replication (Resource::build)"
+                    ),
+                });
+            }
             other => return Err(ResourceError::UnknownKind(other.to_owned())),
         };
         Ok(Resource::new(name, timeouts, kind))
+    }
+
+    /// Like [`Resource::from_properties`], for every kind: those that act through the running
+    /// watchd (`service`) take what they need from `context`.
+    pub fn build(
+        name: &str,
+        kind: &str,
+        properties: &BTreeMap<String, String>,
+        timeouts: Timeouts,
+        context: &ResourceContext,
+    ) -> Result<Resource, ResourceError> {
+        match (kind, &context.services) {
+            ("service", Some((catalog, shared))) => {
+                let r = ServiceResource::from_properties(
+                    &context.group,
+                    properties,
+                    catalog,
+                    shared.clone(),
+                )?;
+                Ok(Resource::new(name, timeouts, ResourceKind::Service(r)))
+            }
+            ("fileset" | "checkpoint", Some((_, shared))) => {
+                let what = if kind == "fileset" {
+                    Replicated::Files
+                } else {
+                    Replicated::Checkpoints { service: None }
+                };
+                let r = FilesetResource::from_properties(properties, what, shared)?;
+                Ok(Resource::new(name, timeouts, ResourceKind::Fileset(r)))
+            }
+            _ => Resource::from_properties(name, kind, properties, timeouts),
+        }
     }
 
     /// Its name.
@@ -321,6 +388,8 @@ impl Resource {
         match &self.kind {
             ResourceKind::Exec(r) => r.online(epoch, timeout).await,
             ResourceKind::Ip(r) => within(Action::Online, timeout, r.online(timeout)).await,
+            ResourceKind::Service(r) => within(Action::Online, timeout, r.online(epoch)).await,
+            ResourceKind::Fileset(r) => within(Action::Online, timeout, r.online(epoch)).await,
         }
     }
 
@@ -330,6 +399,8 @@ impl Resource {
         match &self.kind {
             ResourceKind::Exec(r) => r.offline(timeout).await,
             ResourceKind::Ip(r) => within(Action::Offline, timeout, r.offline(timeout)).await,
+            ResourceKind::Service(r) => within(Action::Offline, timeout, r.offline()).await,
+            ResourceKind::Fileset(r) => within(Action::Offline, timeout, r.offline()).await,
         }
     }
 
@@ -341,6 +412,8 @@ impl Resource {
             ResourceKind::Ip(r) => {
                 within(Action::LooksAlive, timeout, r.looks_alive(timeout)).await
             }
+            ResourceKind::Service(r) => within(Action::LooksAlive, timeout, r.looks_alive()).await,
+            ResourceKind::Fileset(r) => within(Action::LooksAlive, timeout, r.looks_alive()).await,
         }
     }
 
@@ -350,6 +423,8 @@ impl Resource {
         match &self.kind {
             ResourceKind::Exec(r) => r.is_alive(timeout).await,
             ResourceKind::Ip(r) => within(Action::IsAlive, timeout, r.is_alive(timeout)).await,
+            ResourceKind::Service(r) => within(Action::IsAlive, timeout, r.is_alive()).await,
+            ResourceKind::Fileset(r) => within(Action::IsAlive, timeout, r.is_alive()).await,
         }
     }
 }
@@ -798,7 +873,7 @@ mod tests {
                 .expect_err("unknown");
         assert_eq!(
             err.to_string(),
-            "unknown resource kind `teleporter` (known: exec, ip)"
+            "unknown resource kind `teleporter` (known: exec, ip, service, fileset, checkpoint)"
         );
     }
 

@@ -748,3 +748,56 @@ fn deadlines_are_judged_after_the_delivery_grace() {
     s.advance(ms(1));
     assert_eq!(s.signals.len(), 1, "missed: judged at deadline + grace");
 }
+
+#[test]
+fn spawns_after_a_failure_are_marked_for_restore() {
+    let mut r = rules();
+    r.rejuvenate_every = Some(ms(60_000));
+    let mut sim = Sim::new(r);
+    sim.feed(Input::Start);
+    assert!(!sim.m.spawn_after_failure(), "an operator's start is fresh");
+    sim.crash();
+    assert!(
+        sim.m.spawn_after_failure(),
+        "the immediate restart after a crash"
+    );
+    sim.crash();
+    assert_eq!(sim.state(), "backoff");
+    sim.advance(ms(1000));
+    assert_eq!(sim.state(), "running");
+    assert!(sim.m.spawn_after_failure(), "the restart after a backoff");
+    sim.feed(Input::Restart);
+    let pid = sim.pid();
+    sim.feed(Input::Exited {
+        pid,
+        status: ExitStatus::Signal(15),
+    });
+    assert!(
+        !sim.m.spawn_after_failure(),
+        "an operator's restart is fresh"
+    );
+    sim.feed(Input::WatchdogTrigger);
+    let pid = sim.pid();
+    sim.feed(Input::Exited {
+        pid,
+        status: ExitStatus::Signal(9),
+    });
+    sim.advance(ms(1000));
+    assert_eq!(sim.state(), "running");
+    assert!(
+        sim.m.spawn_after_failure(),
+        "the restart after a hang verdict"
+    );
+    sim.advance(ms(61_000));
+    let pid = sim.pid();
+    sim.feed(Input::Exited {
+        pid,
+        status: ExitStatus::Signal(15),
+    });
+    assert!(
+        sim.kinds().contains(&EventKind::Rejuvenate),
+        "{:?}",
+        sim.kinds()
+    );
+    assert!(!sim.m.spawn_after_failure(), "a rejuvenation is fresh");
+}

@@ -17,8 +17,11 @@
 //! Start-up prints `recovered seq S count C digest D` (S: the checkpoint image) or
 //! `fresh start`, then replays the log records after the checkpoint's offset (a torn last
 //! record, from a crash in the middle of an append, fails its checksum and is ignored). With
-//! `FT_ROLE=standby` it recovers and then answers only `PING` (`PONG standby`), refusing the
-//! rest with `ERR standby`; promotion (`Server::promote`) makes it a primary in place.
+//! `FT_ROLE=standby` it recovers, then applies every checkpoint watchd ships into its
+//! checkpoint directory as it arrives (printing `applied checkpoint S: seq Q count C`), and
+//! answers only `PING` (`PONG standby`), refusing the rest with `ERR standby`; watchd's
+//! `Promote` (`ftctl promote kv`, or a failover) makes it a primary in place
+//! (`Server::promote`: the last shipped checkpoint, then the log after it) with no restart.
 
 /// Prints one line and flushes at once, so that a supervisor's log shows it before a crash.
 macro_rules! say {
@@ -34,13 +37,14 @@ use std::io::{BufReader, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, TryLockError};
 use std::time::{Duration, Instant};
 
 use ft::Watch;
 use ft::critical::{CheckpointConfig, ENV_CKPT_DIR};
 use ft::proto::WatchdMessage;
+use ft::standby::{ENV_ROLE, Follower};
 use ftkit_examples::kvproto::{LineRead, MAX_LINE, Reply, Request, Role, parse_request, read_line};
 use ftkit_examples::service::{Complaint, register};
 
@@ -51,12 +55,13 @@ use crate::store::{STREAM, Start, Store, WriteError};
 pub const PROGRAM: &str = "kv";
 /// The thread id the program heartbeats for.
 const TID: u32 = 1;
-/// The environment variable naming the role watchd started us in.
-const ENV_ROLE: &str = "FT_ROLE";
 /// Default heartbeat deadline.
 const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 2000;
 /// Heartbeats (and idle-time safe points, watchd's requests) this often.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
+/// A standby looks for shipped checkpoints in waits this long, between which a promotion can
+/// take the follower over.
+const FOLLOW_WAIT: Duration = Duration::from_millis(50);
 /// The status line shown by `ftctl status` is refreshed this often.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// A request holding the store longer than this means the server is stuck: heartbeats stop,
@@ -82,7 +87,8 @@ const USAGE: &str = "usage: kv --listen ADDR --data DIR [--checkpoint per-reques
   libft critical memory, checkpointed after every write (per-request) or every MS ms (default:
   FT_CKPT_EVERY from watchd, else 1000); every write is appended to DIR/kv.log through ft::fs
   and synced before `OK`. Checkpoints go to $FT_CKPT_DIR, standalone to DIR/ckpt.
-  FT_ROLE=standby: recover, then answer only PING until promoted.";
+  FT_ROLE=standby: recover, apply the checkpoints shipped into the checkpoint directory as they
+  arrive, and answer only PING until watchd promotes it (`ftctl promote`).";
 
 /// How the table is checkpointed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +165,12 @@ fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, Stri
 #[derive(Debug)]
 struct Server {
     store: Mutex<Store>,
+    /// A standby's follower of the shipped checkpoints; taken by the promotion. Locked before
+    /// `store` when both are.
+    follower: Mutex<Option<Follower<'static>>>,
+    /// A promotion wants `follower`: the follower thread stops taking it (a mutex is not fair,
+    /// and that thread takes it again at once after each wait).
+    promoting: AtomicBool,
     /// [`Role`] as a number (0 primary, 1 standby); it only ever goes from standby to
     /// primary, in [`Server::promote`].
     role: AtomicU8,
@@ -207,10 +219,23 @@ impl Server {
         (since != 0 && held > STUCK_AFTER).then_some(held)
     }
 
-    /// Makes a standby the primary in place: the store replays what the log gained and
-    /// opens it for writing, then requests are served. A primary stays one.
+    /// Makes a standby the primary in place: the store takes the last checkpoint shipped,
+    /// replays what the log gained after it and opens it for writing, then requests are
+    /// served. A primary stays one.
     fn promote(&self) -> Result<(), store::StoreError> {
+        self.promoting.store(true, Ordering::Release);
+        let mut follower = self.follower.lock().unwrap_or_else(PoisonError::into_inner);
         let (mut store, _busy) = self.lock();
+        if let Some(f) = follower.as_mut()
+            && let Some(image) = store.follow(f)?
+        {
+            say!(
+                "applied checkpoint {image}: seq {} count {}",
+                store.seq(),
+                store.count()
+            );
+        }
+        *follower = None;
         store.promote()?;
         self.role.store(ROLE_PRIMARY, Ordering::Release);
         say!(
@@ -357,8 +382,17 @@ fn maintenance(server: &Server, watch: Option<&Watch>, timeout: Duration) {
             store.safe_point();
         }
         let Some(w) = watch else { continue };
-        while let Ok(Some(WatchdMessage::CheckpointNow { stream })) = w.poll_command() {
-            store.checkpoint(stream);
+        let mut promoted = None;
+        while let Ok(Some(message)) = w.poll_command() {
+            match message {
+                WatchdMessage::CheckpointNow { stream } if server.role() == Role::Primary => {
+                    store.checkpoint(stream);
+                }
+                WatchdMessage::CheckpointNow { stream } => {
+                    say!("checkpoint of stream {stream} not taken: a standby writes none");
+                }
+                WatchdMessage::Promote { epoch } => promoted = Some(epoch),
+            }
         }
         if Instant::now() >= next_status {
             next_status = Instant::now() + STATUS_INTERVAL;
@@ -368,6 +402,59 @@ fn maintenance(server: &Server, watch: Option<&Watch>, timeout: Duration) {
                 store.seq(),
                 store.count()
             ));
+        }
+        drop(store);
+        if let Some(epoch) = promoted
+            && server.role() == Role::Standby
+        {
+            say!("promoted by watchd (epoch {epoch})");
+            if let Err(e) = server.promote() {
+                say!("cannot serve as primary: {e}");
+                std::process::exit(i32::from(EXIT_FATAL));
+            }
+        }
+    }
+}
+
+/// A standby's loop: applies each checkpoint shipped into the checkpoint directory as it
+/// arrives, until a promotion takes the follower.
+fn follow(server: &Server) {
+    let mut waiting = Complaint::new(PROGRAM);
+    while !server.promoting.load(Ordering::Acquire) {
+        let mut follower = server
+            .follower
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(f) = follower.as_mut() else {
+            return;
+        };
+        match f.wait_for_change(FOLLOW_WAIT) {
+            Ok(changed) => {
+                waiting.check("watching the checkpoint directory", Ok::<_, String>(()));
+                if !changed {
+                    continue;
+                }
+            }
+            Err(e) => {
+                waiting.check("watching the checkpoint directory", Err(e));
+                drop(follower);
+                // The directory is unreadable: do not spin while that lasts.
+                std::thread::sleep(FOLLOW_WAIT);
+                continue;
+            }
+        }
+        let (mut store, _busy) = server.lock();
+        match store.follow(f) {
+            Ok(Some(image)) => say!(
+                "applied checkpoint {image}: seq {} count {}",
+                store.seq(),
+                store.count()
+            ),
+            Ok(None) => {}
+            Err(e) => {
+                say!("fatal: {e}; exiting so that recovery sorts it out");
+                std::process::exit(i32::from(EXIT_FATAL));
+            }
         }
     }
 }
@@ -456,8 +543,21 @@ fn main() -> ExitCode {
             return ExitCode::from(EXIT_FATAL);
         }
     };
+    let follower = if role == Role::Standby {
+        match Follower::new(ckpt, STREAM) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                say!("cannot follow the shipped checkpoints: {e}");
+                return ExitCode::from(EXIT_FATAL);
+            }
+        }
+    } else {
+        None
+    };
     let server = Arc::new(Server {
         store: Mutex::new(store),
+        follower: Mutex::new(follower),
+        promoting: AtomicBool::new(false),
         role: AtomicU8::new(ROLE_STANDBY),
         busy_since: AtomicU64::new(0),
         epoch: Instant::now(),
@@ -491,6 +591,16 @@ fn main() -> ExitCode {
     if let Err(e) = spawned {
         say!("cannot start the maintenance thread: {e}");
         return ExitCode::from(EXIT_FATAL);
+    }
+    if server.role() == Role::Standby {
+        let follower = Arc::clone(&server);
+        let spawned = std::thread::Builder::new()
+            .name("kv-follower".into())
+            .spawn(move || follow(&follower));
+        if let Err(e) = spawned {
+            say!("cannot start the follower thread: {e}");
+            return ExitCode::from(EXIT_FATAL);
+        }
     }
     accept_loop(&server, &listener);
     ExitCode::SUCCESS

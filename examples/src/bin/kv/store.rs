@@ -5,14 +5,17 @@
 //! write is appended and synced before it is applied, and a record that cannot be undone from
 //! the log is never left out of the table (the process stops instead).
 //!
-//! A standby only reads the log (it may be a replica that replay keeps writing); promotion
-//! replays what arrived since, cuts a torn tail and opens the log for appending.
+//! A standby only reads the log (it may be a replica that replay keeps writing) and takes the
+//! checkpoints shipped to it as they arrive (`ft::standby::Follower`), so that the table is
+//! current up to the owner's last checkpoint; promotion takes the last one shipped, replays
+//! what the log gained after it, cuts a torn tail and opens the log for appending.
 
 use std::io::{self, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 
 use ft::critical::{Checkpointer, CriticalBox, CriticalHeap};
+use ft::standby::Follower;
 use ftkit_examples::kvproto::sorted_digest;
 use ftkit_examples::service::Complaint;
 use ftkit_examples::table::{HashTable, Table, TableError};
@@ -46,6 +49,9 @@ pub enum StoreError {
     /// libft's critical memory refused.
     #[error("critical memory: {0}")]
     Critical(#[from] ft::critical::Error),
+    /// A shipped checkpoint cannot be applied (standby).
+    #[error("following the shipped checkpoints: {0}")]
+    Follow(#[from] ft::standby::Error),
     /// The table is corrupt or the heap full.
     #[error(transparent)]
     Table(#[from] TableError),
@@ -254,6 +260,30 @@ impl Store {
             );
         }
         Ok(end.records)
+    }
+
+    /// A standby's step: applies the newest checkpoint shipped since the last one, in place,
+    /// and finds the table again in it; returns its image sequence, None when nothing new
+    /// arrived. The table then stands at the checkpoint's log offset (records the standby
+    /// replayed beyond it are replayed again at promotion). On an error the heap may have
+    /// been reset: the caller must not use this store any more.
+    pub fn follow(&mut self, follower: &mut Follower<'_>) -> Result<Option<u64>, StoreError> {
+        if self.writer.is_some() {
+            // A primary writes its own checkpoints; shipped ones would roll them back.
+            return Ok(None);
+        }
+        // SAFETY: critical memory (the root and the table) is only touched through this
+        // Store, and `&mut self` (the server's store lock) keeps every other thread out of it
+        // while its bytes are replaced.
+        let applied = unsafe { follower.apply_newest() }?;
+        if applied.is_some() {
+            let (root, table) = open_root(self.ckpt.heap())?;
+            self.root = root;
+            self.table = table;
+            self.end = self.root().log_pos;
+            self.unsaved = 0;
+        }
+        Ok(applied)
     }
 
     /// Becomes writable: replays what the log gained since, cuts a torn tail, and opens the

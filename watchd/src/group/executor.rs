@@ -1,0 +1,1047 @@
+//! The group executor of this node: a ractor actor that follows the cluster node (database,
+//! acting verdict, view), feeds [`plan::Plan`] and carries out its steps: it brings the groups
+//! this node owns online in dependency order, watches their resources, takes them offline
+//! (in reverse order) when they fail, move away or this node stops acting, and reports each
+//! outcome with a `ReportGroup` global update. On the update sequencer (the lowest-named
+//! member, which the database names its leader) it also runs the failover policy and proposes
+//! its decisions. Every ownership change and every state of a run and of its resources is an
+//! event and a line of the group journal (`<data_dir>/groups.jsonl`).
+//!
+//! ```text
+//!  NodeHandle ──(poll 50 ms, acting watch)──► Refresh ─┐
+//!  online/offline/monitor tasks ──Onlined/Offlined/CheckFailed─┤──► Plan ──► steps ──► tasks,
+//!  report tasks ──Reported──────────────────────────────────┘            reports, proposals
+//! ```
+//!
+//! It never decides ownership itself (the policy does, through global updates) and never keeps
+//! a resource online once the plan says stop. Quorum-loss stop bound: a node that stops acting
+//! keeps its groups for at most the acting grace (the membership's suspicion time, 500 ms by
+//! default), then takes them offline within the sum of their resources' offline timeouts; a
+//! new owner waits acting grace + offline timeouts + [`STOP_MARGIN`] unless it knows the previous
+//! owner stopped ([`plan`]).
+
+pub mod plan;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use cluster::db::{DbContent, GroupState, Ownership, Update, UpdateError};
+use cluster::failover::{Decision, PolicyInput};
+use cluster::gum::GumError;
+use cluster::membership::NodeState;
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use serde::{Deserialize, Serialize};
+use tokio::task::{JoinHandle, JoinSet};
+
+use self::plan::{Facts, Plan, PlanConfig, ReportOutcome, Step};
+use super::resource::{Health, Resource, ResourceContext, Timeouts};
+use super::service::ServiceCatalog;
+use crate::events::Events;
+use crate::machine::EventKind;
+use crate::node::{NodeHandle, NodeRequestError};
+use crate::supervisor::Shared;
+
+/// The group journal's file name in the data directory.
+pub const JOURNAL_FILE: &str = "groups.jsonl";
+/// The journal is moved aside (to `groups.jsonl.1`) beyond this size.
+pub const JOURNAL_MAX_BYTES: u64 = 16 << 20;
+/// Added to the offline timeouts in the stop bound: the executor's reaction, a kill's reaping.
+pub const STOP_MARGIN: Duration = Duration::from_millis(500);
+/// How often the cluster node's database and view are looked at for changes.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How often the plan and the policy run without any change (failback windows open, failover
+/// periods expire, reports that could not be made are retried).
+pub const RECHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// The same decisions are not proposed again sooner than this after they were.
+pub const PROPOSAL_RETRY: Duration = Duration::from_secs(1);
+/// How long a looks-alive check may take.
+pub const LOOKS_ALIVE_TIMEOUT: Duration = super::resource::DEFAULT_LOOKS_ALIVE_TIMEOUT;
+/// How long an is-alive check may take.
+pub const IS_ALIVE_TIMEOUT: Duration = super::resource::DEFAULT_IS_ALIVE_TIMEOUT;
+
+/// A resource's state on this node, for `ftctl group status` / `ftctl resource status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalResource {
+    /// onlining, online, offlining, offline, failed.
+    pub state: String,
+    /// Why it failed, when it did.
+    pub detail: String,
+}
+
+/// A group run of this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalRun {
+    /// The epoch it runs (or ran) at.
+    pub epoch: u64,
+    /// onlining, online, offlining, stopped.
+    pub phase: String,
+    /// Why it stopped, if it did.
+    pub why: String,
+    /// Its resources.
+    pub resources: BTreeMap<String, LocalResource>,
+}
+
+/// What the control server reads without asking the actor.
+#[derive(Debug, Default)]
+pub struct Board {
+    runs: Mutex<BTreeMap<String, LocalRun>>,
+}
+
+impl Board {
+    /// The group runs of this node.
+    pub fn runs(&self) -> BTreeMap<String, LocalRun> {
+        lock(&self.runs).clone()
+    }
+
+    fn resource(&self, group: &str, epoch: u64, resource: &str, state: &str, detail: String) {
+        let mut runs = lock(&self.runs);
+        if let Some(run) = runs.get_mut(group).filter(|r| r.epoch == epoch) {
+            run.resources.insert(
+                resource.to_owned(),
+                LocalResource {
+                    state: state.to_owned(),
+                    detail,
+                },
+            );
+        }
+    }
+}
+
+/// The running executor, as the daemon and the control server hold it.
+#[derive(Debug, Clone)]
+pub struct GroupsHandle {
+    /// The actor.
+    pub actor: ActorRef<ExecMsg>,
+    /// Its published state.
+    pub board: Arc<Board>,
+    /// The cluster node it follows.
+    pub node: Arc<NodeHandle>,
+    /// This node's services (to validate `service` resources).
+    pub catalog: ServiceCatalog,
+}
+
+/// One line of the group journal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalRecord {
+    /// Unix milliseconds.
+    pub time_ms: u64,
+    /// The node that wrote it.
+    pub node: String,
+    /// `ownership` (a change seen in the database), `group` (a run of this node), `resource`,
+    /// or `decision` (proposed by this node's policy).
+    pub kind: String,
+    /// The group.
+    pub group: String,
+    /// The epoch.
+    pub epoch: u64,
+    /// The state reached (for ownership: the database's group state).
+    pub state: String,
+    /// The resource (kind `resource`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource: Option<String>,
+    /// The owner (kind `ownership`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Details for a person.
+    pub detail: String,
+}
+
+/// Appends journal records (one JSON object per line), moving a full journal aside.
+#[derive(Debug)]
+struct Journal {
+    path: PathBuf,
+    file: Mutex<Option<(std::fs::File, u64)>>,
+}
+
+impl Journal {
+    fn new(data_dir: &Path) -> Journal {
+        Journal {
+            path: data_dir.join(JOURNAL_FILE),
+            file: Mutex::new(None),
+        }
+    }
+
+    fn append(&self, record: &JournalRecord) {
+        let Ok(mut line) = serde_json::to_vec(record) else {
+            return;
+        };
+        line.push(b'\n');
+        let mut slot = lock(&self.file);
+        if slot.as_ref().is_some_and(|(_, n)| *n >= JOURNAL_MAX_BYTES) {
+            *slot = None;
+            let mut aside = self.path.clone().into_os_string();
+            aside.push(".1");
+            let _ = std::fs::rename(&self.path, aside);
+        }
+        if slot.is_none() {
+            match std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)
+            {
+                Ok(f) => {
+                    let len = f.metadata().map_or(0, |m| m.len());
+                    *slot = Some((f, len));
+                }
+                Err(e) => {
+                    tracing::warn!(path = %self.path.display(), error = %e, "cannot open the group journal");
+                    return;
+                }
+            }
+        }
+        if let Some((f, n)) = slot.as_mut() {
+            // One write per line, so concurrent readers never see half a record.
+            match f.write_all(&line) {
+                Ok(()) => *n += u64::try_from(line.len()).unwrap_or(u64::MAX),
+                Err(e) => tracing::warn!(error = %e, "cannot write the group journal"),
+            }
+        }
+    }
+}
+
+/// Events and journal lines of this node's executor.
+#[derive(Debug)]
+struct Notes {
+    me: String,
+    events: Arc<Events>,
+    journal: Journal,
+    board: Arc<Board>,
+}
+
+impl Notes {
+    fn group(&self, group: &str, epoch: u64, state: &str, detail: &str) {
+        let text = if detail.is_empty() {
+            format!("group {group} epoch {epoch} on {}: {state}", self.me)
+        } else {
+            format!(
+                "group {group} epoch {epoch} on {}: {state} ({detail})",
+                self.me
+            )
+        };
+        self.events.emit(None, EventKind::Group, text);
+        self.journal.append(&JournalRecord {
+            time_ms: unix_ms(),
+            node: self.me.clone(),
+            kind: "group".into(),
+            group: group.to_owned(),
+            epoch,
+            state: state.to_owned(),
+            resource: None,
+            owner: None,
+            detail: detail.to_owned(),
+        });
+    }
+
+    fn resource(&self, group: &str, epoch: u64, resource: &str, state: &str, detail: &str) {
+        let text = if detail.is_empty() {
+            format!(
+                "resource {resource} of group {group} epoch {epoch} on {}: {state}",
+                self.me
+            )
+        } else {
+            format!(
+                "resource {resource} of group {group} epoch {epoch} on {}: {state} ({detail})",
+                self.me
+            )
+        };
+        self.events.emit(None, EventKind::Resource, text);
+        self.board
+            .resource(group, epoch, resource, state, detail.to_owned());
+        self.journal.append(&JournalRecord {
+            time_ms: unix_ms(),
+            node: self.me.clone(),
+            kind: "resource".into(),
+            group: group.to_owned(),
+            epoch,
+            state: state.to_owned(),
+            resource: Some(resource.to_owned()),
+            owner: None,
+            detail: detail.to_owned(),
+        });
+    }
+
+    fn ownership(&self, group: &str, o: &Ownership) {
+        let owner = o.owner.clone();
+        self.events.emit(
+            None,
+            EventKind::Ownership,
+            format!(
+                "group {group}: epoch {} owner {} {}{} ({})",
+                o.epoch,
+                owner.as_deref().unwrap_or("none"),
+                o.state,
+                o.moving_to
+                    .as_deref()
+                    .map(|m| format!(", moving to {m}"))
+                    .unwrap_or_default(),
+                o.reason
+            ),
+        );
+        self.journal.append(&JournalRecord {
+            time_ms: unix_ms(),
+            node: self.me.clone(),
+            kind: "ownership".into(),
+            group: group.to_owned(),
+            epoch: o.epoch,
+            state: o.state.to_string(),
+            resource: None,
+            owner,
+            detail: o.reason.clone(),
+        });
+    }
+
+    fn decision(&self, d: &Decision, outcome: &str) {
+        let (epoch, state) = match d {
+            Decision::Assign { epoch, .. } => (*epoch, "assign"),
+            Decision::Release { epoch, .. } => (*epoch, "release"),
+            Decision::GiveUp { epoch, .. } => (*epoch, "give_up"),
+        };
+        let detail = format!("{d:?}: {outcome}");
+        tracing::info!(group = d.group(), "policy decision {detail}");
+        self.journal.append(&JournalRecord {
+            time_ms: unix_ms(),
+            node: self.me.clone(),
+            kind: "decision".into(),
+            group: d.group().to_owned(),
+            epoch,
+            state: state.into(),
+            resource: None,
+            owner: None,
+            detail,
+        });
+    }
+}
+
+/// Messages of the executor.
+#[derive(Debug)]
+pub enum ExecMsg {
+    /// Something may have changed: look at the cluster node again.
+    Refresh,
+    /// An onlining ended.
+    Onlined {
+        /// The group.
+        group: String,
+        /// Its epoch.
+        epoch: u64,
+        /// Every resource online, or why not.
+        result: Result<(), String>,
+    },
+    /// An offlining ended.
+    Offlined {
+        /// The group.
+        group: String,
+        /// Its epoch.
+        epoch: u64,
+        /// Every resource stopped within its timeout.
+        clean: bool,
+    },
+    /// A check of an online resource failed.
+    CheckFailed {
+        /// The group.
+        group: String,
+        /// Its epoch.
+        epoch: u64,
+        /// Which resource, and why.
+        why: String,
+    },
+    /// A report ended.
+    Reported {
+        /// The group.
+        group: String,
+        /// Its epoch.
+        epoch: u64,
+        /// The state reported.
+        state: GroupState,
+        /// Settled or to be retried.
+        outcome: ReportOutcome,
+    },
+    /// The policy's proposals went out.
+    Proposed,
+    /// For tests and status: the plan's view of this node's runs.
+    Runs(RpcReplyPort<BTreeMap<String, LocalRun>>),
+}
+
+/// What the executor starts from.
+#[derive(Debug)]
+pub struct ExecArgs {
+    /// The cluster node.
+    pub node: Arc<NodeHandle>,
+    /// The supervisor's shared state (services, events).
+    pub shared: Arc<Shared>,
+    /// This node's services.
+    pub catalog: ServiceCatalog,
+    /// The plan's parameters.
+    pub plan: PlanConfig,
+    /// Where its board is published.
+    pub board: Arc<Board>,
+}
+
+/// The executor actor.
+#[derive(Debug)]
+pub struct GroupExecutor;
+
+/// A resource built for a run, with its check intervals.
+#[derive(Debug)]
+struct Built {
+    resource: Resource,
+    looks_alive: Duration,
+    is_alive: Duration,
+}
+
+/// One group's resources and the task that runs for it.
+#[derive(Debug)]
+struct Run {
+    epoch: u64,
+    resources: Arc<BTreeMap<String, Arc<Built>>>,
+    task: Option<JoinHandle<()>>,
+}
+
+/// The executor's state.
+#[derive(Debug)]
+pub struct ExecState {
+    node: Arc<NodeHandle>,
+    shared: Arc<Shared>,
+    catalog: ServiceCatalog,
+    plan: Plan,
+    notes: Arc<Notes>,
+    runs: BTreeMap<String, Run>,
+    proposing: bool,
+    last_proposal: Option<(Vec<Decision>, Instant)>,
+    watcher: Option<JoinHandle<()>>,
+    deadline: Option<JoinHandle<()>>,
+}
+
+impl Actor for GroupExecutor {
+    type Msg = ExecMsg;
+    type State = ExecState;
+    type Arguments = ExecArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ExecMsg>,
+        args: ExecArgs,
+    ) -> Result<ExecState, ActorProcessingErr> {
+        let me = args.plan.me.clone();
+        let notes = Arc::new(Notes {
+            me,
+            events: args.shared.events.clone(),
+            journal: Journal::new(&args.shared.data_dir),
+            board: args.board,
+        });
+        let watcher = tokio::spawn(watch(args.node.clone(), myself.clone()));
+        Ok(ExecState {
+            node: args.node,
+            shared: args.shared,
+            catalog: args.catalog,
+            plan: Plan::new(args.plan),
+            notes,
+            runs: BTreeMap::new(),
+            proposing: false,
+            last_proposal: None,
+            watcher: Some(watcher),
+            deadline: None,
+        })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<ExecMsg>,
+        st: &mut ExecState,
+    ) -> Result<(), ActorProcessingErr> {
+        if let Some(w) = st.watcher.take() {
+            w.abort();
+        }
+        if let Some(d) = st.deadline.take() {
+            d.abort();
+        }
+        Ok(())
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ExecMsg>,
+        msg: ExecMsg,
+        st: &mut ExecState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ExecMsg::Refresh => {}
+            ExecMsg::Onlined {
+                group,
+                epoch,
+                result,
+            } => {
+                match &result {
+                    Ok(()) => st.notes.group(&group, epoch, "online", ""),
+                    Err(why) => st.notes.group(&group, epoch, "failed", why),
+                }
+                st.plan.onlined(&group, epoch, result);
+            }
+            ExecMsg::Offlined {
+                group,
+                epoch,
+                clean,
+            } => {
+                st.notes.group(
+                    &group,
+                    epoch,
+                    "offline",
+                    if clean {
+                        ""
+                    } else {
+                        "a resource did not stop within its offline timeout"
+                    },
+                );
+                if let Some(run) = st.runs.get_mut(&group).filter(|r| r.epoch == epoch) {
+                    run.task = None;
+                }
+                st.plan.offlined(&group, epoch, clean);
+            }
+            ExecMsg::CheckFailed { group, epoch, why } => {
+                st.notes.group(&group, epoch, "failed", &why);
+                st.plan.check_failed(&group, epoch, why);
+            }
+            ExecMsg::Reported {
+                group,
+                epoch,
+                state,
+                outcome,
+            } => st.plan.reported(&group, epoch, state, outcome),
+            ExecMsg::Proposed => st.proposing = false,
+            ExecMsg::Runs(reply) => {
+                let _ = reply.send(runs_of(st));
+                return Ok(());
+            }
+        }
+        step(&myself, st);
+        Ok(())
+    }
+}
+
+/// Follows the cluster node: a `Refresh` whenever the acting verdict, the database, its leader
+/// or the view changes, and every [`RECHECK_INTERVAL`].
+async fn watch(node: Arc<NodeHandle>, actor: ActorRef<ExecMsg>) {
+    let mut acting = node.subscribe_acting();
+    let mut poll = tokio::time::interval(POLL_INTERVAL);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = None;
+    let mut last_sent = Instant::now();
+    loop {
+        tokio::select! {
+            changed = acting.changed() => {
+                if changed.is_err() {
+                    // The node is gone: look once more (it reads as not acting), then poll on.
+                    acting = node.subscribe_acting();
+                }
+                let _ = actor.cast(ExecMsg::Refresh);
+                last_sent = Instant::now();
+                continue;
+            }
+            _ = poll.tick() => {}
+        }
+        let db = node.db();
+        let s = node.status();
+        let fingerprint = (
+            db.seq,
+            db.leader,
+            s.epoch,
+            s.acting,
+            s.members,
+            s.nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.state, n.member_since))
+                .collect::<Vec<_>>(),
+        );
+        let changed = last.as_ref() != Some(&fingerprint);
+        if changed || last_sent.elapsed() >= RECHECK_INTERVAL {
+            last = Some(fingerprint);
+            if actor.cast(ExecMsg::Refresh).is_err() {
+                return;
+            }
+            last_sent = Instant::now();
+        }
+    }
+}
+
+/// Reads the node, evaluates the plan, carries out its steps, and (on the sequencer) runs the
+/// policy.
+fn step(myself: &ActorRef<ExecMsg>, st: &mut ExecState) {
+    let db = st.node.db();
+    let status = st.node.status();
+    let members: BTreeSet<String> = status.members.iter().cloned().collect();
+    let member_since: BTreeMap<String, u64> = status
+        .nodes
+        .iter()
+        .filter(|n| members.contains(&n.name))
+        .filter_map(|n| n.member_since.map(|m| (n.name.clone(), m)))
+        .collect();
+    let facts = Facts {
+        db: &db.content,
+        acting: status.acting && status.running,
+        member_since: &member_since,
+    };
+    let steps = st.plan.evaluate(Instant::now(), &facts);
+    for s in steps {
+        carry_out(myself, st, &db.content, s);
+    }
+    publish(st);
+    if let Some(d) = st.deadline.take() {
+        d.abort();
+    }
+    if let Some(at) = st.plan.next_deadline() {
+        let me = myself.clone();
+        st.deadline = Some(tokio::spawn(async move {
+            tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await;
+            let _ = me.cast(ExecMsg::Refresh);
+        }));
+    }
+    let leader = db.leader.as_deref() == Some(st.notes.me.as_str());
+    if leader && st.plan.acting() && !st.proposing {
+        let paused: BTreeSet<String> = status
+            .nodes
+            .iter()
+            .filter(|n| n.state == NodeState::Paused && members.contains(&n.name))
+            .map(|n| n.name.clone())
+            .collect();
+        let input = PolicyInput {
+            members: &members,
+            paused: &paused,
+            db: &db.content,
+            now_unix_ms: unix_ms(),
+        };
+        let decisions = cluster::failover::decide(&input);
+        propose(myself, st, decisions);
+    }
+}
+
+/// Hands the policy's decisions to the global update manager, one after the other.
+fn propose(myself: &ActorRef<ExecMsg>, st: &mut ExecState, decisions: Vec<Decision>) {
+    if decisions.is_empty() {
+        return;
+    }
+    if let Some((last, at)) = &st.last_proposal
+        && *last == decisions
+        && at.elapsed() < PROPOSAL_RETRY
+    {
+        return;
+    }
+    st.last_proposal = Some((decisions.clone(), Instant::now()));
+    st.proposing = true;
+    let node = st.node.clone();
+    let notes = st.notes.clone();
+    let me = myself.clone();
+    tokio::spawn(async move {
+        for d in decisions {
+            let outcome = match node.update(d.to_update()).await {
+                Ok(seq) => format!("committed as update {seq}"),
+                Err(e) => format!("not applied: {e}"),
+            };
+            notes.decision(&d, &outcome);
+        }
+        let _ = me.cast(ExecMsg::Proposed);
+    });
+}
+
+fn carry_out(myself: &ActorRef<ExecMsg>, st: &mut ExecState, db: &DbContent, s: Step) {
+    match s {
+        Step::Observed { group, ownership } => st.notes.ownership(&group, &ownership),
+        Step::Online {
+            group,
+            epoch,
+            wait,
+            order,
+        } => {
+            if let Some(old) = st.runs.remove(&group)
+                && let Some(t) = old.task
+            {
+                t.abort();
+            }
+            let context = context(st, &group);
+            let mut resources = BTreeMap::new();
+            let mut broken = None;
+            for name in &order {
+                match build(db, name, &context) {
+                    Ok(r) => {
+                        resources.insert(name.clone(), Arc::new(r));
+                    }
+                    Err(why) => {
+                        broken.get_or_insert(format!("resource {name}: {why}"));
+                    }
+                }
+            }
+            let resources = Arc::new(resources);
+            lock(&st.notes.board.runs).insert(
+                group.clone(),
+                LocalRun {
+                    epoch,
+                    phase: "onlining".into(),
+                    why: String::new(),
+                    resources: BTreeMap::new(),
+                },
+            );
+            let task = tokio::spawn(online(
+                myself.clone(),
+                st.notes.clone(),
+                group.clone(),
+                epoch,
+                wait,
+                order,
+                resources.clone(),
+                broken,
+            ));
+            st.runs.insert(
+                group,
+                Run {
+                    epoch,
+                    resources,
+                    task: Some(task),
+                },
+            );
+        }
+        Step::Monitor { group, epoch } => {
+            let Some(run) = st.runs.get_mut(&group).filter(|r| r.epoch == epoch) else {
+                return;
+            };
+            if let Some(t) = run.task.take() {
+                t.abort();
+            }
+            run.task = Some(tokio::spawn(monitor(
+                myself.clone(),
+                group,
+                epoch,
+                run.resources.clone(),
+            )));
+        }
+        Step::Offline {
+            group,
+            epoch,
+            order,
+            why,
+        } => {
+            let context = context(st, &group);
+            let run = st.runs.entry(group.clone()).or_insert_with(|| Run {
+                epoch,
+                resources: Arc::new(BTreeMap::new()),
+                task: None,
+            });
+            if let Some(t) = run.task.take() {
+                // Dropping an onlining kills the agent it waits for (its process group).
+                t.abort();
+            }
+            if run.epoch != epoch {
+                run.epoch = epoch;
+                run.resources = Arc::new(BTreeMap::new());
+            }
+            // Resources never built here (a clean-up after a restart) are built now; one that
+            // cannot be built cannot have been started by this watchd either.
+            let mut resources: Vec<(String, Option<Arc<Built>>)> = Vec::new();
+            for name in &order {
+                let r = match run.resources.get(name) {
+                    Some(r) => Some(r.clone()),
+                    None => build(db, name, &context).ok().map(Arc::new),
+                };
+                resources.push((name.clone(), r));
+            }
+            {
+                let mut runs = lock(&st.notes.board.runs);
+                let entry = runs.entry(group.clone()).or_insert_with(|| LocalRun {
+                    epoch,
+                    phase: String::new(),
+                    why: String::new(),
+                    resources: BTreeMap::new(),
+                });
+                if entry.epoch != epoch {
+                    entry.epoch = epoch;
+                    entry.resources.clear();
+                }
+            }
+            run.task = Some(tokio::spawn(offline(
+                myself.clone(),
+                st.notes.clone(),
+                group,
+                epoch,
+                why,
+                resources,
+            )));
+        }
+        Step::Report {
+            group,
+            epoch,
+            state,
+        } => {
+            let node = st.node.clone();
+            let me = myself.clone();
+            tokio::spawn(async move {
+                let update = Update::ReportGroup {
+                    group: group.clone(),
+                    epoch,
+                    state,
+                };
+                let outcome = match node.update(update).await {
+                    Ok(_) => ReportOutcome::Settled,
+                    Err(NodeRequestError::Update(GumError::Invalid(e))) => {
+                        tracing::info!(%group, epoch, %state, error = %e, "report refused (the ownership moved on)");
+                        ReportOutcome::Settled
+                    }
+                    Err(e) => {
+                        tracing::info!(%group, epoch, %state, error = %e, "report not applied; retrying");
+                        ReportOutcome::Retry
+                    }
+                };
+                let _ = me.cast(ExecMsg::Reported {
+                    group,
+                    epoch,
+                    state,
+                    outcome,
+                });
+            });
+        }
+    }
+}
+
+fn context(st: &ExecState, group: &str) -> ResourceContext {
+    ResourceContext {
+        group: group.to_owned(),
+        services: Some((st.catalog.clone(), st.shared.clone())),
+    }
+}
+
+/// Builds resource `name` as the database describes it.
+fn build(db: &DbContent, name: &str, context: &ResourceContext) -> Result<Built, String> {
+    let r = db
+        .resources
+        .get(name)
+        .ok_or_else(|| "not in the cluster database".to_owned())?;
+    let timeouts = Timeouts {
+        online: Duration::from_millis(r.online_timeout_ms),
+        offline: Duration::from_millis(r.offline_timeout_ms),
+        looks_alive: LOOKS_ALIVE_TIMEOUT,
+        is_alive: IS_ALIVE_TIMEOUT,
+    };
+    let resource = Resource::build(name, &r.kind, &r.properties, timeouts, context)
+        .map_err(|e| e.to_string())?;
+    Ok(Built {
+        resource,
+        looks_alive: Duration::from_millis(r.looks_alive_ms),
+        is_alive: Duration::from_millis(r.is_alive_ms),
+    })
+}
+
+/// Waits out the fence, then brings the resources online in order; stops at the first
+/// failure (the plan then takes them all offline).
+#[allow(clippy::too_many_arguments)]
+async fn online(
+    actor: ActorRef<ExecMsg>,
+    notes: Arc<Notes>,
+    group: String,
+    epoch: u64,
+    wait: Duration,
+    order: Vec<String>,
+    resources: Arc<BTreeMap<String, Arc<Built>>>,
+    broken: Option<String>,
+) {
+    if !wait.is_zero() {
+        notes.group(
+            &group,
+            epoch,
+            "waiting",
+            &format!(
+                "{} for the previous owner to stop",
+                humantime::format_duration(wait)
+            ),
+        );
+        tokio::time::sleep(wait).await;
+    }
+    let result = async {
+        if let Some(why) = broken {
+            return Err(why);
+        }
+        notes.group(&group, epoch, "onlining", "");
+        for name in &order {
+            let Some(r) = resources.get(name) else {
+                return Err(format!("resource {name}: not built"));
+            };
+            notes.resource(&group, epoch, name, "onlining", "");
+            if let Err(e) = r.resource.online(epoch).await {
+                let why = e.to_string();
+                notes.resource(&group, epoch, name, "failed", &why);
+                return Err(format!("resource {name}: {why}"));
+            }
+            notes.resource(&group, epoch, name, "online", "");
+        }
+        Ok(())
+    }
+    .await;
+    let _ = actor.cast(ExecMsg::Onlined {
+        group,
+        epoch,
+        result,
+    });
+}
+
+/// Takes the resources offline in order (dependents first); a resource that does not stop
+/// within its timeout is left to its kill and the next one goes on.
+async fn offline(
+    actor: ActorRef<ExecMsg>,
+    notes: Arc<Notes>,
+    group: String,
+    epoch: u64,
+    why: String,
+    resources: Vec<(String, Option<Arc<Built>>)>,
+) {
+    notes.group(&group, epoch, "offlining", &why);
+    let mut clean = true;
+    for (name, r) in resources {
+        let Some(r) = r else {
+            notes.resource(&group, epoch, &name, "offline", "cannot be built here");
+            continue;
+        };
+        notes.resource(&group, epoch, &name, "offlining", "");
+        match r.resource.offline().await {
+            Ok(()) => notes.resource(&group, epoch, &name, "offline", ""),
+            Err(e) => {
+                clean = false;
+                notes.resource(&group, epoch, &name, "failed", &e.to_string());
+            }
+        }
+    }
+    let _ = actor.cast(ExecMsg::Offlined {
+        group,
+        epoch,
+        clean,
+    });
+}
+
+/// Runs every resource's looks-alive and is-alive at their intervals until one fails.
+async fn monitor(
+    actor: ActorRef<ExecMsg>,
+    group: String,
+    epoch: u64,
+    resources: Arc<BTreeMap<String, Arc<Built>>>,
+) {
+    let mut checks = JoinSet::new();
+    for (name, r) in resources.iter() {
+        let (name, r) = (name.clone(), r.clone());
+        checks.spawn(async move {
+            let why = watch_resource(&r).await;
+            format!("resource {name}: {why}")
+        });
+    }
+    if let Some(Ok(why)) = checks.join_next().await {
+        let _ = actor.cast(ExecMsg::CheckFailed { group, epoch, why });
+    }
+}
+
+/// The intervals of one resource come from the database; the checks' bounds from its
+/// [`Timeouts`]. Returns why it failed.
+async fn watch_resource(b: &Built) -> String {
+    let (looks, is, r) = (b.looks_alive, b.is_alive, &b.resource);
+    let start = tokio::time::Instant::now();
+    let mut looks_alive = tokio::time::interval_at(start + looks, looks);
+    let mut is_alive = tokio::time::interval_at(start + is, is);
+    looks_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    is_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let (what, health) = tokio::select! {
+            _ = looks_alive.tick() => ("looks-alive", Health::of(r.looks_alive().await)),
+            _ = is_alive.tick() => ("is-alive", Health::of(r.is_alive().await)),
+        };
+        match health {
+            Health::Online => {}
+            Health::Offline => return format!("{what}: it went offline"),
+            Health::Failed(why) => return format!("{what}: {why}"),
+        }
+    }
+}
+
+fn publish(st: &ExecState) {
+    let mut runs = lock(&st.notes.board.runs);
+    let plan = st.plan.groups();
+    runs.retain(|g, r| plan.get(g).is_some_and(|l| l.epoch == r.epoch));
+    for (g, l) in plan {
+        let entry = runs.entry(g.clone()).or_insert_with(|| LocalRun {
+            epoch: l.epoch,
+            phase: String::new(),
+            why: String::new(),
+            resources: BTreeMap::new(),
+        });
+        entry.phase = phase_name(l.phase).into();
+        entry.why.clone_from(&l.why);
+    }
+}
+
+fn runs_of(st: &ExecState) -> BTreeMap<String, LocalRun> {
+    st.notes.board.runs()
+}
+
+fn phase_name(p: plan::Phase) -> &'static str {
+    match p {
+        plan::Phase::Onlining => "onlining",
+        plan::Phase::Online => "online",
+        plan::Phase::Offlining => "offlining",
+        plan::Phase::Stopped => "stopped",
+    }
+}
+
+/// Starts the executor of a cluster node, with the acting grace from the membership timings.
+pub async fn start(
+    node: Arc<NodeHandle>,
+    shared: Arc<Shared>,
+    config: &crate::config::Config,
+) -> anyhow::Result<GroupsHandle> {
+    use anyhow::Context;
+    let cluster = config
+        .cluster
+        .as_ref()
+        .context("the group executor needs a [cluster] table")?;
+    let me = config.node_name();
+    let grace = cluster
+        .membership_config(&me, &config.nodes)
+        .suspect_after();
+    let board = Arc::new(Board::default());
+    let catalog = ServiceCatalog::of(config);
+    let (actor, _) = Actor::spawn(
+        None,
+        GroupExecutor,
+        ExecArgs {
+            node: node.clone(),
+            shared,
+            catalog: catalog.clone(),
+            plan: PlanConfig {
+                me,
+                acting_grace: grace,
+                stop_margin: STOP_MARGIN,
+            },
+            board: board.clone(),
+        },
+    )
+    .await
+    .context("cannot start the group executor")?;
+    Ok(GroupsHandle {
+        actor,
+        board,
+        node,
+        catalog,
+    })
+}
+
+/// Whether an update error means the change can never apply as asked.
+pub fn is_refusal(e: &NodeRequestError) -> Option<&UpdateError> {
+    match e {
+        NodeRequestError::Update(GumError::Invalid(u)) => Some(u),
+        _ => None,
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain data: consistent whatever a panicking holder did.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}

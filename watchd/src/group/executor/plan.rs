@@ -1,0 +1,1125 @@
+//! The rules of the group executor, sans IO: from what the cluster node says (database, acting
+//! verdict, members and since when they are members) and what this node's own group runs did,
+//! which groups to bring online (after how long a fence wait), take offline, monitor, and what
+//! to report. It reads no clock (time comes in), runs nothing and sends nothing.
+//!
+//! ```text
+//!  node: db, acting, members ──► Plan::evaluate ──► [Step] ──► actor: online/offline/monitor
+//!  runs: onlined, offlined,  ──►       ▲                        tasks, ReportGroup updates
+//!        check failed, reported        └──────────── (their outcomes come back as inputs)
+//! ```
+//!
+//! Safety rules (why two nodes never run one group at once):
+//! - A node runs a group only at the epoch the database gives it, and stops at once when the
+//!   ownership moves on (another owner, or a newer epoch).
+//! - A node that stops acting keeps running for at most the acting grace (a view change that
+//!   keeps it a member without a gap lets it go on), then takes everything offline: so it has
+//!   stopped within [`Plan::stop_bound`] of losing the verdict.
+//! - A new owner waits out that bound before its first resource comes online, unless it knows the
+//!   previous owner stopped: it reported the group offline or failed, or it has been a member
+//!   without a gap since (then it was never lost, and only its own report could have moved the
+//!   group).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use cluster::db::{DbContent, GroupState, Ownership};
+use cluster::membership::NodeId;
+
+/// The facts the cluster node offers at one moment.
+#[derive(Debug, Clone, Copy)]
+pub struct Facts<'a> {
+    /// The cluster database (this node's copy).
+    pub db: &'a DbContent,
+    /// Membership's verdict: this node may act.
+    pub acting: bool,
+    /// The members of the committed view and, per member, the epoch since which it has been a
+    /// member without a gap.
+    pub member_since: &'a BTreeMap<NodeId, u64>,
+}
+
+/// The executor's timing parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlanConfig {
+    /// This node.
+    pub me: NodeId,
+    /// How long groups keep running after the acting verdict lapsed, waiting for it to come
+    /// back in the same membership (a view change that keeps this node).
+    pub acting_grace: Duration,
+    /// Added to the offline timeouts in the stop bound: the reaction time of the executor and a
+    /// killed process's reaping.
+    pub stop_margin: Duration,
+}
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Bring `group`'s resources online at `epoch` in `order`, after waiting `wait` (the fence
+    /// wait for a previous owner that may still be stopping). Nothing else runs for the group.
+    Online {
+        /// The group.
+        group: String,
+        /// Its epoch (the fencing token handed to its resources).
+        epoch: u64,
+        /// The fence wait.
+        wait: Duration,
+        /// Resource names in topological order.
+        order: Vec<String>,
+    },
+    /// Stop whatever runs for `group` (an onlining, the monitors) and take every resource
+    /// offline in `order` (reverse topological order: each after its dependents).
+    Offline {
+        /// The group.
+        group: String,
+        /// The epoch it ran at.
+        epoch: u64,
+        /// Resource names, dependents first.
+        order: Vec<String>,
+        /// Why (for events).
+        why: String,
+    },
+    /// Watch the online group's resources (looks-alive and is-alive at their intervals).
+    Monitor {
+        /// The group.
+        group: String,
+        /// Its epoch.
+        epoch: u64,
+    },
+    /// Report how far the group got (a `ReportGroup` global update, compare-and-set on the
+    /// epoch).
+    Report {
+        /// The group.
+        group: String,
+        /// Its epoch.
+        epoch: u64,
+        /// The state reached.
+        state: GroupState,
+    },
+    /// An ownership change observed in the database (for the events and the journal).
+    Observed {
+        /// The group.
+        group: String,
+        /// The new ownership.
+        ownership: Ownership,
+    },
+}
+
+/// How a report ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportOutcome {
+    /// Committed, or refused for good (the ownership moved on): do not send it again.
+    Settled,
+    /// Not decided (no leader, timeout, in doubt): send it again later.
+    Retry,
+}
+
+/// What this node does with one group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Waiting out the fence, then bringing resources online.
+    Onlining,
+    /// Every resource online; monitors run.
+    Online,
+    /// Taking every resource offline.
+    Offlining,
+    /// Nothing runs (every resource was taken offline).
+    Stopped,
+}
+
+impl Phase {
+    /// Whether resources may be running.
+    pub fn running(self) -> bool {
+        matches!(self, Phase::Onlining | Phase::Online)
+    }
+}
+
+/// One group this node runs or ran, at one epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Local {
+    /// The epoch.
+    pub epoch: u64,
+    /// How far it is.
+    pub phase: Phase,
+    /// The step of the current phase (monitor, offline) has been handed out.
+    pub stepped: bool,
+    /// The report still to make, if any.
+    pub report: Option<GroupState>,
+    /// A report is being sent.
+    pub in_flight: bool,
+    /// Why it went offline, for status and events.
+    pub why: String,
+}
+
+impl Local {
+    fn new(epoch: u64, phase: Phase, report: Option<GroupState>, why: String) -> Local {
+        Local {
+            epoch,
+            phase,
+            stepped: false,
+            report,
+            in_flight: false,
+            why,
+        }
+    }
+
+    /// Moves to `phase`; its step is still to be handed out.
+    fn enter(&mut self, phase: Phase) {
+        if self.phase != phase {
+            self.phase = phase;
+            self.stepped = false;
+        }
+    }
+}
+
+/// The acting verdict as the executor uses it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// Acting, a member since this epoch.
+    Acting(Option<u64>),
+    /// Not acting since `at`; groups keep running until `at + grace`.
+    Grace { at: Instant, since: Option<u64> },
+    /// Not acting, or acting anew: every group run was stopped.
+    Fenced,
+}
+
+/// An ownership seen in the database, with the member-since of its owner at that moment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seen {
+    ownership: Ownership,
+    owner_since: Option<u64>,
+}
+
+/// The executor's rules and its memory.
+#[derive(Debug)]
+pub struct Plan {
+    cfg: PlanConfig,
+    verdict: Verdict,
+    groups: BTreeMap<String, Local>,
+    /// The newest ownership seen per group.
+    seen: BTreeMap<String, Seen>,
+    /// Per group, the ownership seen last at the epoch before the newest one.
+    before: BTreeMap<String, Seen>,
+}
+
+impl Plan {
+    /// A plan for a node that runs nothing yet (it starts fenced: acting must be seen first).
+    pub fn new(cfg: PlanConfig) -> Plan {
+        Plan {
+            cfg,
+            verdict: Verdict::Fenced,
+            groups: BTreeMap::new(),
+            seen: BTreeMap::new(),
+            before: BTreeMap::new(),
+        }
+    }
+
+    /// The groups this node runs or ran.
+    pub fn groups(&self) -> &BTreeMap<String, Local> {
+        &self.groups
+    }
+
+    /// Whether the executor acts on the database now (acting, not within a grace).
+    pub fn acting(&self) -> bool {
+        matches!(self.verdict, Verdict::Acting(_))
+    }
+
+    /// When [`Plan::evaluate`] must run again at the latest (the end of an acting grace).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        match self.verdict {
+            Verdict::Grace { at, .. } => at.checked_add(self.cfg.acting_grace),
+            _ => None,
+        }
+    }
+
+    /// How long a previous owner of `group` that lost the acting verdict may still run its
+    /// resources: the acting grace, every resource's offline timeout (they go offline one after
+    /// the other), and the margin.
+    pub fn stop_bound(&self, db: &DbContent, group: &str) -> Duration {
+        let offline: u64 = db
+            .resources
+            .values()
+            .filter(|r| r.group == group)
+            .map(|r| r.offline_timeout_ms)
+            .fold(0u64, u64::saturating_add);
+        self.cfg
+            .acting_grace
+            .saturating_add(Duration::from_millis(offline))
+            .saturating_add(self.cfg.stop_margin)
+    }
+
+    /// The onlining of `group` at `epoch` ended: every resource online (`Ok`), or one failed
+    /// (every resource goes offline, then the group is reported failed).
+    pub fn onlined(&mut self, group: &str, epoch: u64, result: Result<(), String>) {
+        let Some(l) = self.at(group, epoch) else {
+            return;
+        };
+        if l.phase != Phase::Onlining {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                l.enter(Phase::Online);
+                l.report = Some(GroupState::Online);
+            }
+            Err(why) => {
+                l.enter(Phase::Offlining);
+                l.report = Some(GroupState::Failed);
+                l.why = why;
+            }
+        }
+    }
+
+    /// A check of an online resource of `group` failed: every resource goes offline, then the
+    /// group is reported failed (the policy moves it or gives up).
+    pub fn check_failed(&mut self, group: &str, epoch: u64, why: String) {
+        if let Some(l) = self.at(group, epoch)
+            && l.phase == Phase::Online
+        {
+            l.enter(Phase::Offlining);
+            l.report = Some(GroupState::Failed);
+            l.why = why;
+        }
+    }
+
+    /// Every resource of `group` at `epoch` went offline (`clean` false when one did not stop
+    /// within its timeout and was left to its kill).
+    pub fn offlined(&mut self, group: &str, epoch: u64, clean: bool) {
+        let Some(l) = self.at(group, epoch) else {
+            return;
+        };
+        l.enter(Phase::Stopped);
+        if !clean && l.report == Some(GroupState::Offline) {
+            // A resource that would not stop leaves the group in doubt: not cleanly offline.
+            l.report = Some(GroupState::Failed);
+        }
+    }
+
+    /// A report ended.
+    pub fn reported(&mut self, group: &str, epoch: u64, state: GroupState, outcome: ReportOutcome) {
+        let Some(l) = self.at(group, epoch) else {
+            return;
+        };
+        l.in_flight = false;
+        if outcome == ReportOutcome::Settled && l.report == Some(state) {
+            l.report = None;
+        }
+    }
+
+    fn at(&mut self, group: &str, epoch: u64) -> Option<&mut Local> {
+        self.groups.get_mut(group).filter(|l| l.epoch == epoch)
+    }
+
+    /// The steps for the facts at `now`.
+    pub fn evaluate(&mut self, now: Instant, facts: &Facts<'_>) -> Vec<Step> {
+        let mut out = Vec::new();
+        self.observe(facts, &mut out);
+        let mine = facts.member_since.get(&self.cfg.me).copied();
+        self.verdict = match self.verdict {
+            Verdict::Acting(since) if !facts.acting => Verdict::Grace { at: now, since },
+            Verdict::Acting(since) if since != mine => {
+                // A gap in membership that the verdict never showed: as good as a loss.
+                self.fence(facts.db, "this node's membership had a gap");
+                Verdict::Acting(mine)
+            }
+            Verdict::Grace { since, .. } if facts.acting && since == mine => Verdict::Acting(since),
+            Verdict::Grace { .. } if facts.acting => {
+                self.fence(facts.db, "this node rejoined the cluster");
+                Verdict::Acting(mine)
+            }
+            Verdict::Grace { at, .. }
+                if now.saturating_duration_since(at) >= self.cfg.acting_grace =>
+            {
+                self.fence(facts.db, "this node lost the acting verdict");
+                Verdict::Fenced
+            }
+            Verdict::Fenced if facts.acting => Verdict::Acting(mine),
+            v => v,
+        };
+        if self.acting() {
+            let names: BTreeSet<String> = self
+                .groups
+                .keys()
+                .chain(facts.db.groups.keys())
+                .cloned()
+                .collect();
+            for name in names {
+                self.group(&name, facts, &mut out);
+            }
+        }
+        // Monitors and offlines go out whatever the verdict: a failed run must not stay half up.
+        self.hand_out(facts.db, &mut out);
+        out
+    }
+
+    /// Records ownership changes (and remembers, per group, the ownership of the epoch before).
+    fn observe(&mut self, facts: &Facts<'_>, out: &mut Vec<Step>) {
+        for name in facts.db.groups.keys() {
+            let own = facts.db.ownership_of(name);
+            let owner_since = own
+                .owner
+                .as_ref()
+                .and_then(|o| facts.member_since.get(o).copied());
+            let changed = self.seen.get(name).is_none_or(|s| {
+                s.ownership.epoch != own.epoch
+                    || s.ownership.owner != own.owner
+                    || s.ownership.state != own.state
+                    || s.ownership.moving_to != own.moving_to
+            });
+            if changed {
+                out.push(Step::Observed {
+                    group: name.clone(),
+                    ownership: own.clone(),
+                });
+            }
+            let epoch = own.epoch;
+            let seen = Seen {
+                ownership: own,
+                owner_since,
+            };
+            if let Some(old) = self.seen.insert(name.clone(), seen)
+                && old.ownership.epoch < epoch
+            {
+                self.before.insert(name.clone(), old);
+            }
+        }
+        self.seen.retain(|n, _| facts.db.groups.contains_key(n));
+        self.before.retain(|n, _| facts.db.groups.contains_key(n));
+    }
+
+    /// Stops every running group (the verdict is gone for good); each reports, once acting
+    /// again, that it failed here (or, if its owner was asked to take it offline, that it is).
+    fn fence(&mut self, db: &DbContent, why: &str) {
+        for (name, l) in self.groups.iter_mut().filter(|(_, l)| l.phase.running()) {
+            let state = db.ownership_of(name).state;
+            l.report = Some(if state == GroupState::Offlining {
+                GroupState::Offline
+            } else {
+                GroupState::Failed
+            });
+            l.in_flight = false;
+            why.clone_into(&mut l.why);
+            l.enter(Phase::Offlining);
+        }
+    }
+
+    /// Hands out the monitor and offline steps of runs that entered those phases.
+    fn hand_out(&mut self, db: &DbContent, out: &mut Vec<Step>) {
+        for (name, l) in self.groups.iter_mut().filter(|(_, l)| !l.stepped) {
+            match l.phase {
+                Phase::Online => out.push(Step::Monitor {
+                    group: name.clone(),
+                    epoch: l.epoch,
+                }),
+                Phase::Offlining => out.push(Step::Offline {
+                    group: name.clone(),
+                    epoch: l.epoch,
+                    order: offline_order(db, name),
+                    why: l.why.clone(),
+                }),
+                Phase::Onlining | Phase::Stopped => {}
+            }
+            l.stepped = true;
+        }
+    }
+
+    /// Marks a run to be taken offline, without a report of its own (the ownership moved on,
+    /// or the database says it is not running).
+    fn stop(&mut self, name: &str, why: String) {
+        if let Some(l) = self.groups.get_mut(name) {
+            l.report = None;
+            l.why = why;
+            l.enter(Phase::Offlining);
+        }
+    }
+
+    /// The rules for one group while acting.
+    fn group(&mut self, name: &str, facts: &Facts<'_>, out: &mut Vec<Step>) {
+        let db = facts.db;
+        let exists = db.groups.contains_key(name);
+        let own = db.ownership_of(name);
+        let mine = exists && own.owner.as_deref() == Some(self.cfg.me.as_str());
+        if let Some(l) = self.groups.get(name).cloned() {
+            if !mine || own.epoch > l.epoch {
+                match l.phase {
+                    Phase::Onlining | Phase::Online => {
+                        let why = if exists {
+                            format!(
+                                "ownership moved to {} at epoch {}",
+                                own.owner.as_deref().unwrap_or("nobody"),
+                                own.epoch
+                            )
+                        } else {
+                            "the group was removed".to_owned()
+                        };
+                        self.stop(name, why);
+                        return;
+                    }
+                    Phase::Offlining => {
+                        if let Some(x) = self.groups.get_mut(name) {
+                            x.report = None;
+                        }
+                        return;
+                    }
+                    Phase::Stopped => {
+                        self.groups.remove(name);
+                    }
+                }
+            } else if own.epoch < l.epoch {
+                // This copy of the database is behind what this node already ran.
+                return;
+            } else {
+                self.same_epoch(name, &own, l.phase);
+                self.report(name, &own, out);
+                return;
+            }
+        }
+        if !mine {
+            return;
+        }
+        // A group of this node that it does not run (yet).
+        let order = match cluster::failover::topo_order(db, name) {
+            Ok(o) => o,
+            Err(e) => {
+                // Refused by validation; a database that holds one anyway cannot go online.
+                let report = matches!(own.state, GroupState::Onlining | GroupState::Online)
+                    .then_some(GroupState::Failed);
+                let mut l = Local::new(own.epoch, Phase::Stopped, report, e.to_string());
+                l.stepped = true;
+                self.groups.insert(name.to_owned(), l);
+                self.report(name, &own, out);
+                return;
+            }
+        };
+        match own.state {
+            GroupState::Onlining => {
+                let wait = self.fence_wait(db, name, own.epoch, facts);
+                let mut l = Local::new(own.epoch, Phase::Onlining, None, String::new());
+                l.stepped = true;
+                self.groups.insert(name.to_owned(), l);
+                out.push(Step::Online {
+                    group: name.to_owned(),
+                    epoch: own.epoch,
+                    wait,
+                    order,
+                });
+            }
+            GroupState::Online | GroupState::Offlining => {
+                // The database says this node runs it, but nothing here does (watchd
+                // restarted, or the run was fenced): clean up, then say so.
+                let report = if own.state == GroupState::Online {
+                    GroupState::Failed
+                } else {
+                    GroupState::Offline
+                };
+                let why = format!("not running here at epoch {}", own.epoch);
+                self.groups.insert(
+                    name.to_owned(),
+                    Local::new(own.epoch, Phase::Offlining, Some(report), why),
+                );
+            }
+            GroupState::Offline | GroupState::Failed => {}
+        }
+    }
+
+    /// A group this node runs at the database's epoch.
+    fn same_epoch(&mut self, name: &str, own: &Ownership, phase: Phase) {
+        match (own.state, phase) {
+            (GroupState::Offlining, Phase::Onlining | Phase::Online) => {
+                let why = format!(
+                    "released{}",
+                    own.moving_to
+                        .as_deref()
+                        .map(|t| format!(" to {t}"))
+                        .unwrap_or_default()
+                );
+                self.stop(name, why);
+                if let Some(x) = self.groups.get_mut(name) {
+                    x.report = Some(GroupState::Offline);
+                }
+            }
+            (GroupState::Offlining, Phase::Offlining) => {
+                if let Some(x) = self.groups.get_mut(name)
+                    && x.report.is_none()
+                {
+                    x.report = Some(GroupState::Offline);
+                }
+            }
+            (GroupState::Offline | GroupState::Failed, Phase::Onlining | Phase::Online) => {
+                let why = format!("the group is {} at epoch {}", own.state, own.epoch);
+                self.stop(name, why);
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends the pending report of `name` when its run got there and it still fits the
+    /// database; drops it when it no longer can.
+    fn report(&mut self, name: &str, own: &Ownership, out: &mut Vec<Step>) {
+        let me = self.cfg.me.as_str();
+        let Some(l) = self.groups.get_mut(name) else {
+            return;
+        };
+        let Some(state) = l.report else {
+            return;
+        };
+        let ready = match l.phase {
+            Phase::Stopped => true,
+            Phase::Online => state == GroupState::Online,
+            Phase::Onlining | Phase::Offlining => false,
+        };
+        if !ready {
+            return;
+        }
+        if own.epoch != l.epoch || own.owner.as_deref() != Some(me) {
+            l.report = None;
+            return;
+        }
+        let fits = matches!(
+            (own.state, state),
+            (
+                GroupState::Onlining,
+                GroupState::Online | GroupState::Failed
+            ) | (GroupState::Online, GroupState::Failed)
+                | (
+                    GroupState::Offlining,
+                    GroupState::Offline | GroupState::Failed
+                )
+        );
+        if !fits {
+            // Already there, or overtaken by another change: nothing left to say.
+            l.report = None;
+            return;
+        }
+        if l.in_flight {
+            return;
+        }
+        l.in_flight = true;
+        out.push(Step::Report {
+            group: name.to_owned(),
+            epoch: l.epoch,
+            state,
+        });
+    }
+
+    /// How long to wait before onlining `name` at `epoch`.
+    fn fence_wait(&self, db: &DbContent, name: &str, epoch: u64, facts: &Facts<'_>) -> Duration {
+        if epoch <= 1 {
+            return Duration::ZERO;
+        }
+        let Some(prev) = self
+            .before
+            .get(name)
+            .filter(|p| p.ownership.epoch.checked_add(1) == Some(epoch))
+        else {
+            return self.stop_bound(db, name);
+        };
+        let Some(owner) = prev.ownership.owner.as_deref() else {
+            return self.stop_bound(db, name);
+        };
+        if owner == self.cfg.me {
+            // This node's own earlier run is over: a new run starts only after it stopped.
+            return Duration::ZERO;
+        }
+        if matches!(
+            prev.ownership.state,
+            GroupState::Offline | GroupState::Failed
+        ) {
+            return Duration::ZERO;
+        }
+        match (prev.owner_since, facts.member_since.get(owner)) {
+            (Some(then), Some(now)) if then == *now => Duration::ZERO,
+            _ => self.stop_bound(db, name),
+        }
+    }
+}
+
+/// The resources of `group`, dependents first (every resource of the group, also when the
+/// dependencies are broken: offline must not leave one behind).
+pub fn offline_order(db: &DbContent, group: &str) -> Vec<String> {
+    match cluster::failover::topo_order(db, group) {
+        Ok(mut o) => {
+            o.reverse();
+            o
+        }
+        Err(_) => db
+            .resources
+            .values()
+            .filter(|r| r.group == group)
+            .map(|r| r.name.clone())
+            .rev()
+            .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cluster::db::{Group, Resource, Update};
+
+    use super::*;
+
+    const GRACE: Duration = Duration::from_millis(500);
+    const MARGIN: Duration = Duration::from_millis(500);
+
+    fn plan(me: &str) -> Plan {
+        Plan::new(PlanConfig {
+            me: me.into(),
+            acting_grace: GRACE,
+            stop_margin: MARGIN,
+        })
+    }
+
+    /// Group `g` preferring a, b, c with resources data <- addr <- svc (offline 1 s each).
+    fn db() -> DbContent {
+        let mut db = DbContent::default();
+        for n in ["a", "b", "c"] {
+            db.apply(&Update::AddNode { node: n.into() }).expect("node");
+        }
+        db.apply(&Update::AddGroup(Group {
+            name: "g".into(),
+            preferred_owners: vec!["a".into(), "b".into(), "c".into()],
+            ..Group::default()
+        }))
+        .expect("group");
+        for (name, deps) in [
+            ("data", vec![]),
+            ("addr", vec!["data"]),
+            ("svc", vec!["addr"]),
+        ] {
+            db.apply(&Update::AddResource(Resource {
+                name: name.into(),
+                group: "g".into(),
+                kind: "exec".into(),
+                depends_on: deps.into_iter().map(String::from).collect(),
+                properties: [("agent".to_owned(), "/bin/true".to_owned())].into(),
+                offline_timeout_ms: 1000,
+                ..Resource::default()
+            }))
+            .expect("resource");
+        }
+        db
+    }
+
+    fn assign(db: &mut DbContent, owner: &str) {
+        let epoch = db.ownership_of("g").epoch + 1;
+        db.apply(&Update::AssignGroup {
+            group: "g".into(),
+            epoch,
+            owner: Some(owner.into()),
+            at_ms: 0,
+            reason: "test".into(),
+            failover: false,
+        })
+        .expect("assign");
+    }
+
+    fn report(db: &mut DbContent, state: GroupState) {
+        let epoch = db.ownership_of("g").epoch;
+        db.apply(&Update::ReportGroup {
+            group: "g".into(),
+            epoch,
+            state,
+        })
+        .expect("report");
+    }
+
+    fn members(ms: &[(&str, u64)]) -> BTreeMap<NodeId, u64> {
+        ms.iter().map(|(n, e)| ((*n).to_owned(), *e)).collect()
+    }
+
+    fn run(
+        p: &mut Plan,
+        now: Instant,
+        db: &DbContent,
+        acting: bool,
+        m: &BTreeMap<NodeId, u64>,
+    ) -> Vec<Step> {
+        p.evaluate(
+            now,
+            &Facts {
+                db,
+                acting,
+                member_since: m,
+            },
+        )
+        .into_iter()
+        .filter(|s| !matches!(s, Step::Observed { .. }))
+        .collect()
+    }
+
+    fn online(epoch: u64, wait: Duration) -> Step {
+        Step::Online {
+            group: "g".into(),
+            epoch,
+            wait,
+            order: vec!["data".into(), "addr".into(), "svc".into()],
+        }
+    }
+
+    fn offline(epoch: u64, why: &str) -> Step {
+        Step::Offline {
+            group: "g".into(),
+            epoch,
+            order: vec!["svc".into(), "addr".into(), "data".into()],
+            why: why.into(),
+        }
+    }
+
+    fn rep(epoch: u64, state: GroupState) -> Step {
+        Step::Report {
+            group: "g".into(),
+            epoch,
+            state,
+        }
+    }
+
+    #[test]
+    fn the_owner_onlines_in_order_reports_and_monitors() {
+        let t = Instant::now();
+        let m = members(&[("a", 1), ("b", 1), ("c", 1)]);
+        let mut db = db();
+        let mut p = plan("a");
+        assert_eq!(run(&mut p, t, &db, true, &m), vec![]);
+        assign(&mut db, "a");
+        // The first owner ever has nobody to wait for.
+        assert_eq!(
+            run(&mut p, t, &db, true, &m),
+            vec![online(1, Duration::ZERO)]
+        );
+        assert_eq!(run(&mut p, t, &db, true, &m), vec![], "once");
+        p.onlined("g", 1, Ok(()));
+        assert_eq!(
+            run(&mut p, t, &db, true, &m),
+            vec![
+                rep(1, GroupState::Online),
+                Step::Monitor {
+                    group: "g".into(),
+                    epoch: 1
+                }
+            ]
+        );
+        assert_eq!(
+            run(&mut p, t, &db, true, &m),
+            vec![],
+            "the report is in flight"
+        );
+        p.reported("g", 1, GroupState::Online, ReportOutcome::Retry);
+        assert_eq!(
+            run(&mut p, t, &db, true, &m),
+            vec![rep(1, GroupState::Online)]
+        );
+        p.reported("g", 1, GroupState::Online, ReportOutcome::Settled);
+        report(&mut db, GroupState::Online);
+        assert_eq!(run(&mut p, t, &db, true, &m), vec![]);
+        // Other nodes do nothing.
+        let mut b = plan("b");
+        assert_eq!(run(&mut b, t, &db, true, &m), vec![]);
+    }
+
+    #[test]
+    fn a_failed_check_takes_everything_offline_in_reverse_then_reports_failed() {
+        let t = Instant::now();
+        let m = members(&[("a", 1), ("b", 1)]);
+        let mut db = db();
+        let mut p = plan("a");
+        assign(&mut db, "a");
+        run(&mut p, t, &db, true, &m);
+        p.onlined("g", 1, Ok(()));
+        run(&mut p, t, &db, true, &m);
+        report(&mut db, GroupState::Online);
+        p.reported("g", 1, GroupState::Online, ReportOutcome::Settled);
+        p.check_failed("g", 1, "resource svc: gone".into());
+        assert_eq!(
+            run(&mut p, t, &db, true, &m),
+            vec![offline(1, "resource svc: gone")]
+        );
+        assert_eq!(
+            run(&mut p, t, &db, true, &m),
+            vec![],
+            "no report before it is offline"
+        );
+        p.offlined("g", 1, true);
+        assert_eq!(
+            run(&mut p, t, &db, true, &m),
+            vec![rep(1, GroupState::Failed)]
+        );
+        p.reported("g", 1, GroupState::Failed, ReportOutcome::Settled);
+        report(&mut db, GroupState::Failed);
+        assert_eq!(run(&mut p, t, &db, true, &m), vec![]);
+    }
+
+    #[test]
+    fn a_failed_onlining_goes_offline_and_reports_failed() {
+        let t = Instant::now();
+        let m = members(&[("a", 1)]);
+        let mut db = db();
+        let mut p = plan("a");
+        assign(&mut db, "a");
+        run(&mut p, t, &db, true, &m);
+        p.onlined("g", 1, Err("resource addr: timed out".into()));
+        assert_eq!(
+            run(&mut p, t, &db, true, &m),
+            vec![offline(1, "resource addr: timed out")]
+        );
+        p.offlined("g", 1, true);
+        assert_eq!(
+            run(&mut p, t, &db, true, &m),
+            vec![rep(1, GroupState::Failed)]
+        );
+    }
+
+    #[test]
+    fn a_release_goes_offline_and_reports_offline_and_the_target_needs_no_fence() {
+        let t = Instant::now();
+        let m = members(&[("a", 1), ("b", 1)]);
+        let mut db = db();
+        let (mut a, mut b) = (plan("a"), plan("b"));
+        assign(&mut db, "a");
+        run(&mut a, t, &db, true, &m);
+        run(&mut b, t, &db, true, &m);
+        a.onlined("g", 1, Ok(()));
+        run(&mut a, t, &db, true, &m);
+        report(&mut db, GroupState::Online);
+        a.reported("g", 1, GroupState::Online, ReportOutcome::Settled);
+        db.apply(&Update::ReleaseGroup {
+            group: "g".into(),
+            epoch: 1,
+            to: Some("b".into()),
+            reason: "move".into(),
+        })
+        .expect("release");
+        assert_eq!(
+            run(&mut a, t, &db, true, &m),
+            vec![offline(1, "released to b")]
+        );
+        a.offlined("g", 1, true);
+        assert_eq!(
+            run(&mut a, t, &db, true, &m),
+            vec![rep(1, GroupState::Offline)]
+        );
+        report(&mut db, GroupState::Offline);
+        run(&mut b, t, &db, true, &m);
+        assign(&mut db, "b");
+        // b saw a report the group offline: no fence wait.
+        assert_eq!(
+            run(&mut b, t, &db, true, &m),
+            vec![online(2, Duration::ZERO)]
+        );
+        // a forgets its stopped run.
+        assert_eq!(run(&mut a, t, &db, true, &m), vec![]);
+        assert!(a.groups().is_empty());
+    }
+
+    #[test]
+    fn a_new_owner_waits_out_the_stop_bound_of_a_lost_owner() {
+        let t = Instant::now();
+        let mut db = db();
+        let mut b = plan("b");
+        let all = members(&[("a", 1), ("b", 1), ("c", 1)]);
+        assign(&mut db, "a");
+        report(&mut db, GroupState::Online);
+        run(&mut b, t, &db, true, &all);
+        // a is lost: the view without it, the group assigned to b.
+        let without = members(&[("b", 1), ("c", 1)]);
+        assign(&mut db, "b");
+        let bound = GRACE + Duration::from_secs(3) + MARGIN;
+        assert_eq!(b.stop_bound(&db, "g"), bound);
+        assert_eq!(run(&mut b, t, &db, true, &without), vec![online(2, bound)]);
+    }
+
+    #[test]
+    fn a_previous_owner_that_stayed_a_member_was_not_lost() {
+        let t = Instant::now();
+        let mut db = db();
+        let mut b = plan("b");
+        let all = members(&[("a", 1), ("b", 1)]);
+        assign(&mut db, "a");
+        report(&mut db, GroupState::Online);
+        run(&mut b, t, &db, true, &all);
+        // The report and the assignment arrive together: b never saw "offline".
+        db.apply(&Update::ReleaseGroup {
+            group: "g".into(),
+            epoch: 1,
+            to: Some("b".into()),
+            reason: "move".into(),
+        })
+        .expect("release");
+        report(&mut db, GroupState::Offline);
+        assign(&mut db, "b");
+        assert_eq!(
+            run(&mut b, t, &db, true, &all),
+            vec![online(2, Duration::ZERO)]
+        );
+        // Had a rejoined in between (a new member-since), b would have waited.
+        let mut c = plan("b");
+        let mut db2 = self::db();
+        assign(&mut db2, "a");
+        report(&mut db2, GroupState::Online);
+        run(&mut c, t, &db2, true, &all);
+        assign(&mut db2, "b");
+        let rejoined = members(&[("a", 7), ("b", 1)]);
+        assert_eq!(
+            run(&mut c, t, &db2, true, &rejoined),
+            vec![online(2, c.stop_bound(&db2, "g"))]
+        );
+        // A node that starts with the assignment already there knows nothing: it waits.
+        let mut fresh = plan("b");
+        assert_eq!(
+            run(&mut fresh, t, &db2, true, &rejoined),
+            vec![online(2, fresh.stop_bound(&db2, "g"))]
+        );
+    }
+
+    #[test]
+    fn ownership_moving_away_stops_the_run_at_once_without_a_report() {
+        let t = Instant::now();
+        let m = members(&[("a", 1), ("b", 1)]);
+        let mut db = db();
+        let mut a = plan("a");
+        assign(&mut db, "a");
+        run(&mut a, t, &db, true, &m);
+        // Reassigned while still onlining (a was seen lost by the others).
+        assign(&mut db, "b");
+        assert_eq!(
+            run(&mut a, t, &db, true, &m),
+            vec![offline(1, "ownership moved to b at epoch 2")]
+        );
+        a.onlined("g", 1, Ok(()));
+        a.offlined("g", 1, true);
+        assert_eq!(run(&mut a, t, &db, true, &m), vec![]);
+    }
+
+    #[test]
+    fn losing_the_verdict_keeps_groups_through_a_view_change_but_stops_them_after_the_grace() {
+        let t = Instant::now();
+        let m = members(&[("a", 1), ("b", 1)]);
+        let mut db = db();
+        let mut a = plan("a");
+        assign(&mut db, "a");
+        run(&mut a, t, &db, true, &m);
+        a.onlined("g", 1, Ok(()));
+        run(&mut a, t, &db, true, &m);
+        report(&mut db, GroupState::Online);
+        a.reported("g", 1, GroupState::Online, ReportOutcome::Settled);
+        // A view change (c joins): the verdict blinks, a stays a member since epoch 1.
+        assert_eq!(run(&mut a, t, &db, false, &m), vec![]);
+        assert_eq!(a.next_deadline(), Some(t + GRACE));
+        let joined = members(&[("a", 1), ("b", 1), ("c", 5)]);
+        assert_eq!(
+            run(&mut a, t + Duration::from_millis(200), &db, true, &joined),
+            vec![]
+        );
+        assert_eq!(a.groups()["g"].phase, Phase::Online);
+        // Now a loses the verdict for good.
+        let t2 = t + Duration::from_secs(10);
+        assert_eq!(run(&mut a, t2, &db, false, &joined), vec![]);
+        assert_eq!(
+            run(&mut a, t2 + GRACE, &db, false, &joined),
+            vec![offline(1, "this node lost the acting verdict")]
+        );
+        a.offlined("g", 1, true);
+        assert_eq!(
+            run(&mut a, t2 + GRACE, &db, false, &joined),
+            vec![],
+            "no report without acting"
+        );
+        // Back in the cluster with a stale database that still names it: it says it failed
+        // (the compare-and-set decides whether that still applies).
+        let back = members(&[("a", 9), ("b", 1), ("c", 5)]);
+        assert_eq!(
+            run(&mut a, t2 + GRACE * 2, &db, true, &back),
+            vec![rep(1, GroupState::Failed)]
+        );
+    }
+
+    #[test]
+    fn coming_back_in_a_new_membership_within_the_grace_stops_the_groups() {
+        let t = Instant::now();
+        let m = members(&[("a", 1), ("b", 1)]);
+        let mut db = db();
+        let mut a = plan("a");
+        assign(&mut db, "a");
+        run(&mut a, t, &db, true, &m);
+        a.onlined("g", 1, Ok(()));
+        run(&mut a, t, &db, true, &m);
+        run(&mut a, t, &db, false, &m);
+        let rejoined = members(&[("a", 4), ("b", 1)]);
+        assert_eq!(
+            run(&mut a, t + Duration::from_millis(100), &db, true, &rejoined),
+            vec![offline(1, "this node rejoined the cluster")]
+        );
+    }
+
+    #[test]
+    fn an_owned_group_that_is_not_running_here_is_cleaned_up_and_reported_failed() {
+        let t = Instant::now();
+        let m = members(&[("a", 1), ("b", 1)]);
+        let mut db = db();
+        assign(&mut db, "a");
+        report(&mut db, GroupState::Online);
+        // watchd restarted: the plan starts empty.
+        let mut a = plan("a");
+        assert_eq!(
+            run(&mut a, t, &db, true, &m),
+            vec![offline(1, "not running here at epoch 1")]
+        );
+        a.offlined("g", 1, true);
+        assert_eq!(
+            run(&mut a, t, &db, true, &m),
+            vec![rep(1, GroupState::Failed)]
+        );
+    }
+
+    #[test]
+    fn a_resource_that_does_not_stop_turns_a_clean_offline_into_failed() {
+        let t = Instant::now();
+        let m = members(&[("a", 1), ("b", 1)]);
+        let mut db = db();
+        let mut a = plan("a");
+        assign(&mut db, "a");
+        run(&mut a, t, &db, true, &m);
+        a.onlined("g", 1, Ok(()));
+        run(&mut a, t, &db, true, &m);
+        report(&mut db, GroupState::Online);
+        a.reported("g", 1, GroupState::Online, ReportOutcome::Settled);
+        db.apply(&Update::ReleaseGroup {
+            group: "g".into(),
+            epoch: 1,
+            to: None,
+            reason: "offline".into(),
+        })
+        .expect("release");
+        assert_eq!(run(&mut a, t, &db, true, &m), vec![offline(1, "released")]);
+        a.offlined("g", 1, false);
+        assert_eq!(
+            run(&mut a, t, &db, true, &m),
+            vec![rep(1, GroupState::Failed)]
+        );
+    }
+
+    #[test]
+    fn observed_changes_are_reported_once_each() {
+        let t = Instant::now();
+        let m = members(&[("a", 1)]);
+        let mut db = db();
+        let mut b = plan("b");
+        let observed = |p: &mut Plan, db: &DbContent| {
+            p.evaluate(
+                t,
+                &Facts {
+                    db,
+                    acting: true,
+                    member_since: &m,
+                },
+            )
+            .into_iter()
+            .filter(|s| matches!(s, Step::Observed { .. }))
+            .count()
+        };
+        assert_eq!(observed(&mut b, &db), 1);
+        assert_eq!(observed(&mut b, &db), 0);
+        assign(&mut db, "a");
+        assert_eq!(observed(&mut b, &db), 1);
+        report(&mut db, GroupState::Online);
+        assert_eq!(observed(&mut b, &db), 1);
+    }
+}
