@@ -65,9 +65,13 @@ impl Pair {
     /// Starts node `me` with extra lines in the `[[fileset]]` table.
     fn start_with(&self, me: usize, fileset_extra: &str, services: &str) -> Watchd {
         let node = if me == 0 { "a" } else { "b" };
-        // Rings go to the test's scratch directory, not /dev/shm, so nothing outlives the test.
-        let scratch_rings = std::env::temp_dir().join(ftkit_tests::unique("ft-rings"));
-        std::fs::create_dir_all(&scratch_rings).expect("ring dir");
+        // Rings go to the test's scratch directory, not /dev/shm, so nothing outlives the test;
+        // watchd creates the directory (a missing ring_dir must not stop replication).
+        let scratch_rings = self
+            ._shared
+            .path()
+            .join(ftkit_tests::unique("rings"))
+            .join(node);
         Watchd::start_node(
             Some(self.lab.netns(me)),
             &format!("repl-{node}"),

@@ -323,6 +323,17 @@ pub async fn setup(config: &Config, instance: &str) -> anyhow::Result<Option<Set
         let member = primary_here || f.backups.contains(&node);
         let ring = (f.mode == FilesetMode::Replay)
             .then(|| ring_path(&config.watchd.ring_dir, instance, f.name()));
+        // A missing ring directory would only show when the pump fails to create its ring,
+        // after the services started writing: refuse to start instead.
+        if ring.is_some() && member {
+            std::fs::create_dir_all(&config.watchd.ring_dir).with_context(|| {
+                format!(
+                    "fileset {}: cannot create ring_dir {}",
+                    f.name(),
+                    config.watchd.ring_dir.display()
+                )
+            })?;
+        }
         // Services write through the ring of the node they run on; a group-managed fileset's
         // services run where the group is online, which is where its pump runs (the executor
         // brings the fileset online before the services that depend on it).
