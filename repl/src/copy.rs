@@ -1,12 +1,13 @@
 //! Copy mode (NT-SwiFT) for programs whose writes cannot be intercepted: watches the fileset's
-//! directory (notify, inotify underneath) and turns the state of each path that has been quiet
+//! directories (inotify, one watch per directory, see `watch`) and turns the state of each path that has been quiet
 //! for the configured interval into [`Op`](crate::Op)s with dense seqs, which the pump streams
 //! like ring records. Owns the watcher and copy threads; it must never block the caller's
 //! runtime, and never read outside the root or through a symlink.
 //!
 //! ```text
-//!   inotify ─► notify thread ─try_send─► event queue ─► copy thread: interpret ─► CopyEngine
-//!                   (queue full ⇒ Rescan)                   │ reads files (openat2 BENEATH)
+//!   inotify ─► watch thread ─try_send─► event queue ─► copy thread: interpret ─► CopyEngine
+//!   (names by watch,   (queue full ⇒ Rescan)                │ reads files (openat2 BENEATH)
+//!    renames in order)
 //!                                                            ▼
 //!                               tokio mpsc ◄── CopyOutput::Records(batch) | Rescan { next_seq }
 //! ```
@@ -34,38 +35,38 @@
 //! Limits: hard links are copied as separate files; FIFOs, sockets and devices are not
 //! replicated; directory mtimes are not replicated; without a maximum delay, a file that never
 //! stays quiet is never copied. A new directory is listed no sooner than [`EVENT_GRACE`] after
-//! it appeared, because notify adds its watch only after reporting it: a file created in it
-//! in between is missed only if notify is kept busy that long by a stream of events. A path
+//! it appeared (its watch exists by then; the watch thread adds it before reporting it). A path
 //! whose kind changes (file removed, directory made) while its copy is being made can yield one
 //! op that replay refuses as a conflict; the removal and creation events that follow repair
-//! the replica. notify's inotify mask includes opens and closes after reading, which this
-//! module drops before its queue, but which still fill inotify's kernel queue (reading a large
-//! tree quickly can make it overflow: a rescan).
+//! the replica. A directory moved in the tree into a directory so new that it was not watched
+//! yet is recognised by its watch (the kernel's watches belong to directories, not paths); one
+//! that left the tree, or whose rename cannot be named exactly, causes a rescan.
 
 mod engine;
 mod event;
 mod tree;
+mod watch;
 
 #[cfg(test)]
 mod tests;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc;
 
 pub use engine::{COPY_CHUNK_BYTES, EVENT_GRACE, MAX_COPY_FAILURES, MAX_INTERVAL};
 use engine::{CopyEngine, Sink, Stopped, WatchEvent};
 use tree::FsTree;
+use watch::{StopFd, Watches};
 
 use crate::OpRecord;
 
-/// Default capacity of the queue between notify's thread and the copy thread, in events; when
+/// Default capacity of the queue between the watch thread and the copy thread, in events; when
 /// it is full, events are lost and a rescan follows (like inotify's own queue overflow).
 pub const DEFAULT_EVENT_QUEUE: usize = 65_536;
 
@@ -78,6 +79,9 @@ const RECORD_OVERHEAD: usize = 64;
 
 /// Name of the copy thread.
 const THREAD_NAME: &str = "ftkit-copy";
+
+/// Name of the thread that reads inotify events.
+const WATCH_THREAD_NAME: &str = "ftkit-copy-watch";
 
 /// Configuration of copy mode for one fileset.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,11 +201,37 @@ pub struct CopySource {
     stop: Arc<StopSignal>,
     wake: SyncSender<Msg>,
     thread: Option<JoinHandle<()>>,
+    watch: WatchThread,
+}
+
+/// The thread reading inotify events; dropping it stops it and waits for it.
+#[derive(Debug)]
+struct WatchThread {
+    stop: Arc<StopFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl WatchThread {
+    fn shutdown(&mut self) {
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        self.stop.signal();
+        if thread.join().is_err() {
+            tracing::error!("copy mode watch thread panicked");
+        }
+    }
+}
+
+impl Drop for WatchThread {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
 }
 
 impl CopySource {
     /// Watches `root` recursively and copies changed paths once they have been quiet for
-    /// `quiet`, in batches of at most `max_batch_bytes`. Blocks while notify sets up a watch on
+    /// `quiet`, in batches of at most `max_batch_bytes`. Blocks while a watch is set up on
     /// every directory (call it from a blocking context for large trees).
     pub fn start(
         root: &Path,
@@ -236,24 +266,31 @@ impl CopySource {
                 if !event::may_matter(&res) {
                     return;
                 }
-                // Never block notify's thread: a full queue loses events, which a rescan covers.
+                // Never block the watch thread: a full queue loses events, which a rescan
+                // covers.
                 if let Err(std::sync::mpsc::TrySendError::Full(_)) = tx.try_send(Msg::Event(res)) {
                     overflow.store(true, Ordering::Release);
                 }
             }
         };
-        let watch_err = |source| CopyError::Watch {
+        let watches = Watches::open(&root).map_err(|e| CopyError::Watch {
             path: root.clone(),
-            source,
+            source: notify::Error::io(e),
+        })?;
+        let watches = Arc::new(Mutex::new(watches));
+        let watch_stop = Arc::new(StopFd::new().map_err(CopyError::Spawn)?);
+        let watch_thread = {
+            let (watches, stop) = (watches.clone(), watch_stop.clone());
+            std::thread::Builder::new()
+                .name(WATCH_THREAD_NAME.into())
+                .spawn(move || watch::run(&watches, &stop, handler))
+                .map_err(CopyError::Spawn)?
         };
-        let mut watcher = notify::RecommendedWatcher::new(
-            handler,
-            notify::Config::default().with_follow_symlinks(false),
-        )
-        .map_err(watch_err)?;
-        watcher
-            .watch(&root, RecursiveMode::Recursive)
-            .map_err(watch_err)?;
+        // Dropped (the thread stopped) if anything below fails.
+        let watch = WatchThread {
+            stop: watch_stop,
+            thread: Some(watch_thread),
+        };
 
         let (out_tx, out_rx) = mpsc::channel(OUTPUT_QUEUE_BATCHES);
         let stop = Arc::new(StopSignal::default());
@@ -271,14 +308,14 @@ impl CopySource {
                 batch: Vec::new(),
                 bytes: 0,
                 max_batch_bytes: cfg.max_batch_bytes,
-                watcher,
-                root: root.clone(),
+                watches,
             },
         };
         let thread = std::thread::Builder::new()
             .name(THREAD_NAME.into())
             .spawn(move || worker.run())
             .map_err(CopyError::Spawn)?;
+
         tracing::info!(root = %root.display(), quiet = ?cfg.quiet, max_delay = ?cfg.max_delay, "copy mode started");
         Ok((
             CopySource {
@@ -286,6 +323,7 @@ impl CopySource {
                 stop,
                 wake: event_tx,
                 thread: Some(thread),
+                watch,
             },
             out_rx,
         ))
@@ -313,6 +351,7 @@ impl Drop for CopySource {
         {
             tracing::error!(root = %self.root.display(), "copy mode thread panicked");
         }
+        self.watch.shutdown();
     }
 }
 
@@ -423,8 +462,7 @@ struct Output {
     batch: Vec<OpRecord>,
     bytes: usize,
     max_batch_bytes: usize,
-    watcher: notify::RecommendedWatcher,
-    root: PathBuf,
+    watches: Arc<Mutex<Watches>>,
 }
 
 impl Output {
@@ -468,11 +506,13 @@ impl Output {
     /// whose events were lost): set them all up again before the rescan is announced, so that
     /// nothing changing after the resync's scan goes unseen.
     fn rewatch(&mut self) {
-        if let Err(e) = self.watcher.unwatch(&self.root) {
-            tracing::debug!(error = %e, "copy mode: unwatch before rewatch");
-        }
-        if let Err(e) = self.watcher.watch(&self.root, RecursiveMode::Recursive) {
-            tracing::error!(root = %self.root.display(), error = %e, "copy mode: cannot watch the fileset root again; changes are no longer seen");
+        for e in watch::lock(&self.watches).rewatch() {
+            match e {
+                Err(e) => {
+                    tracing::error!(error = %e, "copy mode: cannot watch the whole fileset again; changes may go unseen")
+                }
+                Ok(ev) => tracing::debug!(?ev, "copy mode: event while watching again"),
+            }
         }
     }
 }

@@ -167,7 +167,7 @@ struct Pending {
     /// explains it.
     missing_since: Option<Instant>,
     failures: u32,
-    /// When an event said the entry appeared (created or renamed into place): notify adds the
+    /// When an event said the entry appeared (created or renamed into place): a watcher may add the
     /// watch on a new directory only after reporting it, so such a directory is listed no
     /// sooner than [`EVENT_GRACE`] after this.
     appeared: Option<Instant>,
@@ -500,7 +500,7 @@ impl CopyEngine {
                 continue;
             }
             let key = key.to_vec();
-            // An event beneath it came from a watch notify added after (while walking) the
+            // An event beneath it came from a watch added after (while walking) the
             // one on this directory: it can be listed now.
             self.copy(now, &key, true, tree, sink)?;
             if self
