@@ -1266,7 +1266,17 @@ impl DbContent {
                 }
             }
             Update::AddGroup(g) => {
-                self.ownership.insert(g.name.clone(), Ownership::default());
+                // A group added again under an old name goes on from the epoch it had: an
+                // epoch starting over at 0 would be refused as stale by the replicas its
+                // earlier owners wrote to (and could let a stale owner's writes in).
+                let epoch = self.ownership.get(&g.name).map_or(0, |o| o.epoch);
+                self.ownership.insert(
+                    g.name.clone(),
+                    Ownership {
+                        epoch,
+                        ..Ownership::default()
+                    },
+                );
                 self.groups.insert(g.name.clone(), g);
             }
             Update::SetGroup(g) => {
@@ -1274,7 +1284,20 @@ impl DbContent {
             }
             Update::RemoveGroup { name } => {
                 self.groups.remove(&name);
-                self.ownership.remove(&name);
+                // A record that ever had an owner stays, owner-less, to keep the name's
+                // epoch (see AddGroup).
+                match self.ownership.get_mut(&name) {
+                    Some(own) if own.epoch > 0 => {
+                        *own = Ownership {
+                            epoch: own.epoch,
+                            reason: "group removed".into(),
+                            ..Ownership::default()
+                        };
+                    }
+                    _ => {
+                        self.ownership.remove(&name);
+                    }
+                }
             }
             Update::AddResource(r) | Update::SetResource(r) => {
                 self.resources.insert(r.name.clone(), r);

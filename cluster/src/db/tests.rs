@@ -895,7 +895,7 @@ fn ownership_changes_by_compare_and_set_and_sensible_transitions() {
         ),
         (GroupState::Offline, 0)
     );
-    // Removing the group removes its ownership.
+    // Removing the group leaves an owner-less record that keeps its epoch ...
     for u in [
         Update::RemoveResource {
             name: "httpd".into(),
@@ -905,7 +905,10 @@ fn ownership_changes_by_compare_and_set_and_sensible_transitions() {
     ] {
         c.apply(&u).expect("removal");
     }
-    assert!(!c.ownership.contains_key("web"));
+    assert_eq!(
+        (own(&c).owner, own(&c).state, own(&c).epoch),
+        (None, GroupState::Offline, 4)
+    );
     assert!(matches!(
         refused(
             &c,
@@ -916,6 +919,16 @@ fn ownership_changes_by_compare_and_set_and_sensible_transitions() {
         ),
         UpdateError::NotFound { .. }
     ));
+    // ... so the group added again goes on from it: its replicas would refuse epoch 1.
+    c.apply(&Update::AddGroup(group("web")))
+        .expect("added again");
+    assert_eq!((own(&c).owner, own(&c).epoch), (None, 4));
+    assert!(matches!(
+        refused(&c, assign("web", 1, Some("n1"), 3_000 + period, false)),
+        UpdateError::StaleEpoch { .. }
+    ));
+    c.apply(&assign("web", 5, Some("n1"), 3_000 + period, false))
+        .expect("the next epoch");
 }
 
 #[test]
@@ -1020,6 +1033,10 @@ fn group_policies_and_resource_kinds_are_validated() {
     for (u, needle) in [
         (kind("service", &[]), "needs property \"service\""),
         (kind("checkpoint", &[]), "needs property \"service\""),
+        (
+            kind("checkpoint", &[("service", "kv")]),
+            "needs property \"fileset\"",
+        ),
         (kind("fileset", &[]), "needs property \"fileset\""),
         (kind("fileset", &[("fileset", "")]), "fileset"),
         (kind("exec", &[]), "needs property \"agent\""),
@@ -1071,7 +1088,7 @@ fn group_policies_and_resource_kinds_are_validated() {
     }
     for u in [
         kind("service", &[("service", "kv")]),
-        kind("checkpoint", &[("service", "kv")]),
+        kind("checkpoint", &[("service", "kv"), ("fileset", "kv-ckpt")]),
         kind("fileset", &[("fileset", "data")]),
         kind(
             "exec",
