@@ -49,6 +49,15 @@ pub struct DumpOptions {
     pub snapshot_files: bool,
     /// Files larger than this keep only their size (a rollback truncates them back to it).
     pub max_file_snapshot: u64,
+    /// Files left out of the file snapshot, e.g. the log a supervisor gave the process as its
+    /// stdout and stderr. A descriptor's file is excluded when its `/proc/PID/fd/N` target is
+    /// one of these paths (as given or canonicalized) or the same device and inode as one.
+    /// See [`FdState::excluded`] for what a restore and a rollback do with such a file.
+    pub exclude_paths: Vec<PathBuf>,
+    /// Descriptor numbers whose files are left out the same way (every descriptor of the
+    /// same file, at any number, is then excluded too: a snapshot taken through another
+    /// descriptor would roll the contents back all the same).
+    pub exclude_fds: Vec<i32>,
 }
 
 impl Default for DumpOptions {
@@ -56,6 +65,8 @@ impl Default for DumpOptions {
         DumpOptions {
             snapshot_files: true,
             max_file_snapshot: DEFAULT_MAX_FILE_SNAPSHOT,
+            exclude_paths: Vec::new(),
+            exclude_fds: Vec::new(),
         }
     }
 }
@@ -95,6 +106,9 @@ pub struct DumpSummary {
     pub unrestorable: Vec<Unrestorable>,
     /// Files open for writing whose contents were too large to keep (size kept only).
     pub files_size_only: Vec<String>,
+    /// Files left out of the snapshot by `DumpOptions::exclude_paths` / `exclude_fds`
+    /// (recorded as open descriptors only).
+    pub files_excluded: Vec<String>,
 }
 
 /// How a restore builds the new process.

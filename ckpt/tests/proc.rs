@@ -303,6 +303,154 @@ fn rollback_in_place_returns_to_the_checkpoint() {
     assert_same_history(&data, &ref_data, at_dump + 30);
 }
 
+/// The header and metadata of the image at `path`.
+fn image_meta(path: &Path) -> (ckpt::ImageHeader, proc::ProcessMeta) {
+    let mut meta = Vec::new();
+    let (header, _) = ckpt::read_image(
+        File::open(path).unwrap(),
+        "proc-test",
+        Some(&mut |region: u32, offset: u64, data: &[u8]| {
+            if region == 0 {
+                let at = usize::try_from(offset).unwrap();
+                if meta.len() < at + data.len() {
+                    meta.resize(at + data.len(), 0);
+                }
+                meta[at..at + data.len()].copy_from_slice(data);
+            }
+        }),
+    )
+    .unwrap();
+    (header, proc::ProcessMeta::decode(&meta).unwrap())
+}
+
+/// Every "i sum" line of `log` is step i of the uninterrupted run (a step replayed after a
+/// rollback or restore may appear twice); returns the step numbers in log order.
+fn assert_steps_match(log: &[String], reference: &[String]) -> Vec<usize> {
+    let mut order = Vec::new();
+    for line in log {
+        let i: usize = line.split(' ').next().unwrap().parse().unwrap();
+        assert_eq!(
+            Some(line),
+            reference.get(i),
+            "step {i} differs from the uninterrupted run"
+        );
+        order.push(i);
+    }
+    order
+}
+
+#[test]
+fn an_excluded_log_is_left_out_of_the_image_and_of_the_rollback() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    // stdout (`a.out`, opened without O_APPEND) is the log; the data file is O_APPEND.
+    let c = start_counter(tmp.path(), "a", 1, None);
+    wait_steps(&c.out, 10);
+    let log_name = fs::canonicalize(&c.out)
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let opts = DumpOptions {
+        exclude_paths: vec![c.out.clone()],
+        ..DumpOptions::default()
+    };
+    let d = proc::dump(c.proc.pid, &s, &opts).unwrap();
+    assert_eq!(d.files_excluded, vec![log_name.clone()]);
+    let (header, meta) = image_meta(&d.path);
+    let names: Vec<&str> = meta.files.iter().map(|f| f.path.as_str()).collect();
+    assert!(!names.contains(&log_name.as_str()), "{names:?}");
+    let data_name = fs::canonicalize(&c.data).unwrap();
+    assert!(names.contains(&data_name.to_str().unwrap()), "{names:?}");
+    let file_regions = header
+        .regions
+        .iter()
+        .filter(|r| r.id >= proc::meta::FILE_REGION_BASE)
+        .count();
+    assert_eq!(file_regions, meta.files.len(), "{:?}", header.regions);
+    let kept: u64 = meta.files.iter().map(|f| f.size).sum();
+    assert_eq!(d.file_bytes, kept, "only the other files' bytes");
+    let stdout = meta.fds.iter().find(|f| f.fd == 1).unwrap();
+    assert!(stdout.excluded, "{stdout:?}");
+    assert!(
+        !meta.fds.iter().any(|f| f.fd != 1 && f.excluded),
+        "{:?}",
+        meta.fds
+    );
+
+    let at_dump = steps(&c.out).len();
+    wait_steps(&c.out, at_dump + 20);
+    let r = proc::rollback(c.proc.pid, &s, None).unwrap();
+    assert_eq!(r.pid, c.proc.pid);
+    // Read after the rollback: the log holds at least this, untouched.
+    let log_before = fs::read(&c.out).unwrap();
+    assert!(
+        lines(&c.data).len() <= at_dump + 2,
+        "the data file was rolled back"
+    );
+    let before = steps(&c.out).len();
+    assert!(
+        before >= at_dump + 20,
+        "the log was cut back: {before} steps"
+    );
+    wait_steps(&c.out, before + 20);
+    c.proc.kill();
+    let log_after = fs::read(&c.out).unwrap();
+    assert!(
+        log_after.starts_with(&log_before),
+        "the log was rewritten after the rollback"
+    );
+    let got = steps(&c.out);
+    let (ref_steps, ref_data) = reference(tmp.path(), got.len() + 5);
+    let order = assert_steps_match(&got, &ref_steps);
+    // The replay appends: the step numbers go back to the checkpoint once, after the old end.
+    let back = order.windows(2).filter(|w| w[1] <= w[0]).count();
+    assert_eq!(back, 1, "{order:?}");
+    let turn = order.windows(2).position(|w| w[1] <= w[0]).unwrap();
+    assert!(
+        turn + 1 >= before - 1,
+        "replayed steps start inside the old log: {order:?}"
+    );
+    // About 10 steps before the checkpoint and 20 after the rollback.
+    assert_same_history(&lines(&c.data), &ref_data, 25);
+}
+
+#[test]
+fn a_restore_reopens_an_excluded_file_at_its_end_and_writes_on() {
+    let tmp = tempfile::tempdir().unwrap();
+    let s = store(tmp.path());
+    let c = start_counter(tmp.path(), "a", 1, None);
+    wait_steps(&c.out, 10);
+    // By descriptor number this time.
+    let opts = DumpOptions {
+        exclude_fds: vec![1],
+        ..DumpOptions::default()
+    };
+    let d = proc::dump(c.proc.pid, &s, &opts).unwrap();
+    assert_eq!(d.files_excluded.len(), 1, "{d:?}");
+    let at_dump = steps(&c.out).len();
+    wait_steps(&c.out, at_dump + 20);
+    c.proc.kill();
+    let log_at_kill = fs::read(&c.out).unwrap();
+    let killed_at = steps(&c.out).len();
+    let r = proc::restore(&s, None, RestoreOptions::default()).unwrap();
+    let restored = Proc { pid: r.pid };
+    wait_steps(&c.out, killed_at + 20);
+    restored.kill();
+    assert!(
+        fs::read(&c.out).unwrap().starts_with(&log_at_kill),
+        "the restore rewrote the excluded log"
+    );
+    let got = steps(&c.out);
+    let (ref_steps, ref_data) = reference(tmp.path(), got.len() + 5);
+    let order = assert_steps_match(&got, &ref_steps);
+    let turn = order.windows(2).position(|w| w[1] <= w[0]).unwrap();
+    assert_eq!(turn + 1, killed_at, "{order:?}");
+    // The checkpoint came after 10 printed steps and before `at_dump` were seen.
+    assert!((10..=at_dump + 1).contains(&order[turn + 1]), "{order:?}");
+    // The data file, not excluded, went back to the checkpoint and went on from there.
+    assert_same_history(&lines(&c.data), &ref_data, 25);
+}
+
 #[test]
 fn a_corrupt_image_is_refused_and_the_process_left_alone() {
     let tmp = tempfile::tempdir().unwrap();

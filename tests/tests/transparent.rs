@@ -2,7 +2,8 @@
 //! unmodified C counter (ckpt/tests/progs/counter.c) is dumped every 200 ms; after kill -9,
 //! `restart_from = "checkpoint"` brings it back from the newest dump, so its output goes on from
 //! the checkpointed count instead of from 0; `ftctl checkpoint` and `ftctl rollback` work on the
-//! live service; bad combinations are refused when the configuration is loaded.
+//! live service, whose log is left out of every image (a rollback never cuts it back); bad
+//! combinations are refused when the configuration is loaded.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -191,6 +192,7 @@ fn ftctl_checkpoint_and_rollback_round_trip() {
     let before = wait_until("the counter going on", DUMPS_TIMEOUT, || {
         last_count(&w).filter(|n| *n > stopped_at + LINES_BEFORE_ROLLBACK)
     });
+    let log_before = w.service_log("counter");
     let rolled = json_lines(&w.ftctl_ok(&["rollback", "counter", &seq.to_string(), "--json"]));
     assert_eq!(rolled[0]["seq"].as_u64(), Some(seq), "{rolled:?}");
     assert_eq!(
@@ -198,18 +200,14 @@ fn ftctl_checkpoint_and_rollback_round_trip() {
         Some(u64::from(pid)),
         "{rolled:?}"
     );
-    // Right after the rollback the newest count is back near the checkpoint's.
-    let now = last_count(&w).expect("the counter printed");
+    // The log is not cut back: the rolled back process writes on at its end, from the
+    // checkpoint's count.
+    let replayed = replayed_counts(&w, &log_before, 5);
     assert!(
-        now >= stopped_at && now < before,
-        "after the rollback the count is {now}; checkpointed at {stopped_at}, {before} before"
+        (stopped_at..=stopped_at + 1).contains(&replayed[0]),
+        "after the rollback the count is {}; checkpointed at {stopped_at}, {before} before",
+        replayed[0]
     );
-    let later = wait_until(
-        "the counter going on after the rollback",
-        DUMPS_TIMEOUT,
-        || last_count(&w).filter(|n| *n > now + 5),
-    );
-    assert!(later > now);
     assert_eq!(pid_of_counter(&w), Some(pid), "rolled back in place");
     assert_eq!(w.events_of_kind("counter", "rolled_back").len(), 1);
 
@@ -231,6 +229,93 @@ fn ftctl_checkpoint_and_rollback_round_trip() {
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let out = w.ftctl(&["checkpoint", "nosuch"]);
     assert_eq!(out.status.code(), Some(1), "{out:?}");
+}
+
+/// Waits until the service log, which must still start with `log_before` (a rollback never
+/// cuts it back), holds at least `n` counts after the count went back (the rollback's replay),
+/// and returns those.
+fn replayed_counts(w: &Watchd, log_before: &str, n: usize) -> Vec<u64> {
+    wait_until(
+        "the counter writing on after the rollback",
+        DUMPS_TIMEOUT,
+        || {
+            let log = w.service_log("counter");
+            assert!(
+                log.starts_with(log_before),
+                "the rollback rewrote the log ({} bytes before, {} now)",
+                log_before.len(),
+                log.len()
+            );
+            let all = counts(&log);
+            let turn = all.windows(2).position(|p| p[1] <= p[0])?;
+            let replayed = all[turn + 1..].to_vec();
+            assert!(
+                replayed.windows(2).all(|p| p[1] == p[0] + 1),
+                "counts after the rollback run on: {replayed:?}"
+            );
+            (replayed.len() >= n).then_some(replayed)
+        },
+    )
+}
+
+/// Bytes appended to the service log between two checkpoints: far more than the memory the
+/// counter writes in that time, so an image that kept the log would show it.
+const LOG_FILLER: usize = 16 << 20;
+
+#[test]
+fn the_log_is_left_out_of_dumps_and_grows_on_across_a_rollback() {
+    use std::io::Write;
+    let (_build, exe) = counter();
+    let scratch = Scratch::new("tp-log");
+    let data = scratch.file("counter.data");
+    let services = format!(
+        "[[service]]\nname = \"counter\"\ncommand = {}\nargs = [{}]\n\
+         checkpoint = {{ transparent = true }}\n",
+        q(&exe),
+        q(&data)
+    );
+    let w = Watchd::start("tp-log", &services);
+    let pid = w.wait_running("counter");
+    wait_until("the counter printing", DUMPS_TIMEOUT, || {
+        last_count(&w).filter(|n| *n > 10)
+    });
+    let first = json_lines(&w.ftctl_ok(&["checkpoint", "counter", "--json"]));
+    let seq = first[0]["seq"].as_u64().expect("seq");
+    let first_bytes = first[0]["image_bytes"].as_u64().expect("image_bytes");
+    let at_checkpoint = last_count(&w).expect("the counter printed");
+
+    // The log grows by far more than the counter's memory changes (appended like watchd's
+    // own descriptor does, O_APPEND); the next image does not.
+    let log_path = w.data_dir().join("logs").join("counter.log");
+    let mut log = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log_path)
+        .expect("open the service log");
+    let line = format!("{}\n", "#".repeat(1023));
+    log.write_all(line.repeat(LOG_FILLER / line.len()).as_bytes())
+        .expect("append to the service log");
+    drop(log);
+    let second = json_lines(&w.ftctl_ok(&["checkpoint", "counter", "--json"]));
+    let second_bytes = second[0]["image_bytes"].as_u64().expect("image_bytes");
+    let filler = u64::try_from(LOG_FILLER).expect("fits");
+    assert!(
+        second_bytes < filler && second_bytes < first_bytes + filler / 4,
+        "the image grew with the log: {first_bytes} then {second_bytes} bytes"
+    );
+
+    wait_until("the counter going on", DUMPS_TIMEOUT, || {
+        last_count(&w).filter(|n| *n > at_checkpoint + LINES_BEFORE_ROLLBACK)
+    });
+    let log_before = w.service_log("counter");
+    assert!(log_before.len() > LOG_FILLER);
+    w.ftctl_ok(&["rollback", "counter", &seq.to_string()]);
+    let replayed = replayed_counts(&w, &log_before, 20);
+    assert!(
+        replayed[0] <= at_checkpoint + 1,
+        "the count went back to the checkpoint: {replayed:?} (checkpointed at {at_checkpoint})"
+    );
+    assert_eq!(pid_of_counter(&w), Some(pid), "rolled back in place");
+    assert!(w.service_log("counter").len() > log_before.len());
 }
 
 fn pid_of_counter(w: &Watchd) -> Option<u32> {

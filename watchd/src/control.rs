@@ -29,7 +29,7 @@ const DEFAULT_LOG_TAIL: u64 = 64 * 1024;
 /// How long a client may take to send its request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a transparent checkpoint or rollback may take before the answer gives up on it.
-const TRANSPARENT_TIMEOUT: Duration = Duration::from_secs(120);
+pub const TRANSPARENT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Serves the control socket until the process ends. `node` is the cluster node, when this
 /// watchd is one.

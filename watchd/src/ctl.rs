@@ -29,6 +29,15 @@ mod group;
 pub const SOCKET_ENV: &str = "FTCTL_SOCKET";
 /// How long ftctl waits to connect and for each answer line, unless `--timeout` says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Room beyond watchd's own bound for its answer to a checkpoint or rollback to arrive.
+const CHECKPOINT_ANSWER_MARGIN_SECS: u64 = 10;
+/// How long `checkpoint` and `rollback` wait for their answer unless `--timeout` says
+/// otherwise: a transparent dump of a large process may take far longer than
+/// `DEFAULT_TIMEOUT`, and watchd bounds it itself (answering, once that bound passes, that the
+/// work goes on), so ftctl waits for that answer instead of reporting a running dump as failed.
+pub const CHECKPOINT_ANSWER_TIMEOUT: Duration = Duration::from_secs(
+    crate::control::TRANSPARENT_TIMEOUT.as_secs() + CHECKPOINT_ANSWER_MARGIN_SECS,
+);
 /// The longest answer line ftctl accepts; a `logs` answer is the largest legitimate one.
 pub const MAX_RESPONSE_LINE: u64 = 64 * 1024 * 1024;
 /// Pause between connection attempts while watchd's accept backlog is full.
@@ -51,9 +60,11 @@ struct Cli {
     /// watchd's configuration file; its data_dir holds the control socket.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// How long to wait to connect and for each answer (not while following events).
-    #[arg(long, global = true, value_name = "DURATION", default_value = "5s", value_parser = parse_timeout)]
-    timeout: Duration,
+    /// How long to wait to connect and for each answer (not while following events). Default
+    /// 5s; `checkpoint` and `rollback` wait for their answer as long as watchd works on them
+    /// (130s) unless this is given.
+    #[arg(long, global = true, value_name = "DURATION", value_parser = parse_timeout)]
+    timeout: Option<Duration>,
     #[command(subcommand)]
     command: Command,
 }
@@ -456,7 +467,16 @@ fn execute(
         Command::Group { command } => group::group_request(command)?,
         Command::Resource { command } => group::resource_request(command),
     };
-    let mut conn = Connection::open(socket, cli.timeout)?;
+    let mut conn = Connection::open(socket, cli.timeout.unwrap_or(DEFAULT_TIMEOUT))?;
+    if cli.timeout.is_none()
+        && matches!(
+            cli.command,
+            Command::Checkpoint { .. } | Command::Rollback { .. }
+        )
+    {
+        conn.timeout = CHECKPOINT_ANSWER_TIMEOUT;
+        conn.deadline_per_line = Some(CHECKPOINT_ANSWER_TIMEOUT);
+    }
     conn.send(&request)?;
     match &cli.command {
         Command::Status { json } => match conn.answer()? {
@@ -1865,6 +1885,56 @@ mod tests {
         assert!(
             took >= Duration::from_millis(200) && took < Duration::from_secs(3),
             "{took:?}"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_waits_for_its_answer_longer_than_the_default_timeout() {
+        let slow = DEFAULT_TIMEOUT + Duration::from_secs(1);
+        let fake = FakeWatchd::start(move |_, stream| {
+            // A large dump: the answer comes after the default timeout.
+            std::thread::sleep(slow);
+            answer_with(vec![Response::Checkpointed(
+                crate::api::TransparentCheckpoint {
+                    service: "web".into(),
+                    pid: 10,
+                    seq: 7,
+                    parent: None,
+                    pages: 262_144,
+                    image_bytes: 1 << 30,
+                    pause_us: 1000,
+                    total_us: 6_000_000,
+                    unrestorable: Vec::new(),
+                },
+            )])(&Request::Reload, stream);
+        });
+        let started = Instant::now();
+        let out = ctl(&["--socket", fake.socket(), "checkpoint", "web"]);
+        assert!(started.elapsed() >= slow);
+        assert!(matches!(fake.request(), Request::Checkpoint { .. }));
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        assert!(out.stdout.contains("checkpoint #7"), "{}", out.stdout);
+    }
+
+    #[test]
+    fn an_explicit_timeout_bounds_a_checkpoint_too() {
+        let fake = FakeWatchd::start(|_, stream| {
+            let _ = stream.read(&mut [0u8; 1]);
+        });
+        let out = ctl(&[
+            "--socket",
+            fake.socket(),
+            "--timeout",
+            "200ms",
+            "rollback",
+            "web",
+        ]);
+        fake.request();
+        assert_eq!(out.code, 2);
+        assert!(
+            out.stderr.contains("did not answer within 200ms"),
+            "{}",
+            out.stderr
         );
     }
 

@@ -23,7 +23,7 @@ use tokio::sync::oneshot;
 use crate::api::{TransparentCheckpoint, TransparentRollback, TransparentStatus};
 use crate::config::ServiceConfig;
 use crate::events::Events;
-use crate::logs::LOG_FILE_MODE;
+use crate::logs::{self, LOG_FILE_MODE};
 use crate::machine::EventKind;
 use crate::process::{self, SpawnSpec, Spawned};
 
@@ -182,6 +182,7 @@ impl Checkpointer {
         let worker = Worker {
             service: service.to_owned(),
             dir: store_dir(data_dir, service),
+            log: logs::log_path(data_dir, service),
             settings,
             store: None,
             tracked: None,
@@ -276,6 +277,9 @@ impl Checkpointer {
 struct Worker {
     service: String,
     dir: PathBuf,
+    /// The service's stdout/stderr log: left out of every dump, so a dump never copies it
+    /// and a rollback never cuts it back (the service writes on at its end).
+    log: PathBuf,
     settings: Settings,
     store: Option<Store>,
     /// The running instance and its write tracker (made at its first dump).
@@ -448,8 +452,11 @@ impl Worker {
             service: self.service.clone(),
         })?;
         let tracker = tracker.get_or_insert_with(|| Tracker::new(raw));
-        let d = proc::dump_incremental(tracker, &store, &DumpOptions::default())
-            .map_err(|e| self.proc_err(e))?;
+        let opts = DumpOptions {
+            exclude_paths: vec![self.log.clone()],
+            ..DumpOptions::default()
+        };
+        let d = proc::dump_incremental(tracker, &store, &opts).map_err(|e| self.proc_err(e))?;
         let report = TransparentCheckpoint {
             service: self.service.clone(),
             pid,

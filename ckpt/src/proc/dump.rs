@@ -163,7 +163,8 @@ pub fn dump(
         mappings.push(mapping);
     }
 
-    let fds = procfs::fds(p)?;
+    let mut fds = procfs::fds(p)?;
+    mark_excluded(&mut fds, opts);
     let unrestorable: Vec<Unrestorable> = fds
         .iter()
         .filter(|f| f.kind.reopen_path().is_none())
@@ -175,10 +176,17 @@ pub fn dump(
     let mut files: Vec<FileSnapshot> = Vec::new();
     let mut file_sources: Vec<(i32, u64)> = Vec::new();
     let mut files_size_only = Vec::new();
+    let mut files_excluded: Vec<String> = Vec::new();
     for f in &fds {
         let FdKind::File { path } = &f.kind else {
             continue;
         };
+        if f.excluded {
+            if !files_excluded.contains(path) {
+                files_excluded.push(path.clone());
+            }
+            continue;
+        }
         if f.flags & ACCMODE == libc::O_RDONLY
             || files.iter().any(|s| (s.dev, s.ino) == (f.dev, f.ino))
         {
@@ -433,7 +441,41 @@ pub fn dump(
         total: started.elapsed(),
         unrestorable,
         files_size_only,
+        files_excluded,
     })
+}
+
+/// Marks the regular files `opts` leaves out of the snapshot: those at an excluded descriptor
+/// number or path, and every other descriptor of the same file (device and inode).
+fn mark_excluded(fds: &mut [FdState], opts: &DumpOptions) {
+    if opts.exclude_paths.is_empty() && opts.exclude_fds.is_empty() {
+        return;
+    }
+    let mut names: Vec<String> = Vec::new();
+    let mut identities: Vec<(u64, u64)> = Vec::new();
+    for path in &opts.exclude_paths {
+        names.push(path.to_string_lossy().into_owned());
+        // The fd's link is the canonical path: a relative or symlinked one only matches so.
+        if let Ok(canonical) = std::fs::canonicalize(path) {
+            names.push(canonical.to_string_lossy().into_owned());
+        }
+        if let Ok(st) = std::fs::metadata(path) {
+            identities.push((st.dev(), st.ino()));
+        }
+    }
+    for f in fds.iter() {
+        let FdKind::File { path } = &f.kind else {
+            continue;
+        };
+        if opts.exclude_fds.contains(&f.fd) || names.iter().any(|n| n == path) {
+            identities.push((f.dev, f.ino));
+        }
+    }
+    for f in fds.iter_mut() {
+        if matches!(f.kind, FdKind::File { .. }) && identities.contains(&(f.dev, f.ino)) {
+            f.excluded = true;
+        }
+    }
 }
 
 /// Bytes of the metadata region of a full image whose encoding is `len` bytes: room for the

@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 /// Version of the metadata encoding; bumped on any incompatible change of these types.
 /// Version 2 added `Mapping::runs` (version 1 images still decode, without runs); version 3
 /// added `ThreadState::clear_child_tid` (older images decode with None, which a restore of
-/// their other threads refuses).
-pub const META_VERSION: u32 = 3;
+/// their other threads refuses); version 4 added `FdState::excluded` (older images decode
+/// with false, which is what they meant).
+pub const META_VERSION: u32 = 4;
 /// Oldest metadata version this build reads.
 pub const META_VERSION_MIN: u32 = 1;
 /// Region id of the metadata blob.
@@ -146,6 +147,15 @@ pub struct FdState {
     pub pos: u64,
     pub dev: u64,
     pub ino: u64,
+    /// A file left out of the snapshot (`DumpOptions::exclude_paths`/`exclude_fds`): its
+    /// contents belong to the present and are neither saved nor put back. A restore or a
+    /// rollback reopens it (or keeps it open) at its current end instead of at `pos`, with or
+    /// without `O_APPEND`: an excluded file is meant to be a log, and for one opened without
+    /// `O_APPEND` the checkpointed offset would make the replayed run overwrite what was
+    /// written since the checkpoint (the end appends it after, as the history really went).
+    /// False in images before metadata version 4.
+    #[serde(default)]
+    pub excluded: bool,
 }
 
 /// What an fd refers to.
@@ -383,6 +393,39 @@ mod tests {
         let mut bytes = m.encode();
         bytes.resize(bytes.len() + 100, 0); // the region's zero padding
         assert_eq!(ProcessMeta::decode(&bytes).unwrap(), m);
+    }
+
+    /// `FdState` as metadata version 3 wrote it (no `excluded`).
+    #[derive(Serialize)]
+    struct FdStateV3 {
+        fd: i32,
+        kind: FdKind,
+        flags: i32,
+        pos: u64,
+        dev: u64,
+        ino: u64,
+    }
+
+    #[test]
+    fn version_3_descriptors_decode_as_not_excluded() {
+        let old = FdStateV3 {
+            fd: 1,
+            kind: FdKind::File {
+                path: "/var/log/x.log".into(),
+            },
+            flags: libc::O_WRONLY | libc::O_APPEND,
+            pos: 4096,
+            dev: 8,
+            ino: 12,
+        };
+        let fd: FdState = rmp_serde::from_slice(&rmp_serde::to_vec(&old).unwrap()).unwrap();
+        assert_eq!((fd.fd, fd.pos, fd.excluded), (1, 4096, false));
+        let mut m = meta(vec![thread(10, None)]);
+        m.fds = vec![FdState {
+            excluded: true,
+            ..fd
+        }];
+        assert_eq!(ProcessMeta::decode(&m.encode()).unwrap(), m);
     }
 
     #[test]

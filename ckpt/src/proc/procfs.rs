@@ -263,6 +263,7 @@ pub fn fds(pid: Pid) -> Result<Vec<FdState>, ProcError> {
             pos,
             dev,
             ino,
+            excluded: false,
         });
     }
     Ok(out)

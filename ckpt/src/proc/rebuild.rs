@@ -1093,11 +1093,7 @@ fn restore_fds(
         let is_file = matches!(f.kind, FdKind::File { .. });
         if kept.contains(&f.fd) {
             if mode == Mode::Rollback && is_file {
-                tg.call(
-                    "lseek",
-                    libc::SYS_lseek,
-                    &[fd_arg(f.fd), f.pos, libc::SEEK_SET as u64],
-                )?;
+                seek_checkpointed(tg, f)?;
             }
             continue;
         }
@@ -1121,13 +1117,26 @@ fn restore_fds(
             tg.close(got)?;
         }
         if is_file {
-            tg.call(
-                "lseek",
-                libc::SYS_lseek,
-                &[fd_arg(f.fd), f.pos, libc::SEEK_SET as u64],
-            )?;
+            seek_checkpointed(tg, f)?;
         }
     }
+    Ok(())
+}
+
+/// Puts a regular file's offset where the image wants it: the checkpointed offset, or, for
+/// a file excluded from the snapshot (a log, whose contents were not rolled back), its
+/// current end (see `FdState::excluded`).
+fn seek_checkpointed(tg: &mut Target<'_>, f: &FdState) -> Result<(), ProcError> {
+    let (pos, whence) = if f.excluded {
+        (0, libc::SEEK_END)
+    } else {
+        (f.pos, libc::SEEK_SET)
+    };
+    tg.call(
+        "lseek",
+        libc::SYS_lseek,
+        &[fd_arg(f.fd), pos, u64::from(whence.cast_unsigned())],
+    )?;
     Ok(())
 }
 
