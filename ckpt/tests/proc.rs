@@ -1,8 +1,8 @@
 //! Transparent checkpoint of real processes (C programs in tests/progs, compiled with `cc`):
 //! dump leaves the target running, dump → kill -9 → restore continues with the same memory,
 //! output and file contents as an uninterrupted run, rollback in place returns a live process
-//! to its checkpoint, and bad input (no such pid, an exited process, a corrupt image, a pipe
-//! without a replacement) gives clear errors. Every process is killed and reaped by a guard.
+//! to its checkpoint, and bad input (no such pid, another user's process, an exited process, a
+//! corrupt image, a pipe without a replacement) gives clear errors. Every process is killed and reaped by a guard.
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 #![allow(clippy::unwrap_used)] // a failed unwrap is a failed test
 
@@ -197,6 +197,71 @@ fn dump_of_a_missing_pid_is_refused() {
         proc::restore(&s, None, RestoreOptions::default()),
         Err(ProcError::NoImage { .. })
     ));
+}
+
+/// The unprivileged user the permission test runs its dumper as.
+const NOBODY: u32 = 65534;
+/// Set (to the target's pid) in the environment of this test binary re-run as `NOBODY`.
+const AS_NOBODY_ENV: &str = "FT_PROC_TEST_DUMP_AS_NOBODY";
+
+#[test]
+fn dump_of_another_users_process_is_refused_and_leaves_it_running() {
+    if let Ok(target) = std::env::var(AS_NOBODY_ENV) {
+        // The re-run as nobody: root's process must be refused, with nothing written.
+        let pid: i32 = target.parse().unwrap();
+        let dir = PathBuf::from(std::env::var("FT_PROC_TEST_DIR").unwrap());
+        let s = store(&dir);
+        let e = proc::dump(pid, &s, &DumpOptions::default()).unwrap_err();
+        assert!(matches!(e, ProcError::PermissionDenied { .. }), "{e}");
+        assert!(e.to_string().contains("cannot be checkpointed"), "{e}");
+        assert!(matches!(
+            proc::rollback(pid, &s, None),
+            Err(ProcError::PermissionDenied { .. } | ProcError::NoImage { .. })
+        ));
+        assert!(s.list().unwrap().is_empty());
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to run a dumper as another user");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let c = start_counter(tmp.path(), "root-owned", 1, None);
+    wait_steps(&c.out, 2);
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "dump_of_another_users_process_is_refused_and_leaves_it_running",
+            "--nocapture",
+        ])
+        .env(AS_NOBODY_ENV, c.proc.pid.to_string())
+        .env("FT_PROC_TEST_DIR", tmp.path())
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "the dumper as nobody: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+        "the re-run ran the test: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // The refused target runs on, untraced.
+    let n = steps(&c.out).len();
+    wait_steps(&c.out, n + 2);
+    let status = fs::read_to_string(format!("/proc/{}/status", c.proc.pid)).unwrap();
+    assert!(status.contains("TracerPid:\t0"), "{status}");
 }
 
 #[test]
