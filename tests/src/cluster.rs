@@ -32,6 +32,8 @@ pub struct Cluster {
     disk: Option<PathBuf>,
     /// Extra configuration (e.g. `[[service]]` tables) every node gets after its cluster tables.
     pub extra: String,
+    /// Extra `[watchd]` lines every node gets (e.g. `ring_dir = ...`).
+    pub settings: String,
     /// The nodes (None: not started, or dropped).
     pub nodes: Vec<Option<Watchd>>,
 }
@@ -50,6 +52,7 @@ impl Cluster {
             secret,
             disk,
             extra: String::new(),
+            settings: String::new(),
             nodes: (0..n).map(|_| None).collect(),
         }
     }
@@ -100,7 +103,7 @@ impl Cluster {
             Some(self.lab.netns(i)),
             &format!("{}-{}", self.label, NAMES[i]),
             Some(NAMES[i]),
-            "",
+            &self.settings,
             &self.config(i, secret),
         );
         self.nodes[i] = Some(w);
@@ -123,6 +126,40 @@ impl Cluster {
         if let Some(w) = self.nodes[i].as_mut() {
             w.kill9();
         }
+    }
+
+    /// The host of node `i` dies: its watchd and every process in its network namespace are
+    /// killed with SIGKILL and its network is cut. Returns the unix ms of the death (for
+    /// [`crate::groups::check_invariants`]). [`Cluster::boot_host`] brings it back.
+    pub fn kill_host(&mut self, i: usize) -> u64 {
+        let pids = pids_in_netns(self.lab.netns(i));
+        self.kill9(i);
+        for pid in pids {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        // A process that was forking meanwhile: its child is in the namespace too.
+        for pid in pids_in_netns(self.lab.netns(i)) {
+            if let Ok(pid) = i32::try_from(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        self.lab.cut(i);
+        crate::unix_ms()
+    }
+
+    /// The host of node `i` boots again after [`Cluster::kill_host`]: its network back, then
+    /// its watchd (what else a real boot resets, such as addresses, is the test's to reset).
+    pub fn boot_host(&mut self, i: usize) {
+        self.lab.heal(i);
+        self.restart(i);
     }
 
     /// Starts node `i` again after [`Cluster::kill9`].
@@ -222,6 +259,20 @@ impl Cluster {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// Every process whose network namespace is `ns` (`ip netns pids`).
+pub fn pids_in_netns(ns: &str) -> Vec<u32> {
+    std::process::Command::new("ip")
+        .args(["netns", "pids", ns])
+        .output()
+        .map(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The members of a `cluster status` object.

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 
 pub mod cluster;
+pub mod groups;
 pub mod netns;
 pub mod replica;
 

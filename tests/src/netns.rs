@@ -140,6 +140,12 @@ impl Lab {
         &self.nodes[i]
     }
 
+    /// The namespace holding the bridges: a process entered there (after giving `br<k>` an
+    /// address) is a host on the networks that is no node, e.g. a client of the nodes.
+    pub fn switch(&self) -> &str {
+        &self.switch
+    }
+
     /// Cuts node `i` off every network (its bridge ports go down).
     pub fn cut(&self, i: usize) {
         for net in 0..self.networks() {

@@ -191,88 +191,11 @@ impl Groups {
         String::from_utf8_lossy(&out.stdout).contains(&format!("{}/24", self.vip()))
     }
 
-    /// The invariants over every node's journal: runs of `g` on different nodes never overlap
-    /// in time, and every node saw epochs only grow.
+    /// The invariants over every node's journal (see [`ftkit_tests::groups`]).
     fn check_invariants(&self, g: &str) {
-        // Per node: intervals [onlining, offline], cut at the node's death.
-        let mut runs: Vec<(usize, u64, u64, u64)> = Vec::new();
-        for (i, name) in NAMES.iter().enumerate().take(3) {
-            let journal = self.journal(i);
-            let mut last_owner_epoch = 0;
-            let mut last_run_epoch = 0;
-            let mut open: Option<(u64, u64)> = None;
-            for r in journal.iter().filter(|r| r["group"] == g) {
-                let epoch = r["epoch"].as_u64().unwrap_or(0);
-                let t = r["time_ms"].as_u64().unwrap_or(0);
-                match r["kind"].as_str() {
-                    Some("ownership") => {
-                        assert!(
-                            epoch >= last_owner_epoch,
-                            "{name} saw epoch {epoch} after {last_owner_epoch}"
-                        );
-                        last_owner_epoch = epoch;
-                    }
-                    Some("group") => {
-                        assert!(
-                            epoch >= last_run_epoch,
-                            "{name} ran epoch {epoch} after {last_run_epoch}"
-                        );
-                        last_run_epoch = epoch;
-                        match r["state"].as_str() {
-                            Some("onlining") => {
-                                if let Some((e, s)) = open.take() {
-                                    // A run that was never closed: the node died meanwhile.
-                                    runs.push((i, e, s, self.death_after(i, s)));
-                                }
-                                open = Some((epoch, t));
-                            }
-                            Some("offline") => {
-                                // A run ends at its offline, or earlier at the node's death
-                                // (a restarted watchd cleans up what the dead one left).
-                                if let Some((e, s)) = open.take() {
-                                    runs.push((i, e, s, t.min(self.death_after(i, s))));
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            if let Some((e, s)) = open {
-                runs.push((i, e, s, self.death_after(i, s)));
-            }
-        }
-        for a in &runs {
-            for b in &runs {
-                if a.0 < b.0 {
-                    assert!(
-                        a.3 <= b.2 || b.3 <= a.2,
-                        "{} (epoch {}, {}..{}) and {} (epoch {}, {}..{}) ran group {g} at once\n{}",
-                        NAMES[a.0],
-                        a.1,
-                        a.2,
-                        a.3,
-                        NAMES[b.0],
-                        b.1,
-                        b.2,
-                        b.3,
-                        self.journals_text()
-                    );
-                }
-            }
-        }
+        let journals: Vec<Vec<Value>> = (0..3).map(|i| self.journal(i)).collect();
+        let runs = ftkit_tests::groups::check_invariants(&journals, &self.deaths, g);
         assert!(runs.len() >= 2, "the checker saw runs: {runs:?}");
-    }
-
-    /// When node `i` died after `t`, or now (still running).
-    fn death_after(&self, i: usize, t: u64) -> u64 {
-        self.deaths
-            .iter()
-            .filter(|(n, d)| *n == i && *d >= t)
-            .map(|(_, d)| *d)
-            .min()
-            .unwrap_or_else(unix_ms)
     }
 }
 

@@ -1,0 +1,710 @@
+//! Cold standby of `examples/kv` across hosts: real watchd nodes, each in its own network
+//! namespace, run kv as a resource group: a virtual address (`ip`), kv's data directory as a
+//! group-managed sync-mode fileset (`fileset`), kv's checkpoint directory shipped to the other
+//! owners as each image is taken (`checkpoint`), and kv itself (`service`, `--checkpoint
+//! per-request`), brought online in that order. A `kvclient write --acked` runs throughout from a
+//! host on the network that is no node, reconnecting to the virtual address; after every fault
+//! `kvclient verify` must find every acknowledged write, and at the end of every test the
+//! invariant checker ([`ftkit_tests::groups`]) reads every node's group journal: no two nodes
+//! ever ran the group at once, epochs only grew. Faults: kv crashes (restarted locally, the group
+//! stays), kv crashes beyond its restart budget (the group moves), the owner host dies, the owner
+//! is partitioned, and, in a two-node cluster with a quorum disk running exactly the README's
+//! files (`examples/kv-cluster/`), the host holding the disk's lease dies.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use ftkit_tests::cluster::{Cluster, NAMES, SETTLE};
+use ftkit_tests::netns::{Lab, enter_path};
+use ftkit_tests::{Watchd, binary, json_lines, pid_of, q, read_or_empty, repo_root, wait_until};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+
+/// How long the group may take to come online somewhere after a fault: failure detection, the
+/// regroup, the fence wait for a lost owner (acting grace 0.5 s + the resources' offline
+/// timeouts, 6 s here, + 0.5 s), then the resources (kv recovers its checkpoint and log).
+const MOVE: Duration = Duration::from_secs(40);
+/// kv's port on the virtual address.
+const KV_PORT: u16 = 7700;
+/// The last octet of the virtual address in the lab's network.
+const VIP_HOST: u8 = 200;
+/// The last octet of the client's address (on the bridge, outside every node).
+const CLIENT_HOST: u8 = 250;
+/// The writer's `--count`: more keys than any test writes (the writer is stopped at the end).
+const WRITER_KEYS: &str = "1000000";
+/// The writer's `--deadline`: how long one write may wait for a failover.
+const WRITER_DEADLINE_SECS: &str = "60";
+/// Acknowledged writes that must follow each fault (the client rides through it).
+const PROGRESS: usize = 20;
+/// `kvclient wait-up --timeout` after a fault.
+const WAIT_UP_SECS: &str = "40";
+/// How often a crash of kv is repeated at most to exhaust its restart budget
+/// (`max_restarts = 2` below: the third crash within the window is beyond it).
+const MAX_CRASHES: usize = 6;
+
+/// The `[[fileset]]` and `[[service]]` tables of a node of the three-node tests. Paths are
+/// relative to the node's configuration file, whose directory holds its data directory
+/// (`data/`), so every node gets the same text: kv's data in `data/kv-data`, its checkpoints in
+/// watchd's checkpoint directory for kv (`data/ckpt/kv`, its `FT_CKPT_DIR`).
+fn kv_tables(vip: &str, nodes: &[&str]) -> String {
+    let backups = nodes
+        .iter()
+        .map(|n| format!("\"{n}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"
+[[fileset]]
+name = "kv-data"
+path = "data/kv-data"
+primary = "group"
+backups = [{backups}]
+sync = true
+
+[[fileset]]
+name = "kv-ckpt"
+path = "data/ckpt/kv"
+primary = "group"
+backups = [{backups}]
+mode = "copy"
+quiet = "20ms"
+
+[[service]]
+name = "kv"
+command = {kv}
+args = ["--listen", "{vip}:{KV_PORT}", "--data", "data/kv-data", "--checkpoint", "per-request"]
+cwd = "."
+autostart = false
+filesets = ["kv-data"]
+ready = {{ notify = true, timeout = "20s" }}
+hang = {{ heartbeat = true }}
+restart = {{ policy = "always", max_restarts = 2, window = "60s" }}
+checkpoint = {{ keep = 3 }}
+
+[service.stop]
+grace = "1s"
+"#,
+        kv = q(binary("kv")),
+    )
+}
+
+/// The README's addresses and paths in `examples/kv-cluster/`, which a test replaces with the
+/// lab's and its scratch directories'.
+const README_VIP: &str = "10.0.0.100";
+const README_ADDRS: [&str; 2] = ["10.0.0.1", "10.0.0.2"];
+const README_OWNERS: &str = r#"preferred_owners = ["a", "b"]"#;
+const README_SECRET: &str = "/etc/ftkit/secret";
+const README_DISK: &str = "/dev/disk/by-id/kv-quorum";
+const README_KV: &str = "/usr/local/bin/kv";
+const README_DATA_DIR: &str = "/var/lib/ftkit";
+
+/// A file of `examples/kv-cluster/`.
+fn readme_file(name: &str) -> String {
+    let path = repo_root().join("examples/kv-cluster").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `text` with `from` replaced by `to`, which must occur in it (so an edit of the README's
+/// files cannot silently leave a host's path in a test).
+fn replaced(text: &str, from: &str, to: &str) -> String {
+    assert!(text.contains(from), "{from:?} is not in:\n{text}");
+    text.replace(from, to)
+}
+
+/// The README's group file (`examples/kv-cluster/kv-group.toml`) for the lab: its virtual
+/// address, and these preferred owners.
+fn kv_group(vip: &str, owners: &[&str]) -> String {
+    let owners = owners
+        .iter()
+        .map(|n| format!("\"{n}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = replaced(
+        &readme_file("kv-group.toml"),
+        README_OWNERS,
+        &format!("preferred_owners = [{owners}]"),
+    );
+    replaced(&text, README_VIP, vip)
+}
+
+/// The order the group's resources come online in.
+const ONLINE_ORDER: [&str; 4] = ["kv-ip", "kv-data", "kv-ckpt", "kv"];
+
+/// The address `host` in the lab's network 0 (`10.S.0.host`).
+fn lab_addr(lab: &Lab, host: u8) -> String {
+    let own = lab.addr(0).octets();
+    format!("{}.{}.{}.{host}", own[0], own[1], own[2])
+}
+
+/// `kvclient write --acked` running in the client's namespace; killed when dropped.
+#[derive(Debug)]
+struct Writer {
+    child: Option<Child>,
+    out: PathBuf,
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- kvclient write ---\n{}", read_or_empty(&self.out));
+        }
+    }
+}
+
+/// A cluster running the kv group, a client host on its network, and what the test did to it.
+struct Kv {
+    /// Declared first: the client stops before the nodes and the namespaces go.
+    writer: Option<Writer>,
+    c: Cluster,
+    vip: String,
+    acked: PathBuf,
+    /// (node, unix ms) of every host death this test caused.
+    deaths: Vec<(usize, u64)>,
+}
+
+impl Kv {
+    /// `n` nodes (with a quorum disk when `disk`) with the kv tables, the group applied.
+    fn new(label: &str, n: usize, disk: bool) -> Kv {
+        let mut c = Cluster::new(label, n, 1, disk);
+        let vip = lab_addr(&c.lab, VIP_HOST);
+        c.extra = kv_tables(&vip, &NAMES[..n]);
+        // Rings in the scratch directory, not /dev/shm, so nothing outlives the test.
+        let rings = c.shared.file("rings");
+        c.settings = format!("ring_dir = {}", q(&rings));
+        c.start_all();
+        Kv::running(c, vip)
+    }
+
+    /// The two nodes of the README's deployment, each running its file of
+    /// `examples/kv-cluster/` with the hosts' addresses and paths replaced by the lab's and the
+    /// test's (and the rings in the scratch directory); the README's group file applied.
+    fn readme(label: &str) -> Kv {
+        let mut c = Cluster::new(label, 2, 1, false);
+        let vip = lab_addr(&c.lab, VIP_HOST);
+        let secret = c.shared.write("kv-secret", "kv readme secret 0123456789\n");
+        // As the README has it (watchd warns about a secret others can read).
+        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .expect("chmod the secret");
+        let disk = c.shared.file("kv-quorum.disk");
+        let rings = c.shared.file("rings");
+        for (i, file) in ["a.toml", "b.toml"].into_iter().enumerate() {
+            // The harness makes the data directory (and the control socket's place in it);
+            // the README's file then runs as it is, on that data directory.
+            let mut w = Watchd::start_node(
+                Some(c.lab.netns(i)),
+                &format!("{label}-{}", NAMES[i]),
+                Some(NAMES[i]),
+                "",
+                "",
+            );
+            w.kill9();
+            // The address first: the README's first host address is a prefix of it.
+            let mut text = replaced(&readme_file(file), README_VIP, &vip);
+            for (k, addr) in README_ADDRS.iter().enumerate() {
+                text = replaced(&text, addr, &c.lab.addr(k).to_string());
+            }
+            text = replaced(&text, README_SECRET, &secret.display().to_string());
+            text = replaced(&text, README_DISK, &disk.display().to_string());
+            text = replaced(&text, README_KV, &binary("kv").display().to_string());
+            text = replaced(&text, README_DATA_DIR, &w.data_dir().display().to_string());
+            text = replaced(
+                &text,
+                "[watchd]\n",
+                &format!("[watchd]\nring_dir = {}\n", q(&rings)),
+            );
+            w.write_config_raw(&text);
+            w.restart();
+            c.nodes[i] = Some(w);
+        }
+        Kv::running(c, vip)
+    }
+
+    /// The nodes of `c` run: a client address on the bridge, every node in one view, the kv
+    /// group applied (preferred owners in name order).
+    fn running(c: Cluster, vip: String) -> Kv {
+        let client = format!("{}/24", lab_addr(&c.lab, CLIENT_HOST));
+        ip(&["-n", c.lab.switch(), "addr", "add", &client, "dev", "br0"]);
+        let all: Vec<usize> = (0..c.n()).collect();
+        c.wait_view(&all, &all);
+        let acked = c.shared.file("acked");
+        let group = c
+            .shared
+            .write("kv-group.toml", &kv_group(&vip, &NAMES[..c.n()]));
+        let out = c
+            .node(0)
+            .ftctl_ok(&["group", "apply", group.to_str().expect("utf-8")]);
+        assert!(out.contains("applied"), "{out}");
+        Kv {
+            writer: None,
+            c,
+            vip,
+            acked,
+            deaths: Vec::new(),
+        }
+    }
+
+    /// `kvclient --addr VIP:PORT ARGS`, run on the client host.
+    fn kvclient(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(binary("kvclient"));
+        cmd.arg("--addr")
+            .arg(format!("{}:{KV_PORT}", self.vip))
+            .args(args)
+            .stdin(Stdio::null());
+        enter_path(&format!("/run/netns/{}", self.c.lab.switch()), &mut cmd);
+        cmd
+    }
+
+    /// Starts the writer.
+    fn start_writer(&mut self) {
+        let out = self.c.shared.file("writer.out");
+        let log = std::fs::File::create(&out).expect("the writer's output file");
+        let err = log.try_clone().expect("dup");
+        let acked = self.acked.display().to_string();
+        let child = self
+            .kvclient(&[
+                "write",
+                "--count",
+                WRITER_KEYS,
+                "--acked",
+                &acked,
+                "--deadline",
+                WRITER_DEADLINE_SECS,
+            ])
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .expect("spawn kvclient write");
+        self.writer = Some(Writer {
+            child: Some(child),
+            out,
+        });
+    }
+
+    /// The writer is still writing (it gives up only when one write waited its deadline).
+    fn assert_writer_alive(&mut self) {
+        let writer = self.writer.as_mut().expect("the writer was started");
+        let child = writer.child.as_mut().expect("the writer runs");
+        let exited = child.try_wait().expect("try_wait on the writer");
+        assert!(
+            exited.is_none(),
+            "the writer stopped ({exited:?}): {}",
+            read_or_empty(&writer.out)
+        );
+    }
+
+    /// How many writes were acknowledged so far (whole lines only).
+    fn acked_count(&self) -> usize {
+        read_or_empty(&self.acked).matches('\n').count()
+    }
+
+    /// Waits until `more` writes beyond those acknowledged now are acknowledged.
+    fn wait_progress(&mut self, more: usize) -> usize {
+        let want = self.acked_count() + more;
+        let deadline = Instant::now() + MOVE;
+        loop {
+            let n = self.acked_count();
+            if n >= want {
+                return n;
+            }
+            self.assert_writer_alive();
+            assert!(
+                Instant::now() < deadline,
+                "only {n} of {want} writes acknowledged within {MOVE:?}; the group as {} sees it: {:#}",
+                NAMES[0],
+                self.first_status()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `kvclient wait-up`: kv answers `PONG primary` on the virtual address.
+    fn wait_up(&self) {
+        let out = run(self.kvclient(&["wait-up", "--timeout", WAIT_UP_SECS]));
+        assert!(out.status.success(), "kv is not up: {}", text_of(&out));
+    }
+
+    /// `kvclient verify` over every write acknowledged so far: all of them are there. Returns
+    /// how many it checked.
+    fn verify(&self) -> usize {
+        // The writer appends while this runs: verify a copy cut at its last whole line.
+        let text = read_or_empty(&self.acked);
+        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        let snapshot = self.c.shared.write("acked.snapshot", whole);
+        let out = run(self.kvclient(&["verify", "--acked", snapshot.to_str().expect("utf-8")]));
+        assert!(
+            out.status.success(),
+            "verify after a fault: {}\njournals:\n{}",
+            text_of(&out),
+            self.journals_text()
+        );
+        whole.lines().count()
+    }
+
+    /// `ftctl group status --json` of node `i`: the kv group.
+    fn group(&self, i: usize) -> Value {
+        json_lines(&self.c.node(i).ftctl_ok(&["group", "status", "--json"]))
+            .into_iter()
+            .find(|x| x["name"] == "kv")
+            .unwrap_or(Value::Null)
+    }
+
+    /// The group status as the first live node sees it (for failure messages).
+    fn first_status(&self) -> Value {
+        (0..self.c.n())
+            .find(|i| !self.deaths.iter().any(|(n, _)| n == i))
+            .map_or(Value::Null, |i| self.group(i))
+    }
+
+    /// Waits until node `i` sees the group online on `owner` with an epoch above `after`;
+    /// returns the epoch.
+    fn wait_online(&self, i: usize, owner: usize, after: u64) -> u64 {
+        let deadline = Instant::now() + MOVE;
+        loop {
+            let s = self.group(i);
+            let epoch = s["epoch"].as_u64().unwrap_or(0);
+            if s["state"] == "online" && s["owner"] == NAMES[owner] && epoch > after {
+                return epoch;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "group kv not online on {} (epoch > {after}) within {MOVE:?}, as {} sees it: {s:#}\njournals:\n{}",
+                NAMES[owner],
+                NAMES[i],
+                self.journals_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn journals(&self) -> Vec<Vec<Value>> {
+        (0..self.c.n())
+            .map(|i| ftkit_tests::groups::journal(self.c.node(i).data_dir()))
+            .collect()
+    }
+
+    fn journals_text(&self) -> String {
+        ftkit_tests::groups::journals_text(&self.journals())
+    }
+
+    /// The resources node `i`'s run at `epoch` brought to `state`, in order.
+    fn resource_order(&self, i: usize, epoch: u64, state: &str) -> Vec<String> {
+        ftkit_tests::groups::journal(self.c.node(i).data_dir())
+            .iter()
+            .filter(|r| {
+                r["kind"] == "resource"
+                    && r["group"] == "kv"
+                    && r["epoch"] == epoch
+                    && r["state"] == state
+            })
+            .filter_map(|r| r["resource"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// The pid of kv on node `i` (it runs there).
+    fn kv_pid(&self, i: usize) -> u32 {
+        self.c.node(i).wait_running("kv")
+    }
+
+    /// Node `i`'s host dies (watchd, kv and everything else in it; its network is cut).
+    fn kill_host(&mut self, i: usize) {
+        let at = self.c.kill_host(i);
+        self.deaths.push((i, at));
+    }
+
+    /// Node `i`'s host boots again: no address survives a reboot, then its watchd starts.
+    fn boot_host(&mut self, i: usize) {
+        let _ = Command::new("ip")
+            .args([
+                "-n",
+                self.c.lab.netns(i),
+                "addr",
+                "del",
+                &format!("{}/24", self.vip),
+                "dev",
+                "eth0",
+            ])
+            .output();
+        self.c.boot_host(i);
+    }
+
+    /// Whether node `i`'s interface holds the virtual address.
+    fn has_vip(&self, i: usize) -> bool {
+        let out = Command::new("ip")
+            .args([
+                "-n",
+                self.c.lab.netns(i),
+                "-o",
+                "addr",
+                "show",
+                "dev",
+                "eth0",
+            ])
+            .output()
+            .expect("ip addr");
+        String::from_utf8_lossy(&out.stdout).contains(&format!("{}/24", self.vip))
+    }
+
+    /// The invariants over every journal; at least `min_runs` runs of the group were seen.
+    fn check_invariants(&self, min_runs: usize) {
+        let runs = ftkit_tests::groups::check_invariants(&self.journals(), &self.deaths, "kv");
+        assert!(runs.len() >= min_runs, "the checker saw runs: {runs:?}");
+    }
+
+    /// Stops the writer (it would write forever) and verifies what it had acknowledged.
+    fn finish(&mut self) -> usize {
+        self.assert_writer_alive();
+        self.writer = None;
+        self.verify()
+    }
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("run ip");
+    assert!(
+        out.status.success(),
+        "ip {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn run(mut cmd: Command) -> Output {
+    cmd.output().expect("run kvclient")
+}
+
+fn text_of(out: &Output) -> String {
+    format!(
+        "{}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// kv crashes: watchd restarts it where it is and the group stays (same owner, same epoch);
+/// then it crashes beyond its restart budget: the group moves to the next preferred owner,
+/// which recovers from the shipped checkpoint and the replicated log.
+#[test]
+fn kv_crashes_restart_locally_then_beyond_the_budget_the_group_moves() {
+    let mut t = Kv::new("kvf-crash", 3, false);
+    let e1 = t.wait_online(1, 0, 0);
+    assert_eq!(t.resource_order(0, e1, "online"), ONLINE_ORDER);
+    assert!(t.has_vip(0) && !t.has_vip(1) && !t.has_vip(2));
+    t.wait_up();
+    t.start_writer();
+    t.wait_progress(PROGRESS);
+
+    // One crash: restarted locally, the group does not move.
+    let first = t.kv_pid(0);
+    ftkit_tests::signal(first, Signal::SIGKILL);
+    let second = t.c.node(0).wait_new_pid("kv", first, MOVE);
+    t.wait_progress(PROGRESS);
+    let s = t.group(1);
+    assert_eq!(
+        (s["owner"].as_str(), s["epoch"].as_u64()),
+        (Some("a"), Some(e1)),
+        "{s:#}"
+    );
+    assert_eq!(s["state"], "online", "{s:#}");
+    t.verify();
+    let log = t.c.node(0).service_log("kv");
+    assert!(log.contains("recovered seq"), "{log}");
+
+    // Crashes beyond the budget: the group moves to b.
+    let mut pid = second;
+    let mut crashes = 0;
+    loop {
+        ftkit_tests::signal(pid, Signal::SIGKILL);
+        crashes += 1;
+        let moved = wait_until("kv restarted or given up", MOVE, || {
+            let s = t.group(1);
+            if s["owner"] != "a" || s["epoch"].as_u64() != Some(e1) {
+                return Some(None);
+            }
+            let kv = t.c.node(0).service("kv");
+            match pid_of(&kv) {
+                Some(p) if p != pid && kv["state"] == "running" => Some(Some(p)),
+                _ => None,
+            }
+        });
+        match moved {
+            Some(p) if crashes < MAX_CRASHES => pid = p,
+            Some(_) => panic!("kv was restarted after {crashes} crashes (budget: 2)"),
+            None => break,
+        }
+    }
+    let e2 = t.wait_online(0, 1, e1);
+    assert_eq!(t.resource_order(1, e2, "online"), ONLINE_ORDER);
+    assert_eq!(
+        t.resource_order(0, e1, "offline"),
+        ["kv", "kv-ckpt", "kv-data", "kv-ip"]
+    );
+    assert!(t.has_vip(1) && !t.has_vip(0));
+    assert_eq!(t.group(2)["failovers_in_period"], 1);
+    t.wait_up();
+    let n = t.wait_progress(PROGRESS);
+    t.verify();
+    let log = t.c.node(1).service_log("kv");
+    assert!(
+        log.contains("recovered seq"),
+        "b started from a's checkpoint: {log}"
+    );
+
+    let checked = t.finish();
+    assert!(checked >= n, "{checked} < {n}");
+    println!("{checked} acknowledged writes verified");
+    t.check_invariants(2);
+}
+
+/// The owner host dies: the group moves; it boots again and stays a backup (failback never);
+/// then the new owner is partitioned from the others: it stops acting and takes kv offline,
+/// the group moves again, and when the partition heals the old owner never ran it at the same
+/// time as the new one.
+#[test]
+fn the_owner_host_dies_then_the_next_owner_is_partitioned() {
+    let mut t = Kv::new("kvf-host", 3, false);
+    let e1 = t.wait_online(1, 0, 0);
+    t.wait_up();
+    t.start_writer();
+    t.wait_progress(PROGRESS);
+
+    // The owner host dies: b takes over from the replicated log and the shipped checkpoints.
+    t.kill_host(0);
+    let e2 = t.wait_online(1, 1, e1);
+    assert!(t.has_vip(1));
+    t.wait_progress(PROGRESS);
+    t.verify();
+    let log = t.c.node(1).service_log("kv");
+    assert!(log.contains("recovered seq"), "{log}");
+
+    // It boots again: it rejoins as a backup, the group stays on b.
+    t.boot_host(0);
+    t.c.wait_view(&[0, 1, 2], &[0, 1, 2]);
+    t.wait_progress(PROGRESS);
+    let s = t.group(0);
+    assert_eq!(
+        (s["owner"].as_str(), s["epoch"].as_u64()),
+        (Some("b"), Some(e2)),
+        "{s:#}"
+    );
+    assert!(!t.has_vip(0));
+
+    // b is cut off from everybody (the client included): the majority (a, c) brings the group
+    // up on a, b stops acting and takes everything offline.
+    t.c.lab.cut(1);
+    let e3 = t.wait_online(0, 0, e2);
+    t.wait_progress(PROGRESS);
+    t.verify();
+    // Cut off, b cannot hand its last writes to the backups: its fileset resources may time out
+    // going offline; what counts is that kv and the address are gone and the run ended.
+    wait_until("b ended its run", SETTLE, || {
+        let ended = ftkit_tests::groups::journal(t.c.node(1).data_dir())
+            .iter()
+            .any(|r| r["kind"] == "group" && r["epoch"] == e2 && r["state"] == "offline");
+        (ended
+            && !t.has_vip(1)
+            && t.resource_order(1, e2, "offline")
+                .contains(&"kv".to_owned()))
+        .then_some(())
+    });
+
+    // The partition heals: b rejoins, the group stays on a.
+    t.c.lab.heal(1);
+    t.c.wait_view(&[0, 1, 2], &[0, 1, 2]);
+    t.wait_progress(PROGRESS);
+    let s = t.group(1);
+    assert_eq!(
+        (s["owner"].as_str(), s["epoch"].as_u64()),
+        (Some("a"), Some(e3)),
+        "{s:#}"
+    );
+    t.finish();
+    t.check_invariants(3);
+}
+
+/// The README's two-node deployment (`examples/kv-cluster/`, run as they are but for the hosts'
+/// addresses and paths). The group comes online on a. The standby host b dies: a, alone, wins
+/// the quorum disk's vote and keeps kv running (the writes go on without a backup); b boots
+/// again and catches up. Then the host holding the group and the disk's lease, a, dies: b
+/// takes the disk over, forms the cluster alone and brings kv up with every acknowledged write.
+#[test]
+fn the_readme_two_node_deployment_survives_the_loss_of_the_quorum_disk_owner() {
+    let mut t = Kv::readme("kvf-readme");
+    let s = t.c.status(0);
+    assert_eq!(s["quorum"]["kind"], "disk", "{s:#}");
+    let e1 = t.wait_online(1, 0, 0);
+    assert_eq!(t.resource_order(0, e1, "online"), ONLINE_ORDER);
+    t.wait_up();
+    t.start_writer();
+    t.wait_progress(PROGRESS);
+
+    // The standby host dies: a keeps the group, with the disk's vote.
+    t.kill_host(1);
+    t.c.wait_view(&[0], &[0]);
+    let s = t.c.status(0);
+    assert_eq!(s["quorum"]["disk_owner"], "a", "{s:#}");
+    t.wait_progress(PROGRESS);
+    let g = t.group(0);
+    assert_eq!(
+        (g["owner"].as_str(), g["epoch"].as_u64()),
+        (Some("a"), Some(e1)),
+        "{g:#}"
+    );
+    t.boot_host(1);
+    t.c.wait_view(&[0, 1], &[0, 1]);
+    t.wait_progress(PROGRESS);
+    t.verify();
+    let s = t.c.status(1);
+    println!(
+        "after b's return the quorum disk's owner is {}",
+        s["quorum"]["disk_owner"]
+    );
+
+    // The owner of the group (and of the disk, while it holds it) dies.
+    t.kill_host(0);
+    t.c.wait_view(&[1], &[1]);
+    let s = t.c.status(1);
+    assert_eq!(s["quorum"]["disk_owner"], "b", "{s:#}");
+    t.wait_online(1, 1, e1);
+    assert!(t.has_vip(1));
+    t.wait_up();
+    t.wait_progress(PROGRESS);
+    t.verify();
+    t.finish();
+    t.check_invariants(2);
+}
+
+/// The README's section shows `a.toml` and `kv-group.toml` as they are, and `b.toml` is `a.toml`
+/// with the node's name and address and the other node swapped (what the README says of it).
+#[test]
+fn the_readme_shows_the_kv_cluster_files_as_they_are() {
+    let readme = std::fs::read_to_string(repo_root().join("README.md")).expect("README.md");
+    let section = readme
+        .split("## Two-node kv deployment")
+        .nth(1)
+        .expect("the README has the section");
+    for file in ["a.toml", "kv-group.toml"] {
+        let text = readme_file(file);
+        assert!(
+            section.contains(&format!("```toml\n{text}```")),
+            "README.md does not show examples/kv-cluster/{file} as it is"
+        );
+    }
+    let swapped = readme_file("a.toml")
+        .replace("Node \"a\" of", "Node \"b\" of")
+        .replace("b.toml differs only", "a.toml differs only")
+        .replace("node = \"a\"", "node = \"b\"")
+        .replace(
+            "listen = [\"10.0.0.1:7400\"]",
+            "listen = [\"10.0.0.2:7400\"]",
+        )
+        .replace(
+            "name = \"b\"\naddresses = [\"10.0.0.2:7400\"]",
+            "name = \"a\"\naddresses = [\"10.0.0.1:7400\"]",
+        );
+    assert_eq!(readme_file("b.toml"), swapped);
+}
