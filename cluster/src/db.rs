@@ -238,7 +238,9 @@ pub enum ResourceKind {
     Service,
     /// A replicated directory: property `fileset` (the fileset's name).
     Fileset,
-    /// A service's checkpoint store, shipped to the other possible owners: property `service`.
+    /// A service's checkpoint store, shipped to the other possible owners: properties `service`
+    /// (whose checkpoint directory) and `fileset` (the copy-mode fileset over that directory
+    /// that carries the images), the same the resource agent reads.
     Checkpoint,
     /// A virtual address: properties `address` (CIDR, e.g. `10.0.0.5/24`) and `interface`.
     Ip,
@@ -275,7 +277,8 @@ impl ResourceKind {
     /// The properties a resource of this kind must have.
     pub fn required_properties(self) -> &'static [&'static str] {
         match self {
-            ResourceKind::Service | ResourceKind::Checkpoint => &["service"],
+            ResourceKind::Service => &["service"],
+            ResourceKind::Checkpoint => &["service", "fileset"],
             ResourceKind::Fileset => &["fileset"],
             ResourceKind::Ip => &["address", "interface"],
             ResourceKind::Exec => &["agent"],

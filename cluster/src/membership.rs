@@ -721,6 +721,8 @@ pub struct Membership {
     leaving_since: Option<Instant>,
     left: bool,
     acting: bool,
+    /// This run of the node has acted at least once (before, it runs nothing: no run lease).
+    acted: bool,
     want_disk: bool,
 }
 
@@ -784,6 +786,7 @@ impl Membership {
             leaving_since: None,
             left: false,
             acting: false,
+            acted: false,
             want_disk: false,
             cfg,
         })
@@ -1049,6 +1052,67 @@ impl Membership {
             tighten(end);
         }
         Some(until.unwrap_or(far_future(now)))
+    }
+
+    /// Until when this node may keep running what it already runs while it does not act (a
+    /// view change in progress): the run lease. It holds while this node and the peers whose
+    /// vouch for it (for any view) is younger than `suspect_after - acting_margin` hold a
+    /// quorum of votes (the disk's vote while this node's disk lease is valid, or that of a
+    /// vouching peer known to own the disk).
+    ///
+    /// Why a view without this node never acts while the lease holds: a member of such a view
+    /// stopped vouching for this node when it accepted the view, and the view's fence lasts
+    /// `suspect_after` past the arrival of the last heartbeat of this node it vouched for
+    /// (the maximum over every member), while the vouch it gave lapses here `acting_margin`
+    /// sooner, counted from the earlier send. So once anybody acts in that view, every one of
+    /// its members' vouches has lapsed here; the view holds a quorum, so the vouchers left
+    /// cannot. Clock rates may differ by up to `acting_margin / suspect_after`.
+    ///
+    /// `None` when the lease has lapsed, when this run of the node never acted (it runs
+    /// nothing; vouches for an earlier view it rejoins prove nothing about the view without
+    /// it), or when it left or is leaving (the members remove a leaving node without a fence).
+    pub fn run_lease_until(&self, now: Instant) -> Option<Instant> {
+        if self.left || self.leaving_since.is_some() || !self.acted {
+            return None;
+        }
+        let keep = self
+            .cfg
+            .suspect_after()
+            .saturating_sub(self.cfg.acting_margin);
+        let mut ends: Vec<(Instant, Option<&NodeId>)> = Vec::new();
+        for (name, p) in &self.peers {
+            if let Some(end) = p.vouched.and_then(|v| v.checked_add(keep)) {
+                ends.push((end, Some(name)));
+                // A vouching peer that owns the disk brings the disk's vote for as long as
+                // both hold.
+                if let Some(disk) = p.disk_until {
+                    ends.push((end.min(disk), None));
+                }
+            }
+        }
+        if let Some(disk) = self.disk_until {
+            ends.push((disk, None));
+        }
+        ends.sort_by_key(|e| std::cmp::Reverse(e.0));
+        // The latest instant at which the entries lasting at least that long hold quorum.
+        let mut set: BTreeSet<NodeId> = BTreeSet::from([self.me.clone()]);
+        let mut disk = false;
+        if self.votes.has_quorum_of(&set, None) {
+            return Some(far_future(now));
+        }
+        for (end, who) in ends {
+            match who {
+                Some(n) => {
+                    set.insert(n.clone());
+                }
+                None => disk = true,
+            }
+            let owner = disk.then_some(self.me.as_str());
+            if self.votes.has_quorum_of(&set, owner) {
+                return (now < end).then_some(end);
+            }
+        }
+        None
     }
 
     fn on_leave(&mut self, now: Instant, out: &mut Vec<Action>) {
@@ -1613,6 +1677,7 @@ impl Membership {
         let acting = self.acting_until(now).is_some();
         if acting != self.acting {
             self.acting = acting;
+            self.acted |= acting;
             out.push(Action::Acting(acting));
         }
     }

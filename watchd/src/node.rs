@@ -164,6 +164,12 @@ impl NodeHandle {
         self.shared.subscribe_acting()
     }
 
+    /// Until when this node may keep running its groups while it does not act (a view change
+    /// in progress): membership's run lease, `None` once it lapsed.
+    pub fn run_lease(&self) -> Option<std::time::Instant> {
+        self.shared.run_lease()
+    }
+
     /// `ftctl cluster status`.
     pub fn status(&self) -> ClusterStatus {
         self.shared.status(

@@ -559,3 +559,99 @@ fn two_nodes_and_a_disk_survive_the_loss_of_either_node() {
     }
     eprintln!("worst time to act alone: {worst:?}");
 }
+
+/// What the group executor does with the verdict and the lease: a node runs (groups) from the
+/// moment it acts until its run lease lapses while it does not act. Updates `running` (by
+/// node index and incarnation) and checks that no node acts in a view that lacks a node that
+/// runs.
+fn check_run_leases(sim: &Sim, seed: u64, running: &mut BTreeSet<(usize, u64)>) {
+    for (i, x) in sim.nodes.iter().enumerate() {
+        let key = (i, x.incarnation);
+        let lease =
+            x.m.as_ref()
+                .and_then(|m| m.run_lease_until(sim.now))
+                .is_some();
+        if x.alive() && x.acting {
+            running.insert(key);
+        } else if !x.alive() || !lease {
+            running.remove(&key);
+        }
+    }
+    for &(i, inc) in running.iter() {
+        let x = &sim.nodes[i];
+        if x.incarnation != inc {
+            continue;
+        }
+        for y in sim.nodes.iter().filter(|n| n.alive() && n.acting) {
+            let view = y.history.last().expect("an acting node committed a view");
+            assert!(
+                view.members.contains(&x.name),
+                "seed {seed}: {} acts in view {} {:?} while {} still runs on its lease",
+                y.name,
+                view.epoch,
+                view.members,
+                x.name
+            );
+        }
+    }
+}
+
+#[test]
+fn a_run_lease_rides_through_view_changes_and_lapses_before_a_view_without_its_node_acts() {
+    for seed in 0..60u64 {
+        let mut rng = Rng::new(seed ^ 0x1ea5e);
+        let world = World {
+            delay_max: Duration::from_millis(2 + rng.below(20)),
+            ..World::calm(3 + rng.index(3), 1, false)
+        };
+        let mut sim = Sim::new(seed, world, |_| {});
+        let mut running = BTreeSet::new();
+        sim.run_until(secs(2.0));
+        let n = sim.nodes.len();
+        // A crash of another node blinks the verdict but never the lease of the majority.
+        let crashed = rng.index(n);
+        sim.crash(crashed);
+        let at = sim.elapsed();
+        while sim.elapsed() < at + secs(2.0) {
+            sim.run_until(sim.elapsed() + Duration::from_millis(2));
+            check_run_leases(&sim, seed, &mut running);
+            for (i, node) in sim.nodes.iter().enumerate() {
+                if i != crashed {
+                    let m = node.m.as_ref().expect("running");
+                    assert!(
+                        m.run_lease_until(sim.now).is_some(),
+                        "seed {seed}: {} lost its run lease when {} crashed",
+                        node.name,
+                        sim.nodes[crashed].name
+                    );
+                }
+            }
+        }
+        // It comes back: the view change that takes it in blinks no survivor's lease either.
+        sim.start_node(crashed);
+        let at = sim.elapsed();
+        while sim.elapsed() < at + secs(2.0) {
+            sim.run_until(sim.elapsed() + Duration::from_millis(2));
+            check_run_leases(&sim, seed, &mut running);
+            for (i, node) in sim.nodes.iter().enumerate() {
+                if i != crashed {
+                    let m = node.m.as_ref().expect("running");
+                    assert!(
+                        m.run_lease_until(sim.now).is_some(),
+                        "seed {seed}: {} lost its run lease when {} rejoined",
+                        node.name,
+                        sim.nodes[crashed].name
+                    );
+                }
+            }
+        }
+        // A partition: the minority's leases lapse before the majority acts without it.
+        let groups: Vec<usize> = (0..n).map(|i| usize::from(i % 3 == 0)).collect();
+        sim.partition(&groups);
+        let at = sim.elapsed();
+        while sim.elapsed() < at + secs(2.0) {
+            sim.run_until(sim.elapsed() + Duration::from_millis(2));
+            check_run_leases(&sim, seed, &mut running);
+        }
+    }
+}

@@ -15,10 +15,15 @@
 //!
 //! It never decides ownership itself (the policy does, through global updates) and never keeps
 //! a resource online once the plan says stop. Quorum-loss stop bound: a node that stops acting
-//! keeps its groups for at most the acting grace (the membership's suspicion time, 500 ms by
-//! default), then takes them offline within the sum of their resources' offline timeouts; a
-//! new owner waits acting grace + offline timeouts + [`STOP_MARGIN`] unless it knows the previous
-//! owner stopped ([`plan`]).
+//! keeps its groups only while membership's run lease holds (a quorum still vouches for it) and
+//! at most the acting grace, then stops them by force: services killed and addresses deleted
+//! at once (within [`FORCED_STOP_SERVICE`], [`FORCED_STOP_IP`]), exec resources through their
+//! offline timeouts, filesets and checkpoints back to backups ([`FORCED_STOP_FILESET`]). The
+//! lease lapses before any view without that node acts, so a new owner waits only that forced
+//! stop bound + [`STOP_MARGIN`], counted from when it first acted without the previous owner,
+//! and nothing when it knows the previous owner stopped ([`plan`]). With a quorum disk a node
+//! keeps its groups through the whole acting grace (it may regain quorum by taking the disk
+//! over when its peer dies, which no lease promises), and the wait counts the grace too.
 
 pub mod plan;
 
@@ -36,7 +41,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 use tokio::task::{JoinHandle, JoinSet};
 
-use self::plan::{Facts, Plan, PlanConfig, ReportOutcome, Step};
+use self::plan::{Facts, ForcedBounds, ForcedPhase, Plan, PlanConfig, ReportOutcome, Step};
 use super::resource::{Health, Resource, ResourceContext, Timeouts};
 use super::service::ServiceCatalog;
 use crate::events::Events;
@@ -48,8 +53,28 @@ use crate::supervisor::Shared;
 pub const JOURNAL_FILE: &str = "groups.jsonl";
 /// The journal is moved aside (to `groups.jsonl.1`) beyond this size.
 pub const JOURNAL_MAX_BYTES: u64 = 16 << 20;
-/// Added to the offline timeouts in the stop bound: the executor's reaction, a kill's reaping.
-pub const STOP_MARGIN: Duration = Duration::from_millis(500);
+/// Added to the forced stop bounds in the stop bound: the executor's reaction to the lapse of
+/// the run lease (a timer, one message) and the scheduling of the stop's first phase. The
+/// forced bounds below leave room for a loaded host (timers seen 100+ ms late on two busy
+/// cores): a stop that overruns its bound still killed at its start, but its journal record
+/// would come late.
+pub const STOP_MARGIN: Duration = Duration::from_millis(150);
+/// How long a forced stop of a `service` resource may take: its restarts stopped, its cgroup
+/// (or process group) SIGKILLed, its main process reaped. A process cannot act once SIGKILL is
+/// delivered (the kill is one write to `cgroup.kill`); the rest is the reaping.
+pub const FORCED_STOP_SERVICE: Duration = Duration::from_millis(250);
+/// How long a forced stop of an `ip` resource may take: one `ip address del`.
+pub const FORCED_STOP_IP: Duration = Duration::from_millis(150);
+/// How long a forced stop of a `fileset` or `checkpoint` resource may take: back to the backup
+/// role. Its writers were killed in the phase before, and a pump left behind (a role change
+/// that outlives the bound) is refused by every backup for its stale epoch anyway.
+pub const FORCED_STOP_FILESET: Duration = Duration::from_millis(150);
+/// The forced stop bounds of the executor.
+pub const FORCED_BOUNDS: ForcedBounds = ForcedBounds {
+    service: FORCED_STOP_SERVICE,
+    ip: FORCED_STOP_IP,
+    fileset: FORCED_STOP_FILESET,
+};
 /// How often the cluster node's database and view are looked at for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How often the plan and the policy run without any change (failback windows open, failover
@@ -131,7 +156,8 @@ pub struct JournalRecord {
     /// The node that wrote it.
     pub node: String,
     /// `ownership` (a change seen in the database), `group` (a run of this node), `resource`,
-    /// or `decision` (proposed by this node's policy).
+    /// `standby` (a warm standby instance of a service resource), or `decision` (proposed by
+    /// this node's policy).
     pub kind: String,
     /// The group.
     pub group: String,
@@ -263,6 +289,34 @@ impl Notes {
         });
     }
 
+    /// A standby instance's state (`starting`, `standby`, `promoted`, `stopped`, `failed`):
+    /// an event and a journal line of kind `standby` (not a run of the group).
+    fn standby(&self, group: &str, epoch: u64, resource: &str, state: &str, detail: &str) {
+        let text = if detail.is_empty() {
+            format!(
+                "standby of resource {resource} of group {group} on {}: {state}",
+                self.me
+            )
+        } else {
+            format!(
+                "standby of resource {resource} of group {group} on {}: {state} ({detail})",
+                self.me
+            )
+        };
+        self.events.emit(None, EventKind::Resource, text);
+        self.journal.append(&JournalRecord {
+            time_ms: unix_ms(),
+            node: self.me.clone(),
+            kind: "standby".into(),
+            group: group.to_owned(),
+            epoch,
+            state: state.to_owned(),
+            resource: Some(resource.to_owned()),
+            owner: None,
+            detail: detail.to_owned(),
+        });
+    }
+
     fn ownership(&self, group: &str, o: &Ownership) {
         let owner = o.owner.clone();
         self.events.emit(
@@ -337,6 +391,8 @@ pub enum ExecMsg {
         epoch: u64,
         /// Every resource stopped within its timeout.
         clean: bool,
+        /// It ran by force.
+        forced: bool,
     },
     /// A check of an online resource failed.
     CheckFailed {
@@ -408,6 +464,8 @@ pub struct ExecState {
     plan: Plan,
     notes: Arc<Notes>,
     runs: BTreeMap<String, Run>,
+    /// Per group, the task starting or stopping its standby instances.
+    standbys: BTreeMap<String, JoinHandle<()>>,
     proposing: bool,
     last_proposal: Option<(Vec<Decision>, Instant)>,
     watcher: Option<JoinHandle<()>>,
@@ -439,6 +497,7 @@ impl Actor for GroupExecutor {
             plan: Plan::new(args.plan),
             notes,
             runs: BTreeMap::new(),
+            standbys: BTreeMap::new(),
             proposing: false,
             last_proposal: None,
             watcher: Some(watcher),
@@ -456,6 +515,9 @@ impl Actor for GroupExecutor {
         }
         if let Some(d) = st.deadline.take() {
             d.abort();
+        }
+        for (_, t) in std::mem::take(&mut st.standbys) {
+            t.abort();
         }
         Ok(())
     }
@@ -483,7 +545,19 @@ impl Actor for GroupExecutor {
                 group,
                 epoch,
                 clean,
+                forced,
             } => {
+                let escalated = st
+                    .plan
+                    .groups()
+                    .get(&group)
+                    .is_some_and(|l| l.epoch == epoch && l.forced && !forced);
+                if escalated {
+                    // A graceful offline that finished just as it was cut short for a forced
+                    // one: the forced one ends the run.
+                    step(&myself, st);
+                    return Ok(());
+                }
                 st.notes.group(
                     &group,
                     epoch,
@@ -497,7 +571,7 @@ impl Actor for GroupExecutor {
                 if let Some(run) = st.runs.get_mut(&group).filter(|r| r.epoch == epoch) {
                     run.task = None;
                 }
-                st.plan.offlined(&group, epoch, clean);
+                st.plan.offline_ended(&group, epoch, clean, forced);
             }
             ExecMsg::CheckFailed { group, epoch, why } => {
                 st.notes.group(&group, epoch, "failed", &why);
@@ -581,6 +655,8 @@ fn step(myself: &ActorRef<ExecMsg>, st: &mut ExecState) {
         db: &db.content,
         acting: status.acting && status.running,
         member_since: &member_since,
+        view_epoch: status.epoch,
+        run_lease: st.node.run_lease(),
     };
     let steps = st.plan.evaluate(Instant::now(), &facts);
     for s in steps {
@@ -653,6 +729,10 @@ fn carry_out(myself: &ActorRef<ExecMsg>, st: &mut ExecState, db: &DbContent, s: 
             wait,
             order,
         } => {
+            // The run takes the service over (promoting a standby that got to run).
+            if let Some(t) = st.standbys.remove(&group) {
+                t.abort();
+            }
             if let Some(old) = st.runs.remove(&group)
                 && let Some(t) = old.task
             {
@@ -681,6 +761,14 @@ fn carry_out(myself: &ActorRef<ExecMsg>, st: &mut ExecState, db: &DbContent, s: 
                     resources: BTreeMap::new(),
                 },
             );
+            let deps = order
+                .iter()
+                .filter_map(|n| {
+                    db.resources
+                        .get(n)
+                        .map(|r| (n.clone(), r.depends_on.clone()))
+                })
+                .collect();
             let task = tokio::spawn(online(
                 myself.clone(),
                 st.notes.clone(),
@@ -688,6 +776,7 @@ fn carry_out(myself: &ActorRef<ExecMsg>, st: &mut ExecState, db: &DbContent, s: 
                 epoch,
                 wait,
                 order,
+                deps,
                 resources.clone(),
                 broken,
             ));
@@ -719,6 +808,7 @@ fn carry_out(myself: &ActorRef<ExecMsg>, st: &mut ExecState, db: &DbContent, s: 
             epoch,
             order,
             why,
+            forced,
         } => {
             let context = context(st, &group);
             let run = st.runs.entry(group.clone()).or_insert_with(|| Run {
@@ -764,7 +854,43 @@ fn carry_out(myself: &ActorRef<ExecMsg>, st: &mut ExecState, db: &DbContent, s: 
                 epoch,
                 why,
                 resources,
+                forced,
             )));
+        }
+        Step::Standby {
+            group,
+            epoch,
+            resources,
+        } => {
+            let context = context(st, &group);
+            let built = resources
+                .into_iter()
+                .map(|name| {
+                    let r = build(db, &name, &context);
+                    (name, r)
+                })
+                .collect();
+            if let Some(t) = st.standbys.remove(&group) {
+                t.abort();
+            }
+            let task = tokio::spawn(standby(st.notes.clone(), group.clone(), epoch, built));
+            st.standbys.insert(group, task);
+        }
+        Step::StandbyOff { group, resources } => {
+            let context = context(st, &group);
+            let built = resources
+                .into_iter()
+                .map(|name| {
+                    let r = build(db, &name, &context);
+                    (name, r)
+                })
+                .collect();
+            if let Some(t) = st.standbys.remove(&group) {
+                t.abort();
+            }
+            let epoch = db.ownership_of(&group).epoch;
+            let task = tokio::spawn(standby_off(st.notes.clone(), group.clone(), epoch, built));
+            st.standbys.insert(group, task);
         }
         Step::Report {
             group,
@@ -829,8 +955,9 @@ fn build(db: &DbContent, name: &str, context: &ResourceContext) -> Result<Built,
     })
 }
 
-/// Waits out the fence, then brings the resources online in order; stops at the first
-/// failure (the plan then takes them all offline).
+/// Waits out the fence, then brings the resources online, each once its dependencies are
+/// (those of independent branches at once); stops at the first failure (the plan then takes
+/// them all offline).
 #[allow(clippy::too_many_arguments)]
 async fn online(
     actor: ActorRef<ExecMsg>,
@@ -839,6 +966,7 @@ async fn online(
     epoch: u64,
     wait: Duration,
     order: Vec<String>,
+    deps: BTreeMap<String, Vec<String>>,
     resources: Arc<BTreeMap<String, Arc<Built>>>,
     broken: Option<String>,
 ) {
@@ -859,19 +987,58 @@ async fn online(
             return Err(why);
         }
         notes.group(&group, epoch, "onlining", "");
-        for name in &order {
-            let Some(r) = resources.get(name) else {
-                return Err(format!("resource {name}: not built"));
-            };
-            notes.resource(&group, epoch, name, "onlining", "");
-            if let Err(e) = r.resource.online(epoch).await {
-                let why = e.to_string();
-                notes.resource(&group, epoch, name, "failed", &why);
-                return Err(format!("resource {name}: {why}"));
+        // Every resource whose dependencies are online starts at once: independent branches
+        // of the DAG (a fileset and a checkpoint) do not wait for each other. A failure drops
+        // the others (an agent in flight is killed with its process group).
+        let mut done: BTreeSet<&str> = BTreeSet::new();
+        let mut started: BTreeSet<&str> = BTreeSet::new();
+        let mut running = JoinSet::new();
+        loop {
+            for name in &order {
+                let ready = deps
+                    .get(name)
+                    .is_none_or(|d| d.iter().all(|x| done.contains(x.as_str())));
+                if started.contains(name.as_str()) || !ready {
+                    continue;
+                }
+                let Some(r) = resources.get(name) else {
+                    return Err(format!("resource {name}: not built"));
+                };
+                started.insert(name);
+                notes.resource(&group, epoch, name, "onlining", "");
+                let (r, name) = (r.clone(), name.clone());
+                running.spawn(async move {
+                    let result = r.resource.online_noting(epoch).await;
+                    (name, result)
+                });
             }
-            notes.resource(&group, epoch, name, "online", "");
+            let Some(joined) = running.join_next().await else {
+                break;
+            };
+            let (name, result) = joined.map_err(|e| format!("an onlining task ended: {e}"))?;
+            match result {
+                Ok(detail) => {
+                    let detail = detail.unwrap_or_default();
+                    if detail.starts_with("promoted") {
+                        notes.standby(&group, epoch, &name, "promoted", &detail);
+                    }
+                    notes.resource(&group, epoch, &name, "online", &detail);
+                    if let Some(n) = order.iter().find(|n| **n == name) {
+                        done.insert(n);
+                    }
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    notes.resource(&group, epoch, &name, "failed", &why);
+                    return Err(format!("resource {name}: {why}"));
+                }
+            }
         }
-        Ok(())
+        if done.len() == order.len() {
+            Ok(())
+        } else {
+            Err("a resource depends on one outside the group".to_owned())
+        }
     }
     .await;
     let _ = actor.cast(ExecMsg::Onlined {
@@ -881,8 +1048,53 @@ async fn online(
     });
 }
 
+/// Starts (or keeps) the standby instances of a group's warm service resources.
+async fn standby(
+    notes: Arc<Notes>,
+    group: String,
+    epoch: u64,
+    resources: Vec<(String, Result<Built, String>)>,
+) {
+    for (name, r) in resources {
+        let r = match r {
+            Ok(r) => r,
+            Err(why) => {
+                notes.standby(&group, epoch, &name, "failed", &why);
+                continue;
+            }
+        };
+        notes.standby(&group, epoch, &name, "starting", "");
+        match r.resource.standby(epoch).await {
+            Ok(pid) => notes.standby(&group, epoch, &name, "standby", &format!("pid {pid}")),
+            Err(e) => notes.standby(&group, epoch, &name, "failed", &e.to_string()),
+        }
+    }
+}
+
+/// Stops the standby instances of resources this node no longer keeps warm.
+async fn standby_off(
+    notes: Arc<Notes>,
+    group: String,
+    epoch: u64,
+    resources: Vec<(String, Result<Built, String>)>,
+) {
+    for (name, r) in resources {
+        let Ok(r) = r else {
+            // Not buildable here: watchd cannot have started it either.
+            continue;
+        };
+        match r.resource.offline().await {
+            Ok(()) => notes.standby(&group, epoch, &name, "stopped", ""),
+            Err(e) => notes.standby(&group, epoch, &name, "failed", &e.to_string()),
+        }
+    }
+}
+
 /// Takes the resources offline in order (dependents first); a resource that does not stop
-/// within its timeout is left to its kill and the next one goes on.
+/// within its timeout is left to its kill and the next one goes on. A forced stop goes in
+/// [`ForcedPhase`]s instead, each resource within its forced bound ([`FORCED_BOUNDS`]), so it
+/// ends within [`Plan::stop_bound`] (what a new owner waits for).
+#[allow(clippy::too_many_arguments)]
 async fn offline(
     actor: ActorRef<ExecMsg>,
     notes: Arc<Notes>,
@@ -890,28 +1102,91 @@ async fn offline(
     epoch: u64,
     why: String,
     resources: Vec<(String, Option<Arc<Built>>)>,
+    forced: bool,
 ) {
-    notes.group(&group, epoch, "offlining", &why);
     let mut clean = true;
-    for (name, r) in resources {
-        let Some(r) = r else {
-            notes.resource(&group, epoch, &name, "offline", "cannot be built here");
-            continue;
-        };
-        notes.resource(&group, epoch, &name, "offlining", "");
-        match r.resource.offline().await {
-            Ok(()) => notes.resource(&group, epoch, &name, "offline", ""),
-            Err(e) => {
-                clean = false;
-                notes.resource(&group, epoch, &name, "failed", &e.to_string());
+    if forced {
+        notes.group(&group, epoch, "offlining", &format!("by force: {why}"));
+        let mut phases: BTreeMap<ForcedPhase, Vec<(String, Arc<Built>)>> = BTreeMap::new();
+        for (name, r) in resources {
+            match r {
+                Some(r) => phases
+                    .entry(ForcedPhase::of(r.resource.kind().name()))
+                    .or_default()
+                    .push((name, r)),
+                None => notes.resource(&group, epoch, &name, "offline", "cannot be built here"),
             }
+        }
+        for (phase, members) in phases {
+            match phase {
+                ForcedPhase::Agents => {
+                    for (name, r) in members {
+                        clean &= stop_one(&notes, &group, epoch, &name, &r, false).await;
+                    }
+                }
+                ForcedPhase::Cut | ForcedPhase::Data => {
+                    let mut all = JoinSet::new();
+                    for (name, r) in members {
+                        let (notes, group) = (notes.clone(), group.clone());
+                        all.spawn(
+                            async move { stop_one(&notes, &group, epoch, &name, &r, true).await },
+                        );
+                    }
+                    while let Some(done) = all.join_next().await {
+                        clean &= done.unwrap_or(false);
+                    }
+                }
+            }
+        }
+    } else {
+        notes.group(&group, epoch, "offlining", &why);
+        for (name, r) in resources {
+            let Some(r) = r else {
+                notes.resource(&group, epoch, &name, "offline", "cannot be built here");
+                continue;
+            };
+            clean &= stop_one(&notes, &group, epoch, &name, &r, false).await;
         }
     }
     let _ = actor.cast(ExecMsg::Offlined {
         group,
         epoch,
         clean,
+        forced,
     });
+}
+
+/// Takes one resource offline (by force when `forced`); whether it stopped within its bound.
+async fn stop_one(
+    notes: &Notes,
+    group: &str,
+    epoch: u64,
+    name: &str,
+    r: &Built,
+    forced: bool,
+) -> bool {
+    notes.resource(
+        group,
+        epoch,
+        name,
+        "offlining",
+        if forced { "by force" } else { "" },
+    );
+    let result = if forced {
+        r.resource.force_offline(&FORCED_BOUNDS).await
+    } else {
+        r.resource.offline().await
+    };
+    match result {
+        Ok(()) => {
+            notes.resource(group, epoch, name, "offline", "");
+            true
+        }
+        Err(e) => {
+            notes.resource(group, epoch, name, "failed", &e.to_string());
+            false
+        }
+    }
 }
 
 /// Runs every resource's looks-alive and is-alive at their intervals until one fails.
@@ -997,9 +1272,8 @@ pub async fn start(
         .as_ref()
         .context("the group executor needs a [cluster] table")?;
     let me = config.node_name();
-    let grace = cluster
-        .membership_config(&me, &config.nodes)
-        .suspect_after();
+    let membership = cluster.membership_config(&me, &config.nodes);
+    let grace = membership.suspect_after();
     let board = Arc::new(Board::default());
     let catalog = ServiceCatalog::of(config);
     let (actor, _) = Actor::spawn(
@@ -1013,6 +1287,8 @@ pub async fn start(
                 me,
                 acting_grace: grace,
                 stop_margin: STOP_MARGIN,
+                forced: FORCED_BOUNDS,
+                grace_beyond_lease: membership.quorum_disk,
             },
             board: board.clone(),
         },

@@ -21,8 +21,9 @@ use crate::supervisor::Shared;
 
 /// The property naming the fileset.
 pub const FILESET_PROPERTY: &str = "fileset";
-/// The optional property naming the service whose checkpoint directory a `checkpoint`
-/// resource replicates (checked against the fileset's path).
+/// The property naming the service whose checkpoint directory a `checkpoint` resource
+/// replicates (checked against the fileset's path). A checkpoint resource needs both `service`
+/// and `fileset`, in the cluster database's validation and here alike.
 pub const SERVICE_PROPERTY: &str = "service";
 /// The optional property bounding how far a streaming backup may lag (ms) before is-alive
 /// calls the resource failed.
@@ -70,7 +71,7 @@ pub struct FilesetResource {
 
 impl FilesetResource {
     /// Validates the properties: `fileset` (a fileset name) is required; `max_lag_ms` is
-    /// optional; a checkpoint resource may name its `service`. Whether the fileset exists on
+    /// optional; a checkpoint resource also needs its `service`. Whether the fileset exists on
     /// this node and is group-managed is checked when it goes online (the replication
     /// supervisor knows).
     pub fn from_properties(
@@ -129,8 +130,15 @@ impl FilesetResource {
                 })?,
         };
         let what = match what {
+            // The same properties the cluster database requires of a checkpoint resource.
             Replicated::Checkpoints { .. } => Replicated::Checkpoints {
-                service: properties.get(SERVICE_PROPERTY).cloned(),
+                service: Some(properties.get(SERVICE_PROPERTY).cloned().ok_or_else(|| {
+                    bad(
+                        SERVICE_PROPERTY,
+                        "missing (the service whose checkpoint directory the fileset carries)"
+                            .into(),
+                    )
+                })?),
             },
             Replicated::Files => Replicated::Files,
         };

@@ -384,12 +384,36 @@ impl Resource {
     /// Brings it online for the ownership `epoch` (the fencing token), within its online
     /// timeout.
     pub async fn online(&self, epoch: u64) -> Result<(), ResourceError> {
+        self.online_noting(epoch).await.map(|_| ())
+    }
+
+    /// Like [`Resource::online`], with what is worth an event about how it came online (a
+    /// service's warm standby promoted, or why it was not).
+    pub async fn online_noting(&self, epoch: u64) -> Result<Option<String>, ResourceError> {
         let timeout = self.timeouts.online;
         match &self.kind {
-            ResourceKind::Exec(r) => r.online(epoch, timeout).await,
-            ResourceKind::Ip(r) => within(Action::Online, timeout, r.online(timeout)).await,
+            ResourceKind::Exec(r) => r.online(epoch, timeout).await.map(|()| None),
+            ResourceKind::Ip(r) => within(Action::Online, timeout, r.online(timeout))
+                .await
+                .map(|()| None),
             ResourceKind::Service(r) => within(Action::Online, timeout, r.online(epoch)).await,
-            ResourceKind::Fileset(r) => within(Action::Online, timeout, r.online(epoch)).await,
+            ResourceKind::Fileset(r) => within(Action::Online, timeout, r.online(epoch))
+                .await
+                .map(|()| None),
+        }
+    }
+
+    /// Runs a `service` resource as a warm standby instance for the group at `epoch`, within
+    /// its online timeout; its pid. Other kinds have no standby.
+    pub async fn standby(&self, epoch: u64) -> Result<u32, ResourceError> {
+        match &self.kind {
+            ResourceKind::Service(r) => {
+                within(Action::Online, self.timeouts.online, r.standby(epoch)).await
+            }
+            other => Err(ResourceError::BadProperty {
+                property: super::service::STANDBY_PROPERTY.to_owned(),
+                why: format!("a {} resource has no standby instance", other.name()),
+            }),
         }
     }
 
@@ -401,6 +425,23 @@ impl Resource {
             ResourceKind::Ip(r) => within(Action::Offline, timeout, r.offline(timeout)).await,
             ResourceKind::Service(r) => within(Action::Offline, timeout, r.offline()).await,
             ResourceKind::Fileset(r) => within(Action::Offline, timeout, r.offline()).await,
+        }
+    }
+
+    /// Takes it offline by force within its kind's forced bound (this node lost the acting
+    /// verdict): a service is killed, an address deleted, a fileset made a backup without
+    /// handing its last writes over. An exec resource's effects cannot be forced: its agent's
+    /// stop runs within the offline timeout.
+    pub async fn force_offline(
+        &self,
+        bounds: &super::executor::plan::ForcedBounds,
+    ) -> Result<(), ResourceError> {
+        let bound = bounds.of(self.kind.name(), self.timeouts.offline);
+        match &self.kind {
+            ResourceKind::Exec(r) => r.offline(self.timeouts.offline).await,
+            ResourceKind::Ip(r) => within(Action::Offline, bound, r.offline(bound)).await,
+            ResourceKind::Service(r) => within(Action::Offline, bound, r.force_offline()).await,
+            ResourceKind::Fileset(r) => within(Action::Offline, bound, r.offline()).await,
         }
     }
 

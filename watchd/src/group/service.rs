@@ -4,8 +4,18 @@
 //! supervisor's state, so a service that restarts locally stays online and one that exhausted
 //! its restart budget fails its group over.
 //!
-//! It only asks the service's supervisor actor; it never spawns or signals a process itself,
-//! and it refuses a service that watchd would also start on its own (`autostart = true`).
+//! A forced offline (this node lost the acting verdict) also SIGKILLs the service's cgroup (or
+//! process group) at once instead of waiting for a graceful stop.
+//!
+//! Warm standby (`standby = "warm"`): on the nodes that may own the group but do not run it,
+//! the executor runs the service with `FT_ROLE=standby` ([`ServiceResource::standby`]); online
+//! then promotes that instance in place (libft's `Promote` with the new epoch) when it runs,
+//! was started as a standby (its `/proc/PID/environ` says so) and survives the promotion for
+//! [`PROMOTE_SETTLE`]; otherwise it falls back to a cold start.
+//!
+//! It only asks the service's supervisor actor; it never spawns a process itself, signals one
+//! only in a forced offline, and refuses a service that watchd would also start on its own
+//! (`autostart = true`).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -21,6 +31,13 @@ pub const SERVICE_PROPERTY: &str = "service";
 pub const ENV_EPOCH: &str = "FT_EPOCH";
 /// The variable that names the group a service runs for.
 pub const ENV_GROUP: &str = "FT_GROUP";
+/// The variable that tells a service its role (`primary` or `standby`).
+pub const ENV_ROLE: &str = ft::standby::ENV_ROLE;
+/// The property choosing cold (default) or warm standby.
+pub const STANDBY_PROPERTY: &str = super::executor::plan::STANDBY_PROPERTY;
+/// How long a promoted standby must keep running (same pid, state running) before the
+/// promotion counts: one that fails to take over exits at once.
+pub const PROMOTE_SETTLE: Duration = Duration::from_millis(100);
 /// How often the supervisor's state is read while waiting for a start or a stop.
 const POLL: Duration = Duration::from_millis(25);
 /// How long one state query of the supervisor actor may take.
@@ -52,6 +69,7 @@ impl ServiceCatalog {
 pub struct ServiceResource {
     service: String,
     group: String,
+    warm: bool,
     shared: Arc<Shared>,
 }
 
@@ -71,6 +89,16 @@ impl ServiceResource {
         let service = properties
             .get(SERVICE_PROPERTY)
             .ok_or_else(|| bad("missing (the name of a watchd service)".into()))?;
+        let warm = match properties.get(STANDBY_PROPERTY).map(String::as_str) {
+            None | Some("cold") => false,
+            Some("warm") => true,
+            Some(other) => {
+                return Err(ResourceError::BadProperty {
+                    property: STANDBY_PROPERTY.to_owned(),
+                    why: format!("`{other}`: \"cold\" (the default) or \"warm\""),
+                });
+            }
+        };
         match catalog.autostart.get(service) {
             None => Err(bad(format!(
                 "no service `{service}` in this node's configuration"
@@ -81,6 +109,7 @@ impl ServiceResource {
             Some(false) => Ok(ServiceResource {
                 service: service.clone(),
                 group: group.to_owned(),
+                warm,
                 shared,
             }),
         }
@@ -91,8 +120,13 @@ impl ServiceResource {
         &self.service
     }
 
-    /// Starts the service for `epoch` and waits until it runs (and is ready).
-    pub async fn online(&self, epoch: u64) -> Result<(), ResourceError> {
+    /// Whether it asks for a warm standby.
+    pub fn warm(&self) -> bool {
+        self.warm
+    }
+
+    /// The environment of the service's next starts: its group, epoch and role.
+    fn set_env(&self, epoch: u64, role: ft::standby::Role) {
         self.shared
             .group_env
             .lock()
@@ -102,9 +136,85 @@ impl ServiceResource {
                 vec![
                     (ENV_EPOCH.to_owned(), epoch.to_string()),
                     (ENV_GROUP.to_owned(), self.group.clone()),
+                    (ENV_ROLE.to_owned(), role.as_str().to_owned()),
                 ],
             );
-        let before = self.view().await?;
+    }
+
+    /// Brings the service online for `epoch`: promotes its warm standby instance when it can
+    /// (`Some(detail)` says what happened), else starts it and waits until it runs (and is
+    /// ready).
+    pub async fn online(&self, epoch: u64) -> Result<Option<String>, ResourceError> {
+        // Whatever happens next (a promotion that fails, a restart), a new process is the
+        // primary.
+        self.set_env(epoch, ft::standby::Role::Primary);
+        let mut note = None;
+        if self.warm {
+            let v = self.view().await?;
+            match self.promote(epoch, &v).await {
+                Ok(pid) => {
+                    return Ok(Some(format!(
+                        "promoted the warm standby in place (pid {pid})"
+                    )));
+                }
+                Err(why) => {
+                    tracing::info!(service = %self.service, %why, "no promotion: cold start");
+                    note = Some(format!("cold start: {why}"));
+                }
+            }
+        }
+        self.start(None).await?;
+        Ok(note)
+    }
+
+    /// Promotes the running standby instance for `epoch`; its pid, or why not.
+    async fn promote(&self, epoch: u64, v: &crate::machine::View) -> Result<u32, String> {
+        if v.state != "running" {
+            return Err(format!("the standby is {}", v.state));
+        }
+        let pid = v.pid.ok_or("no standby process")?;
+        if !started_as_standby(pid).await {
+            return Err(format!("pid {pid} was not started as a standby"));
+        }
+        let told = self.shared.request_promote(&self.service, epoch)?;
+        if told != pid {
+            return Err(format!(
+                "pid {told} registered with libft, but the service's process is pid {pid}"
+            ));
+        }
+        tokio::time::sleep(PROMOTE_SETTLE).await;
+        let after = self.view().await.map_err(|e| e.to_string())?;
+        if after.pid == Some(pid) && after.state == "running" {
+            Ok(pid)
+        } else {
+            Err(format!(
+                "pid {pid} did not survive its promotion (now {})",
+                after.state
+            ))
+        }
+    }
+
+    /// Runs the service as a warm standby for the group at `epoch` (`FT_ROLE=standby`): keeps
+    /// an instance that already runs as one, else (re)starts it; returns its pid.
+    pub async fn standby(&self, epoch: u64) -> Result<u32, ResourceError> {
+        self.set_env(epoch, ft::standby::Role::Standby);
+        let v = self.view().await?;
+        if let Some(pid) = v.pid
+            && matches!(v.state.as_str(), "running" | "starting")
+            && started_as_standby(pid).await
+        {
+            return Ok(pid);
+        }
+        self.start(Some(&v)).await
+    }
+
+    /// Starts the service (restarts a process left from before: it has an old environment)
+    /// and waits until a new process runs; its pid.
+    async fn start(&self, before: Option<&crate::machine::View>) -> Result<u32, ResourceError> {
+        let before = match before {
+            Some(v) => v.clone(),
+            None => self.view().await?,
+        };
         // A process left from before (an adopted one, or a stop that did not happen) has an old
         // epoch in its environment: it is restarted with the new one.
         let (input, old_pid) = match before.state.as_str() {
@@ -114,9 +224,9 @@ impl ServiceResource {
         self.send(input)?;
         loop {
             let v = self.view().await?;
-            match v.state.as_str() {
-                "running" if v.pid.is_some() && v.pid != old_pid => return Ok(()),
-                "failed" => {
+            match (v.state.as_str(), v.pid) {
+                ("running", Some(pid)) if v.pid != old_pid => return Ok(pid),
+                ("failed", _) => {
                     return Err(self.failed(
                         Action::Online,
                         v.failed_reason.as_deref().unwrap_or("failed"),
@@ -130,6 +240,29 @@ impl ServiceResource {
     /// Stops the service and waits until no process of it is left.
     pub async fn offline(&self) -> Result<(), ResourceError> {
         self.send(Input::Stop)?;
+        self.stopped().await
+    }
+
+    /// Stops the service by force: its supervisor stops restarting it, every process of it is
+    /// SIGKILLed (its cgroup, else its process group, checked against the recorded start time),
+    /// and the reaping is awaited. The caller bounds it.
+    pub async fn force_offline(&self) -> Result<(), ResourceError> {
+        // First the stop, so that the supervisor reads the exit as the end of a stop rather
+        // than a crash to restart.
+        self.send(Input::Stop)?;
+        let shared = self.shared.clone();
+        let service = self.service.clone();
+        let killed = tokio::task::spawn_blocking(move || kill_service(&shared, &service))
+            .await
+            .map_err(|e| self.io(format!("the kill did not run: {e}")))?;
+        if let Err(why) = killed {
+            tracing::warn!(service = %self.service, error = %why, "forced stop: cannot kill; waiting for the graceful stop");
+        }
+        self.stopped().await
+    }
+
+    /// Waits until the supervisor has no process of the service left.
+    async fn stopped(&self) -> Result<(), ResourceError> {
         loop {
             let v = self.view().await?;
             if matches!(v.state.as_str(), "stopped" | "failed") && v.pid.is_none() {
@@ -186,6 +319,40 @@ impl ServiceResource {
 
     fn failed(&self, action: Action, why: &str) -> ResourceError {
         self.io(format!("{action}: the service failed: {why}"))
+    }
+}
+
+/// Whether process `pid` was started with `FT_ROLE=standby` (its initial environment, as the
+/// kernel keeps it; false when it cannot be read).
+async fn started_as_standby(pid: u32) -> bool {
+    let wanted = format!("{ENV_ROLE}={}", ft::standby::Role::Standby.as_str());
+    tokio::fs::read(format!("/proc/{pid}/environ"))
+        .await
+        .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == wanted.as_bytes()))
+}
+
+/// SIGKILLs every process of `service` as the registry records it (nothing when it records
+/// none: nothing runs).
+fn kill_service(shared: &Shared, service: &str) -> Result<(), String> {
+    use crate::machine::TreeSignal;
+    let records = shared.registry.all().map_err(|e| e.to_string())?;
+    let Some((_, rec)) = records.into_iter().find(|(n, _)| n == service) else {
+        return Ok(());
+    };
+    match rec.cgroup {
+        // cgroup.kill reaches every process of the cgroup atomically, reused pids or not.
+        Some(path) => {
+            let cg = crate::cgroup::Cgroup::open(path);
+            crate::process::signal_tree(rec.pid, Some(&cg), TreeSignal::Kill)
+                .map_err(|e| e.to_string())
+        }
+        None => match crate::process::adopt(rec.pid, rec.start_time) {
+            // The pidfd pins the pid: it cannot be reused while it is open.
+            Ok(Some(_pidfd)) => crate::process::signal_tree(rec.pid, None, TreeSignal::Kill)
+                .map_err(|e| e.to_string()),
+            Ok(None) => Ok(()),
+            Err(e) => Err(e.to_string()),
+        },
     }
 }
 

@@ -151,6 +151,9 @@ pub struct NodeShared {
     acting: AtomicBool,
     /// The same verdict, for those who must act on its changes (groups, issue 6).
     acting_tx: watch::Sender<bool>,
+    /// Membership's run lease (see `Membership::run_lease_until`): an absolute instant, so a
+    /// node actor that stops publishing only lets it lapse.
+    run_lease: Mutex<Option<Instant>>,
     snapshot: Mutex<Snapshot>,
     ring: Mutex<Ring>,
     actor: Mutex<Option<ActorRef<NodeMsg>>>,
@@ -165,6 +168,7 @@ impl NodeShared {
             votes,
             acting: AtomicBool::new(false),
             acting_tx: watch::channel(false).0,
+            run_lease: Mutex::new(None),
             snapshot: Mutex::new(Snapshot::default()),
             ring: Mutex::new(Ring::default()),
             actor: Mutex::new(None),
@@ -202,6 +206,12 @@ impl NodeShared {
         self.acting_tx.subscribe()
     }
 
+    /// Until when this node may keep running what it runs while it does not act: membership's
+    /// run lease as last published (`None`: lapsed).
+    pub fn run_lease(&self) -> Option<Instant> {
+        *lock(&self.run_lease)
+    }
+
     pub(super) fn set_acting(&self, acting: bool) {
         self.acting.store(acting, Ordering::SeqCst);
         self.acting_tx
@@ -215,6 +225,8 @@ impl NodeShared {
     }
 
     pub(super) fn set_left(&self) {
+        // The members remove a node that left without a fence: nothing may outlive the leave.
+        *lock(&self.run_lease) = None;
         self.set_acting(false);
         lock(&self.snapshot).left = true;
     }
@@ -278,6 +290,8 @@ impl NodeShared {
             reachable,
             disk_owner,
         };
+        // Before the verdict: whoever follows the verdict reads the lease that goes with it.
+        *lock(&self.run_lease) = m.run_lease_until(now);
         self.set_acting(acting);
         *lock(&self.snapshot) = snap;
     }

@@ -9,16 +9,32 @@
 //!        check failed, reported        └──────────── (their outcomes come back as inputs)
 //! ```
 //!
+//! Warm standby: for every `service` resource with `standby = "warm"`, each node that may own
+//! its group (a preferred owner; with `any_owner`, every node) and does not run the group keeps
+//! a standby instance running ([`Step::Standby`]); when the group comes online here, the
+//! onlining promotes it (the plan just forgets it, without a stop); when this node no longer
+//! may own the group, it is stopped ([`Step::StandbyOff`]). Standby instances serve nothing, so
+//! they are not fenced.
+//!
 //! Safety rules (why two nodes never run one group at once):
 //! - A node runs a group only at the epoch the database gives it, and stops at once when the
 //!   ownership moves on (another owner, or a newer epoch).
-//! - A node that stops acting keeps running for at most the acting grace (a view change that
-//!   keeps it a member without a gap lets it go on), then takes everything offline: so it has
-//!   stopped within [`Plan::stop_bound`] of losing the verdict.
-//! - A new owner waits out that bound before its first resource comes online, unless it knows the
+//! - A node that stops acting keeps running only while membership's *run lease* holds (a
+//!   quorum still vouches for it: a view change that keeps it) and at most the acting grace;
+//!   then it stops everything *by force* (services killed, addresses deleted, filesets back to
+//!   backup; exec resources, whose effects cannot be forced, through their offline timeouts):
+//!   within [`Plan::stop_bound`] of the lease's end.
+//! - The lease lapses before any view without the node acts (membership's fence; the argument
+//!   is in `Membership::run_lease_until`: it needs only that clock *rates* differ by less than
+//!   acting_margin / suspect_after, never that clocks agree). So a new owner, which acts in such
+//!   a view, counts the stop bound from the first moment it saw itself acting in a view without
+//!   the previous owner, and waits only what is left of it. It waits nothing when it knows the
 //!   previous owner stopped: it reported the group offline or failed, or it has been a member
 //!   without a gap since (then it was never lost, and only its own report could have moved the
 //!   group).
+//! - With a quorum disk ([`PlanConfig::grace_beyond_lease`]) a node keeps its groups through
+//!   the whole acting grace, lease or not (when its peer dies, it regains quorum by taking the
+//!   disk over, which no lease promises), and the stop bound counts the grace.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -36,6 +52,11 @@ pub struct Facts<'a> {
     /// The members of the committed view and, per member, the epoch since which it has been a
     /// member without a gap.
     pub member_since: &'a BTreeMap<NodeId, u64>,
+    /// The committed view's epoch.
+    pub view_epoch: u64,
+    /// Membership's run lease: until when this node may keep running its groups while it does
+    /// not act (`None`: lapsed).
+    pub run_lease: Option<Instant>,
 }
 
 /// The executor's timing parameters.
@@ -46,9 +67,64 @@ pub struct PlanConfig {
     /// How long groups keep running after the acting verdict lapsed, waiting for it to come
     /// back in the same membership (a view change that keeps this node).
     pub acting_grace: Duration,
-    /// Added to the offline timeouts in the stop bound: the reaction time of the executor and a
-    /// killed process's reaping.
+    /// Added to the forced stop bounds in the stop bound: the reaction time of the executor.
     pub stop_margin: Duration,
+    /// How long a forced stop of each kind of resource may take.
+    pub forced: ForcedBounds,
+    /// Keep groups through the whole acting grace even when the run lease lapsed, and count
+    /// the grace in the stop bound: a cluster with a quorum disk, where a node that lost its
+    /// peer regains quorum by taking the disk over, which no lease can promise beforehand.
+    pub grace_beyond_lease: bool,
+}
+
+/// How long a forced stop may take, per kind of resource (an exec resource is never forced:
+/// its offline timeout counts).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ForcedBounds {
+    /// `service`: stop its supervisor's restarts, SIGKILL its cgroup, wait for the reaping.
+    pub service: Duration,
+    /// `ip`: delete the address.
+    pub ip: Duration,
+    /// `fileset` and `checkpoint`: back to the backup role (a pump left behind is refused by
+    /// every backup anyway, by its stale epoch).
+    pub fileset: Duration,
+}
+
+/// The phases of a forced stop: first every service and address at once (what clients see),
+/// then the exec resources one after the other (dependents first, each within its offline
+/// timeout), then every fileset and checkpoint at once (after the services that write them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ForcedPhase {
+    /// Services and addresses, concurrently.
+    Cut,
+    /// Exec resources, in order.
+    Agents,
+    /// Filesets and checkpoints, concurrently.
+    Data,
+}
+
+impl ForcedPhase {
+    /// The phase of a resource of `kind` (an unknown kind is treated as an agent: in order,
+    /// within its offline timeout).
+    pub fn of(kind: &str) -> ForcedPhase {
+        match kind {
+            "service" | "ip" => ForcedPhase::Cut,
+            "fileset" | "checkpoint" => ForcedPhase::Data,
+            _ => ForcedPhase::Agents,
+        }
+    }
+}
+
+impl ForcedBounds {
+    /// The bound of a forced stop of a resource of `kind` whose offline timeout is `offline`.
+    pub fn of(&self, kind: &str, offline: Duration) -> Duration {
+        match kind {
+            "service" => self.service,
+            "ip" => self.ip,
+            "fileset" | "checkpoint" => self.fileset,
+            _ => offline,
+        }
+    }
 }
 
 /// What to do.
@@ -77,6 +153,9 @@ pub enum Step {
         order: Vec<String>,
         /// Why (for events).
         why: String,
+        /// By force, in [`ForcedPhase`]s, each resource within its forced bound (this node
+        /// lost the acting verdict: a new owner counts on [`Plan::stop_bound`]).
+        forced: bool,
     },
     /// Watch the online group's resources (looks-alive and is-alive at their intervals).
     Monitor {
@@ -94,6 +173,24 @@ pub enum Step {
         epoch: u64,
         /// The state reached.
         state: GroupState,
+    },
+    /// Run the warm service `resources` of `group` as standby instances (`FT_ROLE=standby`),
+    /// starting those that do not run that way.
+    Standby {
+        /// The group.
+        group: String,
+        /// Its ownership epoch now (handed to the instances as `FT_EPOCH`).
+        epoch: u64,
+        /// The warm `service` resources.
+        resources: Vec<String>,
+    },
+    /// Stop the standby instances of `resources` of `group` (this node no longer may own it,
+    /// or they are no longer warm).
+    StandbyOff {
+        /// The group.
+        group: String,
+        /// The resources.
+        resources: Vec<String>,
     },
     /// An ownership change observed in the database (for the events and the journal).
     Observed {
@@ -148,6 +245,8 @@ pub struct Local {
     pub in_flight: bool,
     /// Why it went offline, for status and events.
     pub why: String,
+    /// It is taken offline by force (the verdict was lost).
+    pub forced: bool,
 }
 
 impl Local {
@@ -159,6 +258,7 @@ impl Local {
             report,
             in_flight: false,
             why,
+            forced: false,
         }
     }
 
@@ -199,6 +299,13 @@ pub struct Plan {
     seen: BTreeMap<String, Seen>,
     /// Per group, the ownership seen last at the epoch before the newest one.
     before: BTreeMap<String, Seen>,
+    /// The run lease as last seen.
+    lease: Option<Instant>,
+    /// Per node, the first moment this node saw itself acting in a view without it, and that
+    /// view's epoch: its run lease had lapsed by then.
+    absent: BTreeMap<NodeId, (Instant, u64)>,
+    /// Per group, the warm resources whose standby instances were asked for.
+    standby: BTreeMap<String, Vec<String>>,
 }
 
 impl Plan {
@@ -210,7 +317,15 @@ impl Plan {
             groups: BTreeMap::new(),
             seen: BTreeMap::new(),
             before: BTreeMap::new(),
+            lease: None,
+            absent: BTreeMap::new(),
+            standby: BTreeMap::new(),
         }
+    }
+
+    /// The groups whose warm resources run as standby instances here.
+    pub fn standbys(&self) -> &BTreeMap<String, Vec<String>> {
+        &self.standby
     }
 
     /// The groups this node runs or ran.
@@ -223,28 +338,52 @@ impl Plan {
         matches!(self.verdict, Verdict::Acting(_))
     }
 
-    /// When [`Plan::evaluate`] must run again at the latest (the end of an acting grace).
+    /// When [`Plan::evaluate`] must run again at the latest (the end of an acting grace or of
+    /// the run lease).
     pub fn next_deadline(&self) -> Option<Instant> {
         match self.verdict {
-            Verdict::Grace { at, .. } => at.checked_add(self.cfg.acting_grace),
+            Verdict::Grace { at, .. } => Some(self.grace_end(at)),
             _ => None,
         }
     }
 
-    /// How long a previous owner of `group` that lost the acting verdict may still run its
-    /// resources: the acting grace, every resource's offline timeout (they go offline one after
-    /// the other), and the margin.
+    /// Groups keep running without the verdict until the acting grace or the run lease ends,
+    /// whichever comes first.
+    fn grace_end(&self, at: Instant) -> Instant {
+        let grace = at.checked_add(self.cfg.acting_grace).unwrap_or(at);
+        if self.cfg.grace_beyond_lease {
+            return grace;
+        }
+        self.lease.map_or(at, |l| l.min(grace))
+    }
+
+    /// How long after its run lease lapsed a previous owner of `group` may still run one of its
+    /// resources: the forced stop's phases (the longest service or address bound, every exec
+    /// resource's offline timeout, the longest fileset bound) and the margin (and the acting
+    /// grace, with [`PlanConfig::grace_beyond_lease`]).
     pub fn stop_bound(&self, db: &DbContent, group: &str) -> Duration {
-        let offline: u64 = db
-            .resources
+        let mut phases: BTreeMap<ForcedPhase, Duration> = BTreeMap::new();
+        for r in db.resources.values().filter(|r| r.group == group) {
+            let bound = self
+                .cfg
+                .forced
+                .of(&r.kind, Duration::from_millis(r.offline_timeout_ms));
+            let phase = phases.entry(ForcedPhase::of(&r.kind)).or_default();
+            *phase = match ForcedPhase::of(&r.kind) {
+                ForcedPhase::Agents => phase.saturating_add(bound),
+                ForcedPhase::Cut | ForcedPhase::Data => (*phase).max(bound),
+            };
+        }
+        let grace = if self.cfg.grace_beyond_lease {
+            self.cfg.acting_grace
+        } else {
+            Duration::ZERO
+        };
+        phases
             .values()
-            .filter(|r| r.group == group)
-            .map(|r| r.offline_timeout_ms)
-            .fold(0u64, u64::saturating_add);
-        self.cfg
-            .acting_grace
-            .saturating_add(Duration::from_millis(offline))
-            .saturating_add(self.cfg.stop_margin)
+            .fold(self.cfg.stop_margin.saturating_add(grace), |a, b| {
+                a.saturating_add(*b)
+            })
     }
 
     /// The onlining of `group` at `epoch` ended: every resource online (`Ok`), or one failed
@@ -284,9 +423,18 @@ impl Plan {
     /// Every resource of `group` at `epoch` went offline (`clean` false when one did not stop
     /// within its timeout and was left to its kill).
     pub fn offlined(&mut self, group: &str, epoch: u64, clean: bool) {
+        self.offline_ended(group, epoch, clean, true);
+    }
+
+    /// Like [`Plan::offlined`], from an offline that ran by force or not: the end of a graceful
+    /// offline that the plan meanwhile escalated to a forced one is not the end of the run.
+    pub fn offline_ended(&mut self, group: &str, epoch: u64, clean: bool, forced: bool) {
         let Some(l) = self.at(group, epoch) else {
             return;
         };
+        if l.forced && !forced {
+            return;
+        }
         l.enter(Phase::Stopped);
         if !clean && l.report == Some(GroupState::Offline) {
             // A resource that would not stop leaves the group in doubt: not cleanly offline.
@@ -313,6 +461,8 @@ impl Plan {
     pub fn evaluate(&mut self, now: Instant, facts: &Facts<'_>) -> Vec<Step> {
         let mut out = Vec::new();
         self.observe(facts, &mut out);
+        self.lease = facts.run_lease;
+        self.note_absent(now, facts);
         let mine = facts.member_since.get(&self.cfg.me).copied();
         self.verdict = match self.verdict {
             Verdict::Acting(since) if !facts.acting => Verdict::Grace { at: now, since },
@@ -326,15 +476,22 @@ impl Plan {
                 self.fence(facts.db, "this node rejoined the cluster");
                 Verdict::Acting(mine)
             }
-            Verdict::Grace { at, .. }
-                if now.saturating_duration_since(at) >= self.cfg.acting_grace =>
-            {
-                self.fence(facts.db, "this node lost the acting verdict");
-                Verdict::Fenced
-            }
             Verdict::Fenced if facts.acting => Verdict::Acting(mine),
             v => v,
         };
+        if let Verdict::Grace { at, .. } = self.verdict
+            && now >= self.grace_end(at)
+            && !facts.acting
+        {
+            // The lease may have lapsed before the verdict did (a cut-off node).
+            let why = if self.lease.is_some_and(|l| now < l) {
+                "this node lost the acting verdict"
+            } else {
+                "this node's run lease lapsed (no quorum vouches for it)"
+            };
+            self.fence(facts.db, why);
+            self.verdict = Verdict::Fenced;
+        }
         if self.acting() {
             let names: BTreeSet<String> = self
                 .groups
@@ -343,12 +500,77 @@ impl Plan {
                 .cloned()
                 .collect();
             for name in names {
-                self.group(&name, facts, &mut out);
+                self.group(now, &name, facts, &mut out);
             }
+            self.standbys_for(facts, &mut out);
         }
         // Monitors and offlines go out whatever the verdict: a failed run must not stay half up.
         self.hand_out(facts.db, &mut out);
         out
+    }
+
+    /// Asks for the standby instances this node should run, and stops those it should not.
+    fn standbys_for(&mut self, facts: &Facts<'_>, out: &mut Vec<Step>) {
+        let db = facts.db;
+        let names: BTreeSet<String> = self
+            .standby
+            .keys()
+            .chain(db.groups.keys())
+            .cloned()
+            .collect();
+        for name in names {
+            let running = self
+                .groups
+                .get(&name)
+                .is_some_and(|l| l.phase != Phase::Stopped);
+            if running {
+                // Its run owns the service now (promoted, started or stopping); a standby comes
+                // back once the run has stopped.
+                self.standby.remove(&name);
+                continue;
+            }
+            let want = warm_resources(db, &name, &self.cfg.me);
+            let have = self.standby.get(&name);
+            if have == Some(&want) || (have.is_none() && want.is_empty()) {
+                continue;
+            }
+            let gone: Vec<String> = have
+                .map(|h| h.iter().filter(|r| !want.contains(*r)).cloned().collect())
+                .unwrap_or_default();
+            if !gone.is_empty() {
+                out.push(Step::StandbyOff {
+                    group: name.clone(),
+                    resources: gone,
+                });
+            }
+            if want.is_empty() {
+                self.standby.remove(&name);
+            } else {
+                out.push(Step::Standby {
+                    group: name.clone(),
+                    epoch: db.ownership_of(&name).epoch,
+                    resources: want.clone(),
+                });
+                self.standby.insert(name, want);
+            }
+        }
+    }
+
+    /// Remembers, per node of the database, since when this node has acted in a view without
+    /// it (forgotten when it is a member again).
+    fn note_absent(&mut self, now: Instant, facts: &Facts<'_>) {
+        self.absent
+            .retain(|n, _| facts.db.nodes.contains_key(n) && !facts.member_since.contains_key(n));
+        if !facts.acting {
+            return;
+        }
+        for n in facts.db.nodes.keys() {
+            if !facts.member_since.contains_key(n) {
+                self.absent
+                    .entry(n.clone())
+                    .or_insert((now, facts.view_epoch));
+            }
+        }
     }
 
     /// Records ownership changes (and remembers, per group, the ownership of the epoch before).
@@ -389,6 +611,15 @@ impl Plan {
     /// Stops every running group (the verdict is gone for good); each reports, once acting
     /// again, that it failed here (or, if its owner was asked to take it offline, that it is).
     fn fence(&mut self, db: &DbContent, why: &str) {
+        for l in self.groups.values_mut() {
+            if l.phase == Phase::Offlining && !l.forced {
+                // A graceful offline under way (a failed check, a release) may take the sum of
+                // the offline timeouts, longer than a new owner waits: it goes on by force.
+                l.forced = true;
+                l.stepped = false;
+                l.why = format!("{}; {why}", l.why);
+            }
+        }
         for (name, l) in self.groups.iter_mut().filter(|(_, l)| l.phase.running()) {
             let state = db.ownership_of(name).state;
             l.report = Some(if state == GroupState::Offlining {
@@ -398,6 +629,7 @@ impl Plan {
             });
             l.in_flight = false;
             why.clone_into(&mut l.why);
+            l.forced = true;
             l.enter(Phase::Offlining);
         }
     }
@@ -415,6 +647,7 @@ impl Plan {
                     epoch: l.epoch,
                     order: offline_order(db, name),
                     why: l.why.clone(),
+                    forced: l.forced,
                 }),
                 Phase::Onlining | Phase::Stopped => {}
             }
@@ -428,12 +661,13 @@ impl Plan {
         if let Some(l) = self.groups.get_mut(name) {
             l.report = None;
             l.why = why;
+            l.forced = false;
             l.enter(Phase::Offlining);
         }
     }
 
     /// The rules for one group while acting.
-    fn group(&mut self, name: &str, facts: &Facts<'_>, out: &mut Vec<Step>) {
+    fn group(&mut self, now: Instant, name: &str, facts: &Facts<'_>, out: &mut Vec<Step>) {
         let db = facts.db;
         let exists = db.groups.contains_key(name);
         let own = db.ownership_of(name);
@@ -492,7 +726,7 @@ impl Plan {
         };
         match own.state {
             GroupState::Onlining => {
-                let wait = self.fence_wait(db, name, own.epoch, facts);
+                let wait = self.fence_wait(now, db, name, own.epoch, facts);
                 let mut l = Local::new(own.epoch, Phase::Onlining, None, String::new());
                 l.stepped = true;
                 self.groups.insert(name.to_owned(), l);
@@ -602,7 +836,14 @@ impl Plan {
     }
 
     /// How long to wait before onlining `name` at `epoch`.
-    fn fence_wait(&self, db: &DbContent, name: &str, epoch: u64, facts: &Facts<'_>) -> Duration {
+    fn fence_wait(
+        &self,
+        now: Instant,
+        db: &DbContent,
+        name: &str,
+        epoch: u64,
+        facts: &Facts<'_>,
+    ) -> Duration {
         if epoch <= 1 {
             return Duration::ZERO;
         }
@@ -628,9 +869,52 @@ impl Plan {
         }
         match (prev.owner_since, facts.member_since.get(owner)) {
             (Some(then), Some(now)) if then == *now => Duration::ZERO,
-            _ => self.stop_bound(db, name),
+            _ => self.lost_owner_wait(now, db, name, owner, facts),
         }
     }
+
+    /// What is left of the stop bound of `owner`, a previous owner of `name` that was lost:
+    /// counted from the moment this node saw itself acting in a view without it (its run lease
+    /// had lapsed by then), when no view change came since (it cannot have rejoined and
+    /// gained a new lease unseen); else the whole bound from now.
+    fn lost_owner_wait(
+        &self,
+        now: Instant,
+        db: &DbContent,
+        name: &str,
+        owner: &str,
+        facts: &Facts<'_>,
+    ) -> Duration {
+        let bound = self.stop_bound(db, name);
+        match self.absent.get(owner) {
+            Some((since, epoch)) if *epoch == facts.view_epoch => {
+                bound.saturating_sub(now.saturating_duration_since(*since))
+            }
+            _ => bound,
+        }
+    }
+}
+
+/// The property of a `service` resource that asks for a warm standby.
+pub const STANDBY_PROPERTY: &str = "standby";
+
+/// The `service` resources of `group` with `standby = "warm"`, when `me` may own the group (a
+/// preferred owner, or any node of the database when the group has `any_owner`).
+pub fn warm_resources(db: &DbContent, group: &str, me: &str) -> Vec<String> {
+    let Some(g) = db.groups.get(group) else {
+        return Vec::new();
+    };
+    let may_own =
+        g.preferred_owners.iter().any(|o| o == me) || (g.any_owner && db.nodes.contains_key(me));
+    if !may_own {
+        return Vec::new();
+    }
+    db.resources
+        .values()
+        .filter(|r| r.group == group && r.kind == "service")
+        .filter(|r| r.properties.get(STANDBY_PROPERTY).map(String::as_str) == Some("warm"))
+        .map(|r| r.name.clone())
+        .collect()
 }
 
 /// The resources of `group`, dependents first (every resource of the group, also when the
@@ -660,11 +944,19 @@ mod tests {
     const GRACE: Duration = Duration::from_millis(500);
     const MARGIN: Duration = Duration::from_millis(500);
 
+    const FORCED: ForcedBounds = ForcedBounds {
+        service: Duration::from_millis(300),
+        ip: Duration::from_millis(200),
+        fileset: Duration::from_millis(250),
+    };
+
     fn plan(me: &str) -> Plan {
         Plan::new(PlanConfig {
             me: me.into(),
             acting_grace: GRACE,
             stop_margin: MARGIN,
+            forced: FORCED,
+            grace_beyond_lease: false,
         })
     }
 
@@ -733,12 +1025,26 @@ mod tests {
         acting: bool,
         m: &BTreeMap<NodeId, u64>,
     ) -> Vec<Step> {
+        run_with(p, now, db, acting, m, Some(now + Duration::from_secs(3600)))
+    }
+
+    /// Like `run`, with the run lease given (the view's epoch is the newest member-since).
+    fn run_with(
+        p: &mut Plan,
+        now: Instant,
+        db: &DbContent,
+        acting: bool,
+        m: &BTreeMap<NodeId, u64>,
+        run_lease: Option<Instant>,
+    ) -> Vec<Step> {
         p.evaluate(
             now,
             &Facts {
                 db,
                 acting,
                 member_since: m,
+                view_epoch: m.values().copied().max().unwrap_or(0),
+                run_lease,
             },
         )
         .into_iter()
@@ -761,6 +1067,17 @@ mod tests {
             epoch,
             order: vec!["svc".into(), "addr".into(), "data".into()],
             why: why.into(),
+            forced: false,
+        }
+    }
+
+    fn forced(epoch: u64, why: &str) -> Step {
+        Step::Offline {
+            group: "g".into(),
+            epoch,
+            order: vec!["svc".into(), "addr".into(), "data".into()],
+            why: why.into(),
+            forced: true,
         }
     }
 
@@ -921,7 +1238,8 @@ mod tests {
         // a is lost: the view without it, the group assigned to b.
         let without = members(&[("b", 1), ("c", 1)]);
         assign(&mut db, "b");
-        let bound = GRACE + Duration::from_secs(3) + MARGIN;
+        // Exec resources cannot be forced: their offline timeouts, one after the other.
+        let bound = Duration::from_secs(3) + MARGIN;
         assert_eq!(b.stop_bound(&db, "g"), bound);
         assert_eq!(run(&mut b, t, &db, true, &without), vec![online(2, bound)]);
     }
@@ -1014,7 +1332,7 @@ mod tests {
         assert_eq!(run(&mut a, t2, &db, false, &joined), vec![]);
         assert_eq!(
             run(&mut a, t2 + GRACE, &db, false, &joined),
-            vec![offline(1, "this node lost the acting verdict")]
+            vec![forced(1, "this node lost the acting verdict")]
         );
         a.offlined("g", 1, true);
         assert_eq!(
@@ -1045,7 +1363,7 @@ mod tests {
         let rejoined = members(&[("a", 4), ("b", 1)]);
         assert_eq!(
             run(&mut a, t + Duration::from_millis(100), &db, true, &rejoined),
-            vec![offline(1, "this node rejoined the cluster")]
+            vec![forced(1, "this node rejoined the cluster")]
         );
     }
 
@@ -1109,6 +1427,8 @@ mod tests {
                     db,
                     acting: true,
                     member_since: &m,
+                    view_epoch: 1,
+                    run_lease: None,
                 },
             )
             .into_iter()
@@ -1121,5 +1441,444 @@ mod tests {
         assert_eq!(observed(&mut b, &db), 1);
         report(&mut db, GroupState::Online);
         assert_eq!(observed(&mut b, &db), 1);
+    }
+
+    /// Group `k` on a, b, c with one resource of every kind (offline timeouts 5 s).
+    fn kinds_db() -> DbContent {
+        let mut db = DbContent::default();
+        for n in ["a", "b", "c"] {
+            db.apply(&Update::AddNode { node: n.into() }).expect("node");
+        }
+        db.apply(&Update::AddGroup(Group {
+            name: "k".into(),
+            preferred_owners: vec!["a".into(), "b".into(), "c".into()],
+            ..Group::default()
+        }))
+        .expect("group");
+        let props = |kv: &[(&str, &str)]| -> BTreeMap<String, String> {
+            kv.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        for (name, kind, p) in [
+            ("data", "fileset", props(&[("fileset", "data")])),
+            (
+                "ckpt",
+                "checkpoint",
+                props(&[("fileset", "ckpt"), ("service", "svc")]),
+            ),
+            ("hook", "exec", props(&[("agent", "/bin/true")])),
+            ("svc", "service", props(&[("service", "svc")])),
+            (
+                "addr",
+                "ip",
+                props(&[("address", "10.0.0.9/24"), ("interface", "eth0")]),
+            ),
+            ("hook2", "exec", props(&[("agent", "/bin/true")])),
+        ] {
+            db.apply(&Update::AddResource(Resource {
+                name: name.into(),
+                group: "k".into(),
+                kind: kind.into(),
+                properties: p,
+                offline_timeout_ms: 5000,
+                ..Resource::default()
+            }))
+            .expect("resource");
+        }
+        db
+    }
+
+    #[test]
+    fn the_stop_bound_counts_forced_kinds_by_their_forced_bound_and_exec_by_its_timeout() {
+        let db = kinds_db();
+        // Services and addresses at once (300 ms), the two exec resources one after the other
+        // (5 s each: their effects cannot be forced), filesets and checkpoints at once (250 ms).
+        assert_eq!(
+            plan("b").stop_bound(&db, "k"),
+            Duration::from_millis(300 + 10_000 + 250) + MARGIN
+        );
+        assert_eq!(ForcedPhase::of("service"), ForcedPhase::Cut);
+        assert_eq!(ForcedPhase::of("ip"), ForcedPhase::Cut);
+        assert_eq!(ForcedPhase::of("exec"), ForcedPhase::Agents);
+        assert_eq!(ForcedPhase::of("checkpoint"), ForcedPhase::Data);
+        // Without exec resources the bound is small.
+        let mut db = db;
+        for r in ["hook", "hook2"] {
+            db.apply(&Update::RemoveResource { name: r.into() })
+                .expect("remove");
+        }
+        assert_eq!(
+            plan("b").stop_bound(&db, "k"),
+            Duration::from_millis(550) + MARGIN
+        );
+    }
+
+    #[test]
+    fn a_lapsed_run_lease_stops_the_groups_by_force_before_the_grace_ends() {
+        let t = Instant::now();
+        let m = members(&[("a", 1), ("b", 1), ("c", 1)]);
+        let mut db = db();
+        let mut a = plan("a");
+        assign(&mut db, "a");
+        run(&mut a, t, &db, true, &m);
+        a.onlined("g", 1, Ok(()));
+        run(&mut a, t, &db, true, &m);
+        // The verdict drops; the quorum's vouches still hold for 100 ms.
+        let lease = t + Duration::from_millis(100);
+        assert_eq!(run_with(&mut a, t, &db, false, &m, Some(lease)), vec![]);
+        assert_eq!(a.next_deadline(), Some(lease));
+        assert_eq!(
+            run_with(&mut a, lease, &db, false, &m, Some(lease)),
+            vec![forced(
+                1,
+                "this node's run lease lapsed (no quorum vouches for it)"
+            )]
+        );
+        // A node that finds its lease gone with the verdict stops at once.
+        let mut b = plan("a");
+        let mut db2 = self::db();
+        assign(&mut db2, "a");
+        run(&mut b, t, &db2, true, &m);
+        b.onlined("g", 1, Ok(()));
+        run(&mut b, t, &db2, true, &m);
+        assert_eq!(
+            run_with(&mut b, t, &db2, false, &m, None),
+            vec![forced(
+                1,
+                "this node's run lease lapsed (no quorum vouches for it)"
+            )]
+        );
+    }
+
+    #[test]
+    fn a_lease_renewed_during_a_view_change_keeps_the_groups_until_the_grace_ends() {
+        let t = Instant::now();
+        let m = members(&[("a", 1), ("b", 1), ("c", 1)]);
+        let mut db = db();
+        let mut a = plan("a");
+        assign(&mut db, "a");
+        run(&mut a, t, &db, true, &m);
+        a.onlined("g", 1, Ok(()));
+        run(&mut a, t, &db, true, &m);
+        let ms = Duration::from_millis;
+        assert_eq!(
+            run_with(&mut a, t, &db, false, &m, Some(t + ms(100))),
+            vec![]
+        );
+        // The vouches keep coming: the lease moves on, the grace still bounds the blink.
+        assert_eq!(
+            run_with(&mut a, t + ms(100), &db, false, &m, Some(t + ms(900))),
+            vec![]
+        );
+        assert_eq!(a.next_deadline(), Some(t + GRACE));
+        assert_eq!(a.groups()["g"].phase, Phase::Online);
+        assert_eq!(
+            run_with(&mut a, t + GRACE, &db, false, &m, Some(t + ms(900))),
+            vec![forced(1, "this node lost the acting verdict")]
+        );
+    }
+
+    #[test]
+    fn a_new_owner_counts_the_stop_bound_from_when_it_first_acted_without_the_lost_owner() {
+        let t = Instant::now();
+        let ms = Duration::from_millis;
+        let mut db = db();
+        let all = members(&[("a", 1), ("b", 1), ("c", 1)]);
+        assign(&mut db, "a");
+        report(&mut db, GroupState::Online);
+        let mut b = plan("b");
+        run(&mut b, t, &db, true, &all);
+        // The view without a (epoch 2), acting: a's run lease has lapsed by now.
+        let without = members(&[("b", 1), ("c", 1)]);
+        let view2 = |p: &mut Plan, now: Instant, db: &DbContent, m: &BTreeMap<NodeId, u64>| {
+            p.evaluate(
+                now,
+                &Facts {
+                    db,
+                    acting: true,
+                    member_since: m,
+                    view_epoch: 2,
+                    run_lease: Some(now + Duration::from_secs(3600)),
+                },
+            )
+            .into_iter()
+            .filter(|s| !matches!(s, Step::Observed { .. }))
+            .collect::<Vec<_>>()
+        };
+        assert_eq!(view2(&mut b, t + ms(10), &db, &without), vec![]);
+        // The assignment arrives 1 s later: what is left of the bound.
+        assign(&mut db, "b");
+        let bound = b.stop_bound(&db, "g");
+        assert_eq!(
+            view2(&mut b, t + ms(1010), &db, &without),
+            vec![online(2, bound - ms(1000))]
+        );
+        // After another view change, nothing is known: the whole bound.
+        let mut c = plan("b");
+        let mut db2 = self::db();
+        assign(&mut db2, "a");
+        report(&mut db2, GroupState::Online);
+        run(&mut c, t, &db2, true, &all);
+        view2(&mut c, t + ms(10), &db2, &without);
+        assign(&mut db2, "b");
+        let later = members(&[("b", 1), ("c", 1)]);
+        assert_eq!(
+            c.evaluate(
+                t + ms(1010),
+                &Facts {
+                    db: &db2,
+                    acting: true,
+                    member_since: &later,
+                    view_epoch: 3,
+                    run_lease: None,
+                },
+            )
+            .into_iter()
+            .filter(|s| !matches!(s, Step::Observed { .. }))
+            .collect::<Vec<_>>(),
+            vec![online(2, bound)]
+        );
+        // Not acting when a was seen missing: that moment proves nothing.
+        let mut d = plan("b");
+        let mut db3 = self::db();
+        assign(&mut db3, "a");
+        report(&mut db3, GroupState::Online);
+        run(&mut d, t, &db3, true, &all);
+        run_with(&mut d, t + ms(10), &db3, false, &without, Some(t + ms(50)));
+        run(&mut d, t + ms(500), &db3, true, &without);
+        assign(&mut db3, "b");
+        assert_eq!(
+            run(&mut d, t + ms(1500), &db3, true, &without),
+            vec![online(2, bound - ms(1000))]
+        );
+    }
+
+    /// Group `g` preferring a, b (not c) with a fileset and a warm service depending on it.
+    fn warm_db(any_owner: bool) -> DbContent {
+        let mut db = DbContent::default();
+        for n in ["a", "b", "c"] {
+            db.apply(&Update::AddNode { node: n.into() }).expect("node");
+        }
+        db.apply(&Update::AddGroup(Group {
+            name: "g".into(),
+            preferred_owners: vec!["a".into(), "b".into()],
+            any_owner,
+            ..Group::default()
+        }))
+        .expect("group");
+        db.apply(&Update::AddResource(Resource {
+            name: "data".into(),
+            group: "g".into(),
+            kind: "fileset".into(),
+            properties: [("fileset".to_owned(), "data".to_owned())].into(),
+            ..Resource::default()
+        }))
+        .expect("fileset");
+        db.apply(&Update::AddResource(Resource {
+            name: "kv".into(),
+            group: "g".into(),
+            kind: "service".into(),
+            depends_on: vec!["data".into()],
+            properties: [
+                ("service".to_owned(), "kv".to_owned()),
+                ("standby".to_owned(), "warm".to_owned()),
+            ]
+            .into(),
+            ..Resource::default()
+        }))
+        .expect("service");
+        db
+    }
+
+    fn standby_steps(steps: Vec<Step>) -> Vec<Step> {
+        steps
+            .into_iter()
+            .filter(|s| matches!(s, Step::Standby { .. } | Step::StandbyOff { .. }))
+            .collect()
+    }
+
+    fn standby(epoch: u64) -> Step {
+        Step::Standby {
+            group: "g".into(),
+            epoch,
+            resources: vec!["kv".into()],
+        }
+    }
+
+    #[test]
+    fn warm_services_run_as_standbys_on_every_possible_owner_that_does_not_run_the_group() {
+        let t = Instant::now();
+        let m = members(&[("a", 1), ("b", 1), ("c", 1)]);
+        let mut db = warm_db(false);
+        let (mut a, mut b, mut c) = (plan("a"), plan("b"), plan("c"));
+        // As soon as the group is defined, on its preferred owners only, once.
+        assert_eq!(run(&mut a, t, &db, true, &m), vec![standby(0)]);
+        assert_eq!(run(&mut b, t, &db, true, &m), vec![standby(0)]);
+        assert_eq!(run(&mut c, t, &db, true, &m), vec![]);
+        assert_eq!(run(&mut a, t, &db, true, &m), vec![]);
+        // Not acting: nothing is asked for.
+        let mut fenced = plan("b");
+        assert_eq!(run(&mut fenced, t, &db, false, &m), vec![]);
+        // a becomes the owner: its onlining takes the instance over (a promotion), no stop.
+        assign(&mut db, "a");
+        let steps = run(&mut a, t, &db, true, &m);
+        assert!(
+            matches!(steps.as_slice(), [Step::Online { group, .. }] if group == "g"),
+            "{steps:?}"
+        );
+        assert!(a.standbys().is_empty());
+        assert_eq!(standby_steps(run(&mut b, t, &db, true, &m)), vec![]);
+        a.onlined("g", 1, Ok(()));
+        run(&mut a, t, &db, true, &m);
+        report(&mut db, GroupState::Online);
+        a.reported("g", 1, GroupState::Online, ReportOutcome::Settled);
+        // Moved to b: a stops its primary, then runs a standby again; b promotes its own.
+        db.apply(&Update::ReleaseGroup {
+            group: "g".into(),
+            epoch: 1,
+            to: Some("b".into()),
+            reason: "move".into(),
+        })
+        .expect("release");
+        let steps = run(&mut a, t, &db, true, &m);
+        assert!(
+            matches!(steps.as_slice(), [Step::Offline { forced: false, .. }]),
+            "{steps:?}"
+        );
+        assert_eq!(standby_steps(run(&mut a, t, &db, true, &m)), vec![]);
+        a.offlined("g", 1, true);
+        let steps = run(&mut a, t, &db, true, &m);
+        assert_eq!(
+            steps,
+            vec![
+                Step::Report {
+                    group: "g".into(),
+                    epoch: 1,
+                    state: GroupState::Offline
+                },
+                standby(1)
+            ]
+        );
+        report(&mut db, GroupState::Offline);
+        assign(&mut db, "b");
+        let steps = run(&mut b, t, &db, true, &m);
+        assert!(
+            matches!(steps.as_slice(), [Step::Online { group, wait, .. }] if group == "g" && wait.is_zero()),
+            "{steps:?}"
+        );
+        assert!(b.standbys().is_empty());
+        assert_eq!(standby_steps(run(&mut a, t, &db, true, &m)), vec![]);
+    }
+
+    #[test]
+    fn a_standby_stops_when_the_service_is_no_longer_warm_or_the_node_no_longer_may_own_it() {
+        let t = Instant::now();
+        let m = members(&[("a", 1), ("b", 1), ("c", 1)]);
+        let mut db = warm_db(true);
+        let mut c = plan("c");
+        // any_owner: every node keeps a standby.
+        assert_eq!(run(&mut c, t, &db, true, &m), vec![standby(0)]);
+        let mut g = db.groups["g"].clone();
+        g.any_owner = false;
+        db.apply(&Update::SetGroup(g)).expect("set group");
+        assert_eq!(
+            run(&mut c, t, &db, true, &m),
+            vec![Step::StandbyOff {
+                group: "g".into(),
+                resources: vec!["kv".into()]
+            }]
+        );
+        assert!(c.standbys().is_empty());
+        assert_eq!(run(&mut c, t, &db, true, &m), vec![]);
+        // Cold again on a preferred owner: its standby stops.
+        let mut a = plan("a");
+        assert_eq!(run(&mut a, t, &db, true, &m), vec![standby(0)]);
+        let mut r = db.resources["kv"].clone();
+        r.properties.insert("standby".into(), "cold".into());
+        db.apply(&Update::SetResource(r)).expect("set resource");
+        assert_eq!(
+            run(&mut a, t, &db, true, &m),
+            vec![Step::StandbyOff {
+                group: "g".into(),
+                resources: vec!["kv".into()]
+            }]
+        );
+        assert_eq!(warm_resources(&db, "g", "a"), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_graceful_offline_under_way_goes_on_by_force_when_the_lease_lapses() {
+        let t = Instant::now();
+        let m = members(&[("a", 1), ("b", 1), ("c", 1)]);
+        let mut db = db();
+        let mut a = plan("a");
+        assign(&mut db, "a");
+        run(&mut a, t, &db, true, &m);
+        a.onlined("g", 1, Ok(()));
+        run(&mut a, t, &db, true, &m);
+        report(&mut db, GroupState::Online);
+        a.reported("g", 1, GroupState::Online, ReportOutcome::Settled);
+        // A check fails (the partition took the interface's carrier): a graceful offline.
+        a.check_failed("g", 1, "resource addr: no carrier".into());
+        assert_eq!(
+            run(&mut a, t, &db, true, &m),
+            vec![offline(1, "resource addr: no carrier")]
+        );
+        // Then the verdict and the lease go: the offline is handed out again, by force.
+        assert_eq!(
+            run_with(&mut a, t, &db, false, &m, None),
+            vec![forced(
+                1,
+                "resource addr: no carrier; this node's run lease lapsed (no quorum vouches for it)"
+            )]
+        );
+        assert_eq!(run_with(&mut a, t, &db, false, &m, None), vec![], "once");
+        // The graceful offline, cut short, ends late: it does not end the forced one.
+        a.offline_ended("g", 1, false, false);
+        assert_eq!(a.groups()["g"].phase, Phase::Offlining);
+        a.offlined("g", 1, true);
+        assert_eq!(
+            run(
+                &mut a,
+                t + GRACE,
+                &db,
+                true,
+                &members(&[("a", 2), ("b", 1)])
+            ),
+            vec![rep(1, GroupState::Failed)]
+        );
+    }
+
+    #[test]
+    fn with_a_quorum_disk_groups_ride_the_whole_grace_and_the_bound_counts_it() {
+        let t = Instant::now();
+        let m = members(&[("a", 1), ("b", 1)]);
+        let mut db = db();
+        let mut a = Plan::new(PlanConfig {
+            me: "a".into(),
+            acting_grace: GRACE,
+            stop_margin: MARGIN,
+            forced: FORCED,
+            grace_beyond_lease: true,
+        });
+        assert_eq!(
+            a.stop_bound(&db, "g"),
+            GRACE + Duration::from_secs(3) + MARGIN
+        );
+        assign(&mut db, "a");
+        run(&mut a, t, &db, true, &m);
+        a.onlined("g", 1, Ok(()));
+        run(&mut a, t, &db, true, &m);
+        // The peer (the disk's holder) died: no lease, but the disk may come to this node.
+        assert_eq!(run_with(&mut a, t, &db, false, &m, None), vec![]);
+        assert_eq!(a.next_deadline(), Some(t + GRACE));
+        assert_eq!(
+            run_with(&mut a, t + GRACE, &db, false, &m, None),
+            vec![forced(
+                1,
+                "this node's run lease lapsed (no quorum vouches for it)"
+            )]
+        );
     }
 }
