@@ -82,13 +82,15 @@ const EXIT_FATAL: u8 = 1;
 const EXIT_USAGE: u8 = 2;
 
 const USAGE: &str = "usage: kv --listen ADDR --data DIR [--checkpoint per-request|every=MS]
-          [--heartbeat-timeout-ms T]
+          [--heartbeat-timeout-ms T] [--preload BYTES]
   A TCP key-value server (SET/GET/DEL/COUNT/DIGEST/PING, one line each). The table lives in
   libft critical memory, checkpointed after every write (per-request) or every MS ms (default:
   FT_CKPT_EVERY from watchd, else 1000); every write is appended to DIR/kv.log through ft::fs
   and synced before `OK`. Checkpoints go to $FT_CKPT_DIR, standalone to DIR/ckpt.
   FT_ROLE=standby: recover, apply the checkpoints shipped into the checkpoint directory as they
-  arrive, and answer only PING until watchd promotes it (`ftctl promote`).";
+  arrive, and answer only PING until watchd promotes it (`ftctl promote`).
+  --preload BYTES: a primary that starts fresh first fills its table with about BYTES of
+  values (keys pre-0, pre-1, ...; suffixes K, M, G) and checkpoints it (for benchmarks).";
 
 /// How the table is checkpointed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,12 +109,26 @@ struct Options {
     data: PathBuf,
     checkpoint: CheckpointMode,
     heartbeat_timeout: Duration,
+    /// Bytes of values a fresh primary starts with (0: none).
+    preload: u64,
+}
+
+/// `1048576`, `1024K`, `100M`, `1G`: bytes.
+fn parse_bytes(value: &str) -> Option<u64> {
+    let (digits, shift) = match value.char_indices().last()? {
+        (i, 'K' | 'k') => (&value[..i], 10),
+        (i, 'M' | 'm') => (&value[..i], 20),
+        (i, 'G' | 'g') => (&value[..i], 30),
+        _ => (value, 0),
+    };
+    digits.parse::<u64>().ok()?.checked_mul(1 << shift)
 }
 
 fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, String> {
     let (mut listen, mut data) = (None, None);
     let mut checkpoint = CheckpointMode::Default;
     let mut heartbeat_timeout = Duration::from_millis(DEFAULT_HEARTBEAT_TIMEOUT_MS);
+    let mut preload = 0;
     while let Some(flag) = args.next() {
         if flag == "--help" || flag == "-h" {
             return Err(String::new());
@@ -150,6 +166,10 @@ fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, Stri
                     .ok_or_else(|| format!("{flag}: {value:?} is not a number of ms"))?;
                 heartbeat_timeout = Duration::from_millis(ms.into());
             }
+            "--preload" => {
+                preload = parse_bytes(&value)
+                    .ok_or_else(|| format!("{flag}: {value:?} is not a size (e.g. 100M)"))?;
+            }
             _ => return Err(format!("unknown option {flag}")),
         }
     }
@@ -158,6 +178,7 @@ fn parse_options(mut args: impl Iterator<Item = String>) -> Result<Options, Stri
         data: data.ok_or("--data is required")?,
         checkpoint,
         heartbeat_timeout,
+        preload,
     })
 }
 
@@ -531,6 +552,15 @@ fn main() -> ExitCode {
             say!("recovery report: {report}");
         }
         store.catch_up()?;
+        if role == Role::Primary && opts.preload > 0 {
+            let added = store.preload(opts.preload)?;
+            if added > 0 {
+                say!(
+                    "preloaded {added} entries ({} bytes asked) and checkpointed them",
+                    opts.preload
+                );
+            }
+        }
         Ok(store)
     });
     let store = match recovered {
@@ -604,4 +634,40 @@ fn main() -> ExitCode {
     }
     accept_loop(&server, &listener);
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_and_without_suffixes() {
+        assert_eq!(parse_bytes("4096"), Some(4096));
+        assert_eq!(parse_bytes("1K"), Some(1024));
+        assert_eq!(parse_bytes("100M"), Some(100 << 20));
+        assert_eq!(parse_bytes("2g"), Some(2 << 30));
+        assert_eq!(parse_bytes(""), None);
+        assert_eq!(parse_bytes("M"), None);
+        assert_eq!(parse_bytes("-1"), None);
+        assert_eq!(parse_bytes("1.5M"), None);
+        assert_eq!(parse_bytes("99999999999999999999G"), None);
+        assert_eq!(parse_bytes("17179869184G"), None);
+    }
+
+    #[test]
+    fn preload_is_an_option_and_bad_sizes_are_refused() {
+        let args = |extra: &[&str]| {
+            ["--listen", "127.0.0.1:1", "--data", "/tmp/x"]
+                .iter()
+                .chain(extra)
+                .map(|s| (*s).to_owned())
+                .collect::<Vec<_>>()
+        };
+        let o = parse_options(args(&["--preload", "1M"]).into_iter()).expect("valid");
+        assert_eq!(o.preload, 1 << 20);
+        let o = parse_options(args(&[]).into_iter()).expect("valid");
+        assert_eq!(o.preload, 0);
+        let e = parse_options(args(&["--preload", "lots"]).into_iter()).expect_err("invalid");
+        assert!(e.contains("not a size"), "{e}");
+    }
 }

@@ -25,6 +25,11 @@ use crate::log::{self, Op, Record};
 
 /// The checkpoint stream holding the state (`$FT_CKPT_DIR/0`).
 pub const STREAM: u32 = 0;
+/// Keys of the entries `--preload` adds start with this.
+pub const PRELOAD_PREFIX: &str = "pre-";
+/// The size of each value `--preload` adds: well under the protocol's line limit, so that a
+/// client can `GET` any of them.
+pub const PRELOAD_VALUE_BYTES: usize = 4000;
 /// The heap root naming the state.
 const ROOT_NAME: &str = "kv";
 /// Marks an initialised root.
@@ -324,6 +329,33 @@ impl Store {
             self.checkpoints.check("checkpoint", taken);
         }
         Ok(())
+    }
+
+    /// Fills a fresh, empty table with about `bytes` of values (keys `pre-0`, `pre-1`, ...,
+    /// each value `kvproto::value_for(key)` padded to [`PRELOAD_VALUE_BYTES`]) and takes one
+    /// synchronous checkpoint of it, so that benchmarks can recover a state of a known size.
+    /// The entries bypass the log: the checkpoint holds them, and until it is committed a crash
+    /// finds the table fresh again and preloads anew. Returns the entries added (0 when the
+    /// table was not fresh: a recovered state is never padded).
+    pub fn preload(&mut self, bytes: u64) -> Result<u64, StoreError> {
+        if bytes == 0 || self.table.count() > 0 || self.root().seq > 0 {
+            return Ok(0);
+        }
+        let mut added: u64 = 0;
+        let mut total: u64 = 0;
+        while total < bytes {
+            let key = format!("{PRELOAD_PREFIX}{added}");
+            let mut value = ftkit_examples::kvproto::value_for(&key);
+            let pad = PRELOAD_VALUE_BYTES.saturating_sub(value.len());
+            value.push('-');
+            value.extend(std::iter::repeat_n('p', pad.saturating_sub(1)));
+            self.table.put(key.as_bytes(), value.as_bytes())?;
+            total += (key.len() + value.len()) as u64;
+            added += 1;
+        }
+        self.ckpt.checkpoint_sync(STREAM)?;
+        self.unsaved = 0;
+        Ok(added)
     }
 
     /// Applies one record that ends at log offset `at`.
