@@ -404,6 +404,42 @@ fn a_virtual_address_is_reachable_and_neighbours_follow_it_when_it_moves() {
 }
 
 #[test]
+fn an_interface_carrying_hundreds_of_addresses_is_read_whole() {
+    // `ip -j addr show` of such an interface is far longer than an agent's kept output: the
+    // resource must read it all (it once saw a cut JSON and failed every check).
+    let lab = Lab::new(1);
+    let batch: String = (0..300)
+        .map(|i| format!("addr add 10.251.{}.{}/32 dev eth0\n", i / 200, 1 + i % 200))
+        .collect();
+    let file = std::env::temp_dir().join(ftkit_tests::unique("ip-batch"));
+    std::fs::write(&file, batch).expect("batch file");
+    let added = Command::new("ip")
+        .args(["-n", lab.netns(0), "-batch"])
+        .arg(&file)
+        .status();
+    let _ = std::fs::remove_file(&file);
+    assert!(added.expect("ip -batch runs").success());
+    let r = Resource::from_properties(
+        "vip",
+        "ip",
+        &props(&[("address", "10.252.0.1/24"), ("interface", "eth0")]),
+        RELAXED,
+    )
+    .expect("valid properties");
+    assert_eq!(
+        on_node(&lab, 0, r.looks_alive()).expect("check"),
+        Health::Offline
+    );
+    on_node(&lab, 0, r.online(1)).expect("online");
+    assert_eq!(
+        on_node(&lab, 0, r.is_alive()).expect("check"),
+        Health::Online
+    );
+    on_node(&lab, 0, r.offline()).expect("offline");
+    assert!(!has_address(&lab, 0, "10.252.0.1"));
+}
+
+#[test]
 fn an_unknown_interface_fails_online_but_not_offline() {
     let lab = Lab::new(1);
     let r = Resource::from_properties(

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use tokio::process::Command;
 use tokio::task::JoinHandle;
 
-use super::resource::{Health, ResourceError, RunError, run_bounded};
+use super::resource::{Health, ResourceError, RunError, run_bounded_keeping};
 
 /// The property holding the address in CIDR notation (`10.0.0.5/24`, `fd00::5/64`).
 pub const ADDRESS_PROPERTY: &str = "address";
@@ -29,6 +29,9 @@ pub const ANNOUNCEMENTS: u32 = 3;
 pub const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(200);
 /// The longest interface name Linux accepts (IFNAMSIZ - 1).
 const MAX_INTERFACE_NAME: usize = 15;
+/// The most of `ip -j addr show dev IF` that is read: some 150 bytes per address, so room
+/// for tens of thousands (a host carrying the addresses of many groups).
+const IP_OUTPUT_MAX: usize = 4 << 20;
 /// The properties an `ip` resource takes.
 const PROPERTIES: [&str; 2] = [ADDRESS_PROPERTY, INTERFACE_PROPERTY];
 /// ARP's hardware type for Ethernet.
@@ -313,7 +316,7 @@ fn check_interface_name(name: &str) -> Result<(), String> {
 /// Runs `ip ARGS` bounded by `timeout`; its stdout on success.
 async fn ip(args: &[String], timeout: Duration) -> Result<Vec<u8>, ResourceError> {
     let command = || format!("{IP_COMMAND} {}", args.join(" "));
-    let done = run_bounded(Command::new(IP_COMMAND).args(args), timeout)
+    let done = run_bounded_keeping(Command::new(IP_COMMAND).args(args), timeout, IP_OUTPUT_MAX)
         .await
         .map_err(|e| match e {
             RunError::Spawn(source) => ResourceError::Spawn {
@@ -338,6 +341,12 @@ async fn ip(args: &[String], timeout: Duration) -> Result<Vec<u8>, ResourceError
             command: command(),
             status: done.status,
             output: done.excerpt(),
+        });
+    }
+    if done.stdout_cut {
+        return Err(ResourceError::BadAnswer {
+            command: command(),
+            why: format!("its answer is longer than {IP_OUTPUT_MAX} bytes"),
         });
     }
     Ok(done.stdout)

@@ -492,10 +492,13 @@ pub async fn within<T>(
 pub struct Finished {
     /// How it ended.
     pub status: ExitStatus,
-    /// The last [`OUTPUT_TAIL`] bytes of its stdout.
+    /// The last bytes of its stdout (at most the bound it ran with, [`OUTPUT_TAIL`] by
+    /// default), behind a `...` marker when earlier ones were dropped.
     pub stdout: Vec<u8>,
-    /// The last [`OUTPUT_TAIL`] bytes of its stderr.
+    /// The last bytes of its stderr, bounded the same way.
     pub stderr: Vec<u8>,
+    /// Whether the start of stdout was dropped (a reader that parses stdout must refuse it).
+    pub stdout_cut: bool,
 }
 
 impl Finished {
@@ -533,6 +536,16 @@ pub enum RunError {
 /// timeout, or when this future is dropped, the whole group is SIGKILLed; a command that ends
 /// within its bound keeps its group (an agent's `start` may leave a daemon behind on purpose).
 pub async fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Finished, RunError> {
+    run_bounded_keeping(cmd, timeout, OUTPUT_TAIL).await
+}
+
+/// [`run_bounded`] keeping up to `keep` bytes of each stream (a command whose whole output is
+/// parsed, such as `ip -j`, needs more than a failing program's last words).
+pub async fn run_bounded_keeping(
+    cmd: &mut Command,
+    timeout: Duration,
+    keep: usize,
+) -> Result<Finished, RunError> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -544,17 +557,19 @@ pub async fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Finishe
     // Declared after `child`, so dropped before it: when this future is cancelled, the group is
     // killed while its leader is still unreaped (its pid, hence the group id, cannot be reused).
     let mut group = GroupKill::of(&child);
-    let mut stdout = Tail::default();
-    let mut stderr = Tail::default();
+    let mut stdout = Tail::new(keep);
+    let mut stderr = Tail::new(keep);
     let ended = tokio::time::timeout(timeout, collect(&mut child, &mut stdout, &mut stderr)).await;
     match ended {
         Ok(Ok(status)) => {
             // Reaped: the group id may now be reused, so it must not be signalled any more.
             group.disarm();
+            let stdout_cut = stdout.cut();
             Ok(Finished {
                 status: exit_status(status),
                 stdout: stdout.into_bytes(),
                 stderr: stderr.into_bytes(),
+                stdout_cut,
             })
         }
         Ok(Err(e)) => {
@@ -565,10 +580,12 @@ pub async fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Finishe
         Err(_) => {
             group.kill();
             reap(&mut child).await;
+            let stdout_cut = stdout.cut();
             let finished = Finished {
                 status: ExitStatus::Unknown,
                 stdout: stdout.into_bytes(),
                 stderr: stderr.into_bytes(),
+                stdout_cut,
             };
             Err(RunError::Timeout {
                 output: finished.excerpt(),
@@ -657,27 +674,40 @@ fn exit_status(status: std::process::ExitStatus) -> ExitStatus {
     }
 }
 
-/// The last [`OUTPUT_TAIL`] bytes of a stream, and whether earlier ones were dropped.
-#[derive(Debug, Default)]
+/// The last `keep` bytes of a stream, and whether earlier ones were dropped.
+#[derive(Debug)]
 struct Tail {
     bytes: Vec<u8>,
+    keep: usize,
     dropped: bool,
 }
 
 impl Tail {
+    fn new(keep: usize) -> Tail {
+        Tail {
+            bytes: Vec::new(),
+            keep,
+            dropped: false,
+        }
+    }
+
     fn push(&mut self, chunk: &[u8]) {
         self.bytes.extend_from_slice(chunk);
         // Trimming only past twice the bound keeps the copying linear in what was read.
-        if self.bytes.len() > 2 * OUTPUT_TAIL {
-            let cut = self.bytes.len() - OUTPUT_TAIL;
+        if self.bytes.len() > self.keep.saturating_mul(2) {
+            let cut = self.bytes.len() - self.keep;
             self.bytes.drain(..cut);
             self.dropped = true;
         }
     }
 
+    fn cut(&self) -> bool {
+        self.dropped || self.bytes.len() > self.keep
+    }
+
     fn into_bytes(mut self) -> Vec<u8> {
-        if self.bytes.len() > OUTPUT_TAIL {
-            let cut = self.bytes.len() - OUTPUT_TAIL;
+        if self.bytes.len() > self.keep {
+            let cut = self.bytes.len() - self.keep;
             self.bytes.drain(..cut);
             self.dropped = true;
         }
