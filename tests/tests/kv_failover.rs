@@ -22,8 +22,9 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 
 /// How long the group may take to come online somewhere after a fault: failure detection, the
-/// regroup, the fence wait for a lost owner (acting grace 0.5 s + the resources' offline
-/// timeouts, 6 s here, + 0.5 s), then the resources (kv recovers its checkpoint and log).
+/// regroup, the fence wait for a lost owner (its forced-stop bound: 0.55 s here, 1.05 s with
+/// the quorum disk), then the resources (kv recovers its checkpoint and log); generous, for a
+/// loaded CI machine.
 const MOVE: Duration = Duration::from_secs(40);
 /// kv's port on the virtual address.
 const KV_PORT: u16 = 7700;
