@@ -1132,8 +1132,12 @@ async fn offline(
                             async move { stop_one(&notes, &group, epoch, &name, &r, true).await },
                         );
                     }
+                    // A fileset or checkpoint slow to turn backup leaves nothing in doubt: its
+                    // epoch fences it on every replica. Counting it would report the group
+                    // failed here and keep the policy from bringing it back to this node.
+                    let fenced = phase == ForcedPhase::Data;
                     while let Some(done) = all.join_next().await {
-                        clean &= done.unwrap_or(false);
+                        clean &= done.unwrap_or(false) || fenced;
                     }
                 }
             }
