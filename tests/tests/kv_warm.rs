@@ -2,13 +2,16 @@
 //! namespace, run kv as a resource group {`fileset` kv-data (sync mode), `checkpoint` of kv,
 //! `service` kv with `standby = "warm"`, `ip`}, brought online in that order. Every node that
 //! may own the group and does not run it keeps kv running with `FT_ROLE=standby`, following the
-//! checkpoints the group's `checkpoint` resource ships into its checkpoint directory. A
-//! `kvclient write --acked` runs throughout from a host on the network that is no node. The
-//! owner host dies: the next owner must bring the group online by promoting its standby in
-//! place (the kv pid there stays the standby's: no cold start), every acknowledged write must
-//! be there (`kvclient verify`), and the invariant checker ([`ftkit_tests::groups`]) must find
-//! no two nodes that ran the group at once. It prints the measured owner-death → answering time
-//! (the first `PONG primary` on the virtual address).
+//! checkpoints the group's `checkpoint` resource ships into its checkpoint directory. The first
+//! owner preloads a state (`kv --preload`) that only its checkpoint carries (the preload
+//! bypasses the replicated log): each standby must have applied that checkpoint before the
+//! fault, and the preloaded keys must answer after every promotion. A `kvclient write --acked`
+//! runs throughout from a host on the network that is no node. The owner host dies: the next
+//! owner must bring the group online by promoting its standby in place (the kv pid there stays
+//! the standby's: no cold start), every acknowledged write must be there (`kvclient verify`),
+//! and the invariant checker ([`ftkit_tests::groups`]) must find no two nodes that ran the
+//! group at once. It prints the measured owner-death → answering time (the first `PONG
+//! primary` on the virtual address).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -45,6 +48,17 @@ const PING_TIMEOUT: Duration = Duration::from_secs(2);
 const PROBE_TIMEOUT: Duration = Duration::from_millis(100);
 /// The pause between two probes.
 const PROBE_INTERVAL: Duration = Duration::from_millis(5);
+/// kv's `--preload`: the state a fresh primary starts with (small: one checkpoint of it).
+const PRELOAD: &str = "256K";
+/// [`PRELOAD`] in bytes.
+const PRELOAD_BYTES: usize = 256 << 10;
+/// The size of each value `kv --preload` adds (examples/src/bin/kv/store.rs).
+const PRELOAD_VALUE_BYTES: usize = 4000;
+/// How long one request to kv may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// FNV-1a, as `kvproto::value_for` hashes a key.
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0100_0000_01b3;
 
 /// Every node's `[[fileset]]` and `[[service]]` tables; paths relative to the node's
 /// configuration file (its data directory is `data/`).
@@ -69,7 +83,7 @@ quiet = "20ms"
 [[service]]
 name = "kv"
 command = {kv}
-args = ["--listen", "0.0.0.0:{KV_PORT}", "--data", "data/kv-data", "--checkpoint", "per-request"]
+args = ["--listen", "0.0.0.0:{KV_PORT}", "--data", "data/kv-data", "--checkpoint", "per-request", "--preload", "{PRELOAD}"]
 cwd = "."
 autostart = false
 filesets = ["kv-data"]
@@ -480,6 +494,61 @@ impl Kv {
             .join("\n")
     }
 
+    /// The lines kv process `pid` wrote to node `i`'s service log (the log outlives a host's
+    /// reboot, and with it the lines of earlier processes).
+    fn kv_lines(&self, i: usize, pid: u32) -> Vec<String> {
+        let mine = format!("kv[{pid}]: ");
+        self.c
+            .node(i)
+            .service_log("kv")
+            .lines()
+            .filter_map(|l| l.strip_prefix(&mine).map(str::to_owned))
+            .collect()
+    }
+
+    /// Waits until the standby `pid` on node `i` has applied a shipped checkpoint that holds
+    /// the preloaded table and nothing else (its line `applied checkpoint S: seq 0 count N`:
+    /// no write was logged before it, and N entries are the preload's).
+    fn wait_applied_preload(&self, i: usize, pid: u32) {
+        let want = format!(": seq 0 count {}", preloaded_entries());
+        wait_until(
+            &format!(
+                "the standby on {} applying the preloaded checkpoint",
+                NAMES[i]
+            ),
+            MOVE,
+            || {
+                self.kv_lines(i, pid)
+                    .iter()
+                    .any(|l| l.starts_with("applied checkpoint ") && l.ends_with(&want))
+                    .then_some(())
+            },
+        );
+    }
+
+    /// One request to kv on the virtual address, from the client's host: its answer line.
+    fn request(&self, line: &str) -> Option<String> {
+        let addr: SocketAddr = format!("{}:{KV_PORT}", self.vip)
+            .parse()
+            .expect("socket address");
+        in_ns(&self.client_ns(), addr, line, REQUEST_TIMEOUT)
+    }
+
+    /// The first and the last preloaded key answer with their values through the virtual
+    /// address.
+    fn assert_preloaded(&self, when: &str) {
+        for n in [0, preloaded_entries() - 1] {
+            let key = format!("pre-{n}");
+            let reply = self.request(&format!("GET {key}"));
+            assert_eq!(
+                reply,
+                Some(format!("VALUE {}", preloaded_value(&key))),
+                "{when}: GET {key}\njournals:\n{}",
+                self.journals_text()
+            );
+        }
+    }
+
     /// Whether the journal of node `i` shows the promotion of its standby at `epoch`.
     fn promoted(&self, i: usize, epoch: u64) -> bool {
         self.journal(i).iter().any(|r| {
@@ -493,12 +562,18 @@ impl Kv {
 
 /// `PING` kv at `addr` from the network namespace at `ns`: its answer line.
 fn ping(ns: &str, addr: SocketAddr) -> Option<String> {
+    in_ns(ns, addr, "PING", PING_TIMEOUT)
+}
+
+/// One request to kv at `addr` from the network namespace at `ns`: its answer line.
+fn in_ns(ns: &str, addr: SocketAddr, request: &str, timeout: Duration) -> Option<String> {
     let ns = ns.to_owned();
+    let request = request.to_owned();
     std::thread::spawn(move || {
         let f = std::fs::File::open(&ns).ok()?;
         // Only this thread enters the namespace; it ends after the call.
         nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).ok()?;
-        ask(addr, PING_TIMEOUT)
+        ask_line(addr, &request, timeout)
     })
     .join()
     .ok()
@@ -507,12 +582,41 @@ fn ping(ns: &str, addr: SocketAddr) -> Option<String> {
 
 /// `PING` kv at `addr` from this thread's namespace, each step within `timeout`.
 fn ask(addr: SocketAddr, timeout: Duration) -> Option<String> {
+    ask_line(addr, "PING", timeout)
+}
+
+/// One request to kv at `addr` from this thread's namespace, each step within `timeout`.
+fn ask_line(addr: SocketAddr, request: &str, timeout: Duration) -> Option<String> {
     let mut s = TcpStream::connect_timeout(&addr, timeout).ok()?;
     s.set_read_timeout(Some(timeout)).ok()?;
-    s.write_all(b"PING\n").ok()?;
+    s.write_all(format!("{request}\n").as_bytes()).ok()?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line).ok()?;
-    Some(line.trim().to_owned())
+    Some(line.trim_end().to_owned())
+}
+
+/// How many entries `kv --preload PRELOAD` adds: keys `pre-N` with values of
+/// [`PRELOAD_VALUE_BYTES`], until keys and values reach [`PRELOAD_BYTES`].
+fn preloaded_entries() -> u64 {
+    let (mut total, mut n) = (0, 0);
+    while total < PRELOAD_BYTES {
+        total += format!("pre-{n}").len() + PRELOAD_VALUE_BYTES;
+        n += 1;
+    }
+    n
+}
+
+/// The value `kv --preload` gives `key`: `kvproto::value_for(key)` padded with `-ppp…` to
+/// [`PRELOAD_VALUE_BYTES`].
+fn preloaded_value(key: &str) -> String {
+    let hash = key.bytes().fold(FNV_OFFSET, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(FNV_PRIME)
+    });
+    let mut value = format!("v-{key}-{hash:016x}");
+    let pad = PRELOAD_VALUE_BYTES.saturating_sub(value.len());
+    value.push('-');
+    value.extend(std::iter::repeat_n('p', pad.saturating_sub(1)));
+    value
 }
 
 fn ip(args: &[&str]) {
@@ -542,9 +646,22 @@ fn the_owner_host_dies_and_the_next_owner_promotes_its_warm_standby() {
     let e1 = t.wait_online(1, 0, 0);
     assert_eq!(t.resource_order(0, e1, "online"), ONLINE_ORDER);
     t.wait_up();
-    // Every other possible owner keeps a warm standby.
+    // a's kv (a standby promoted before any state existed, or a primary started fresh)
+    // preloaded its table and checkpointed it.
+    let kv_a = t.kv_pid(0);
+    let said = format!("preloaded {} entries", preloaded_entries());
+    assert!(
+        t.kv_lines(0, kv_a).iter().any(|l| l.starts_with(&said)),
+        "a's kv did not preload: {:?}",
+        t.kv_lines(0, kv_a)
+    );
+    t.assert_preloaded("on a");
+    // Every other possible owner keeps a warm standby, which applies the preloaded checkpoint
+    // shipped to it before any write is logged.
     let standby_b = t.wait_standby(1);
     let standby_c = t.wait_standby(2);
+    t.wait_applied_preload(1, standby_b);
+    t.wait_applied_preload(2, standby_c);
     t.start_writer();
     t.wait_progress(PROGRESS);
 
@@ -564,6 +681,14 @@ fn the_owner_host_dies_and_the_next_owner_promotes_its_warm_standby() {
     );
     assert!(t.promoted(1, e2), "no promotion event on b");
     assert_eq!(t.resource_order(1, e2, "online"), ONLINE_ORDER);
+    // The preloaded state is in no log: b serves it from the checkpoints it applied, and
+    // never preloaded a table of its own.
+    t.assert_preloaded("on b after a's death");
+    let lines_b = t.kv_lines(1, standby_b);
+    assert!(
+        !lines_b.iter().any(|l| l.starts_with("preloaded")),
+        "b's kv preloaded a table of its own: {lines_b:?}"
+    );
     // c's standby stays as it was.
     assert_eq!(t.wait_standby(2), standby_c);
     t.wait_progress(PROGRESS);
@@ -586,6 +711,12 @@ fn the_owner_host_dies_and_the_next_owner_promotes_its_warm_standby() {
     println!("{}", t.timeline(0, e3));
     assert_eq!(t.kv_pid(0), standby_a, "a's kv is not its standby");
     assert!(t.promoted(0, e3), "no promotion event on a");
+    t.assert_preloaded("on a after b's death");
+    let lines_a = t.kv_lines(0, standby_a);
+    assert!(
+        !lines_a.iter().any(|l| l.starts_with("preloaded")),
+        "a's rebooted kv preloaded a table of its own: {lines_a:?}"
+    );
     t.wait_progress(PROGRESS);
     let n = {
         t.assert_writer_alive();

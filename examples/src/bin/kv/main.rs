@@ -21,7 +21,11 @@
 //! checkpoint directory as it arrives (printing `applied checkpoint S: seq Q count C`), and
 //! answers only `PING` (`PONG standby`), refusing the rest with `ERR standby`; watchd's
 //! `Promote` (`ftctl promote kv`, or a failover) makes it a primary in place
-//! (`Server::promote`: the last shipped checkpoint, then the log after it) with no restart.
+//! (`Server::promote`, on a thread of its own so that heartbeats go on: the last shipped
+//! checkpoint, then the log after it) with no restart. `--preload` fills the table of a primary
+//! that starts fresh, whether it started as one or as a standby promoted before any state
+//! reached it (watchd runs standbys on every possible owner of a group that has none yet, so
+//! the group's first owner is often such a standby).
 
 /// Prints one line and flushes at once, so that a supervisor's log shows it before a crash.
 macro_rules! say {
@@ -89,8 +93,9 @@ const USAGE: &str = "usage: kv --listen ADDR --data DIR [--checkpoint per-reques
   and synced before `OK`. Checkpoints go to $FT_CKPT_DIR, standalone to DIR/ckpt.
   FT_ROLE=standby: recover, apply the checkpoints shipped into the checkpoint directory as they
   arrive, and answer only PING until watchd promotes it (`ftctl promote`).
-  --preload BYTES: a primary that starts fresh first fills its table with about BYTES of
-  values (keys pre-0, pre-1, ...; suffixes K, M, G) and checkpoints it (for benchmarks).";
+  --preload BYTES: a primary that starts fresh (or a standby promoted with nothing recovered,
+  shipped or logged) first fills its table with about BYTES of values (keys pre-0, pre-1, ...;
+  suffixes K, M, G) and checkpoints it (for benchmarks).";
 
 /// How the table is checkpointed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +200,8 @@ struct Server {
     /// [`Role`] as a number (0 primary, 1 standby); it only ever goes from standby to
     /// primary, in [`Server::promote`].
     role: AtomicU8,
+    /// Bytes of values a primary that starts fresh fills its table with (`--preload`).
+    preload: u64,
     /// When the request holding the store took it (ms since `epoch`, plus one); 0 = idle.
     busy_since: AtomicU64,
     epoch: Instant,
@@ -241,8 +248,9 @@ impl Server {
     }
 
     /// Makes a standby the primary in place: the store takes the last checkpoint shipped,
-    /// replays what the log gained after it and opens it for writing, then requests are
-    /// served. A primary stays one.
+    /// replays what the log gained after it and opens it for writing, preloads when that left
+    /// it fresh (`--preload`), then requests are served. Also the start of a process started
+    /// as the primary. A primary stays one.
     fn promote(&self) -> Result<(), store::StoreError> {
         self.promoting.store(true, Ordering::Release);
         let mut follower = self.follower.lock().unwrap_or_else(PoisonError::into_inner);
@@ -258,6 +266,16 @@ impl Server {
         }
         *follower = None;
         store.promote()?;
+        // A fresh table here means no checkpoint, shipped image or log record ever reached
+        // this process: it is a primary that starts fresh, whichever role it started in
+        // (`Store::preload` adds nothing to a table that holds anything).
+        let added = store.preload(self.preload)?;
+        if added > 0 {
+            say!(
+                "preloaded {added} entries ({} bytes asked) and checkpointed them",
+                self.preload
+            );
+        }
         self.role.store(ROLE_PRIMARY, Ordering::Release);
         say!(
             "serving as primary: seq {} count {}",
@@ -371,7 +389,7 @@ fn accept_loop(server: &Arc<Server>, listener: &TcpListener) {
 
 /// Heartbeats (unless a request is stuck), takes due checkpoints while idle, answers watchd's
 /// checkpoint requests and refreshes the status line. Never blocks on the store.
-fn maintenance(server: &Server, watch: Option<&Watch>, timeout: Duration) {
+fn maintenance(server: &Arc<Server>, watch: Option<&Watch>, timeout: Duration) {
     let mut hbeat = Complaint::new(PROGRAM);
     let mut stuck_said = false;
     let mut next_status = Instant::now();
@@ -427,13 +445,28 @@ fn maintenance(server: &Server, watch: Option<&Watch>, timeout: Duration) {
         drop(store);
         if let Some(epoch) = promoted
             && server.role() == Role::Standby
+            && !server.promoting.swap(true, Ordering::AcqRel)
         {
             say!("promoted by watchd (epoch {epoch})");
-            if let Err(e) = server.promote() {
-                say!("cannot serve as primary: {e}");
-                std::process::exit(i32::from(EXIT_FATAL));
+            // Taking over (a large shipped image, a long log, a preload) may outlast the
+            // heartbeat deadline: this thread keeps heartbeating meanwhile.
+            let promoting = Arc::clone(server);
+            let spawned = std::thread::Builder::new()
+                .name("kv-promote".into())
+                .spawn(move || take_over(&promoting));
+            if let Err(e) = spawned {
+                say!("cannot start the promotion thread ({e}); promoting here");
+                take_over(server);
             }
         }
+    }
+}
+
+/// Promotes the server, or exits: a standby that cannot serve must be restarted.
+fn take_over(server: &Server) {
+    if let Err(e) = server.promote() {
+        say!("cannot serve as primary: {e}");
+        std::process::exit(i32::from(EXIT_FATAL));
     }
 }
 
@@ -552,15 +585,6 @@ fn main() -> ExitCode {
             say!("recovery report: {report}");
         }
         store.catch_up()?;
-        if role == Role::Primary && opts.preload > 0 {
-            let added = store.preload(opts.preload)?;
-            if added > 0 {
-                say!(
-                    "preloaded {added} entries ({} bytes asked) and checkpointed them",
-                    opts.preload
-                );
-            }
-        }
         Ok(store)
     });
     let store = match recovered {
@@ -589,6 +613,7 @@ fn main() -> ExitCode {
         follower: Mutex::new(follower),
         promoting: AtomicBool::new(false),
         role: AtomicU8::new(ROLE_STANDBY),
+        preload: opts.preload,
         busy_since: AtomicU64::new(0),
         epoch: Instant::now(),
         clients: AtomicUsize::new(0),
