@@ -29,11 +29,16 @@
 //! epoch it accepted. From the reports of the nodes that follow it, the coordinator builds the
 //! connectivity matrix (an edge needs both ends to report each other) and picks the maximal
 //! fully connected set that contains itself with the most votes, then the most nodes, then the
-//! lexicographically smallest names. Without quorum it proposes nothing (and retries after
-//! `retry_interval`). Otherwise it proposes view `e` = 1 + every epoch any participant accepted;
-//! members accept only from the node they consider coordinator and only an epoch above every
-//! epoch they accepted (persisted before they answer); the coordinator commits when all members
-//! accepted and tells them. Timeouts restart the regroup with a new round.
+//! most continuing members of the newest view (the *basis*), then the lexicographically
+//! smallest names. Without quorum it proposes nothing (and retries after `retry_interval`). A
+//! coordinator that is joining (no continuing member of the basis) also proposes nothing while
+//! its set leaves out a member of the basis that a participant still reaches, for at most
+//! `JOIN_WAIT_SUSPECT_PERIODS` × `suspect_after` ([`Event::JoinDeferred`]): a node that
+//! restarts must not remove a healthy member whose link to it is not up yet. Otherwise it
+//! proposes view `e` = 1 + every epoch any participant accepted; members accept only from the
+//! node they consider coordinator and only an epoch above every epoch they accepted (persisted
+//! before they answer); the coordinator commits when all members accepted and tells them.
+//! Timeouts restart the regroup with a new round.
 //!
 //! **Why views are unique.** A view commits only with the acceptance of all its members and
 //! only with quorum. Two quorums of nodes share a node, and a node accepts each epoch once. When
@@ -102,6 +107,14 @@ const MAX_PENDING_REQUESTS: usize = 64;
 const MAX_ACCEPTED_LOG: usize = 32;
 /// Rounds of different coordinators are told apart by the incarnation in their high bits.
 const ROUND_INCARNATION_SHIFT: u32 = 24;
+/// How long (in `suspect_after` periods) a joining coordinator waits for a member of the
+/// current view that a participant still reaches before it may form a view without it. It
+/// covers the member's link to the joiner coming up (watchd's transport redials at once when
+/// the joiner connects in, but a connect begun while the joiner's host was down takes up to
+/// its one-second timeout), heartbeats both ways, and the next round. A dead member is no
+/// longer reported reachable after one `suspect_after`, so this bounds only how long a joiner
+/// stays out when a live member keeps failing to reach it.
+const JOIN_WAIT_SUSPECT_PERIODS: u32 = 4;
 
 /// One agreed membership: an epoch and its members.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -364,6 +377,15 @@ pub enum Event {
         round: u64,
         /// The nodes this node reaches.
         reachable: BTreeSet<NodeId>,
+    },
+    /// This joining node coordinated a round that would have left out members of the current
+    /// view that a participant still reaches; it waits for them to answer it (for a bounded
+    /// time) instead of removing healthy members.
+    JoinDeferred {
+        /// The round.
+        round: u64,
+        /// The members it waits for.
+        waiting_for: BTreeSet<NodeId>,
     },
     /// A member announced that it leaves; it is removed without a regroup.
     PlannedLeave {
@@ -708,6 +730,9 @@ pub struct Membership {
     coord: Coord,
     next_round: u64,
     quiet_until: Option<Instant>,
+    /// Since when this joining coordinator has deferred a view that would leave out members of
+    /// the current view that a participant still reaches.
+    join_wait_since: Option<Instant>,
     requested_by: BTreeSet<NodeId>,
     last_request: Option<Instant>,
     restarted: BTreeSet<NodeId>,
@@ -774,6 +799,7 @@ impl Membership {
             coord: Coord::Idle,
             next_round: incarnation.wrapping_shl(ROUND_INCARNATION_SHIFT),
             quiet_until: None,
+            join_wait_since: None,
             requested_by: BTreeSet::new(),
             last_request: None,
             restarted: BTreeSet::new(),
@@ -1440,6 +1466,7 @@ impl Membership {
             view.members.contains(&r.node) && view.paused.contains(&r.node) != r.paused
         });
         self.continuing = true;
+        self.join_wait_since = None;
         self.restarted.clear();
         self.committed = Some(view.clone());
         // Tell the members at once that this node vouches for them in the new view.
@@ -2157,10 +2184,33 @@ impl Membership {
         };
         let votes =
             |mask: u64| mask.count_ones() + u32::from(holder_bit.is_some_and(|b| mask & b != 0));
+        let basis: Option<View> = parts
+            .values()
+            .filter_map(|r| r.committed.clone())
+            .max_by_key(|v| v.epoch);
+        let continuing = |n: &NodeId| -> bool {
+            let (Some(r), Some(b)) = (parts.get(n), basis.as_ref()) else {
+                return false;
+            };
+            let last = r.committed.as_ref().map_or(0, |c| c.epoch);
+            r.continuing && b.members.contains(n) && (last == b.epoch || last == b.prev)
+        };
+        let continuing_bits = names
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| continuing(n))
+            .fold(0u64, |mask, (i, _)| mask | (1 << i));
         let best = best_clique(&adj, me_idx, |a, b| {
             votes(a)
                 .cmp(&votes(b))
                 .then(a.count_ones().cmp(&b.count_ones()))
+                // Of equal sets, the one that removes the fewest members of the current view:
+                // every member removed must stop what it runs.
+                .then(
+                    (a & continuing_bits)
+                        .count_ones()
+                        .cmp(&(b & continuing_bits).count_ones()),
+                )
                 // Fewer, lower names first: the lower mask in bit-reversed order wins.
                 .then(lexicographic(b, a))
         });
@@ -2184,17 +2234,11 @@ impl Membership {
             self.quiet_until = now.checked_add(self.cfg.retry_interval);
             return;
         }
-        let basis: Option<View> = parts
-            .values()
-            .filter_map(|r| r.committed.clone())
-            .max_by_key(|v| v.epoch);
-        let continuing = |n: &NodeId| -> bool {
-            let (Some(r), Some(b)) = (parts.get(n), basis.as_ref()) else {
-                return false;
-            };
-            let last = r.committed.as_ref().map_or(0, |c| c.epoch);
-            r.continuing && b.members.contains(n) && (last == b.epoch || last == b.prev)
-        };
+        let joining = !continuing(&self.me);
+        let basis_if_joining = basis.as_ref().filter(|_| joining);
+        if self.join_must_wait(now, round, &parts, basis_if_joining, &members, out) {
+            return;
+        }
         let mut paused: BTreeSet<NodeId> = basis
             .as_ref()
             .map(|b| b.paused.intersection(&members).cloned().collect())
@@ -2283,6 +2327,60 @@ impl Membership {
             },
             out,
         );
+    }
+
+    /// Whether this coordinator, while it joins (`basis`, the newest view the participants
+    /// committed, is given only when this node is no continuing member of it), must not
+    /// propose `members` yet because they leave out members of `basis` that a participant
+    /// still reaches. Such a member is alive
+    /// and connected; it only failed to answer this node (typically its link to a node that
+    /// just restarted is still redialling). Removing it would make it stop what it runs for
+    /// nothing, so the round ends as without quorum and is retried, for at most
+    /// [`JOIN_WAIT_SUSPECT_PERIODS`] × `suspect_after`; after that the choice is as before (a
+    /// member that keeps failing to reach the joiner must not keep it out for ever). A member
+    /// that died is not waited for: nobody reports it reachable once it is suspected. Not
+    /// proposing is always safe: no view commits.
+    fn join_must_wait(
+        &mut self,
+        now: Instant,
+        round: u64,
+        parts: &BTreeMap<NodeId, Report>,
+        basis: Option<&View>,
+        members: &BTreeSet<NodeId>,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let waiting_for: BTreeSet<NodeId> = basis
+            .iter()
+            .flat_map(|b| b.members.iter())
+            .filter(|m| {
+                !members.contains(*m)
+                    && self.peers.get(*m).is_some_and(|p| !p.leaving)
+                    && parts.values().any(|r| r.reachable.contains(*m))
+            })
+            .cloned()
+            .collect();
+        if waiting_for.is_empty() {
+            self.join_wait_since = None;
+            return false;
+        }
+        let since = *self.join_wait_since.get_or_insert(now);
+        let bound = self
+            .cfg
+            .suspect_after()
+            .saturating_mul(JOIN_WAIT_SUSPECT_PERIODS);
+        if since.checked_add(bound).is_none_or(|end| now >= end) {
+            return false;
+        }
+        out.push(Action::Event(Event::JoinDeferred { round, waiting_for }));
+        for n in parts.keys().filter(|n| **n != self.me) {
+            out.push(Action::Send {
+                to: n.clone(),
+                network: None,
+                msg: Message::Done { round, basis: None },
+            });
+        }
+        self.quiet_until = now.checked_add(self.cfg.retry_interval);
+        true
     }
 
     fn wants_disk(&self, now: Instant) -> bool {

@@ -655,3 +655,158 @@ fn a_run_lease_rides_through_view_changes_and_lapses_before_a_view_without_its_n
         }
     }
 }
+
+/// Three nodes; n0 (the lowest name, so the coordinator once it is back) dies and the others
+/// form {n1, n2}. n0 restarts while n1's link to it is still down (its transport is redialling
+/// in backoff) and n2 reaches both. Returns the simulation just after the restart and the view
+/// n0 comes back to.
+fn rejoin_with_one_link_down(seed: u64) -> (Sim, View) {
+    let mut sim = Sim::new(seed, World::calm(3, 1, false), |_| {});
+    sim.run_until(secs(2.0));
+    assert!(sim.converged(), "no view of all three");
+    sim.crash(0);
+    sim.run_until(secs(4.0));
+    let basis = agreed(&sim).expect("the survivors agree");
+    assert_eq!(members(&basis), ["n1", "n2"]);
+    assert!(sim.nodes[1].acting && sim.nodes[2].acting);
+    sim.cut.insert((1, 0, 0));
+    sim.start_node(0);
+    (sim, basis)
+}
+
+/// The views committed after `basis`, in epoch order.
+fn views_after(sim: &Sim, basis: &View) -> Vec<View> {
+    sim.views
+        .range(basis.epoch + 1..)
+        .map(|(_, v)| v.clone())
+        .collect()
+}
+
+/// Bug 3 of the kv failover tests: a rebooting node must not form a view without a healthy
+/// member that merely cannot reach it yet; once the link is up the view grows to all three
+/// and the member never stopped acting.
+#[test]
+fn a_rejoining_node_never_evicts_a_healthy_member_whose_link_to_it_is_still_down() {
+    for seed in 0..20u64 {
+        let (mut sim, basis) = rejoin_with_one_link_down(seed);
+        // About what the transport's redial backoff takes at most.
+        let link_up = sim.elapsed() + Duration::from_millis(900);
+        while sim.elapsed() < link_up {
+            sim.run_until(sim.elapsed() + Duration::from_millis(5));
+            assert!(
+                sim.nodes[1].acting,
+                "seed {seed}: n1 stopped acting at {:?}",
+                sim.elapsed()
+            );
+        }
+        assert!(
+            views_after(&sim, &basis).is_empty(),
+            "seed {seed}: a view committed while n1 could not reach n0: {:?}",
+            views_after(&sim, &basis)
+        );
+        assert!(
+            sim.stats.join_deferred > 0,
+            "seed {seed}: n0 never coordinated a round that would have dropped n1"
+        );
+        sim.heal();
+        let healed = sim.elapsed();
+        while !sim.converged() && sim.elapsed() < healed + secs(3.0) {
+            sim.run_until(sim.elapsed() + Duration::from_millis(10));
+        }
+        assert!(
+            sim.converged(),
+            "seed {seed}: the view did not grow to all three"
+        );
+        let later = views_after(&sim, &basis);
+        assert!(
+            later.iter().all(|v| v.members.contains("n1")),
+            "seed {seed}: n1 was evicted: {later:?}"
+        );
+        let last = later.last().expect("n0 joined");
+        assert_eq!(
+            last.joined["n1"], basis.joined["n1"],
+            "seed {seed}: n1 continued without a gap"
+        );
+        sim.check_histories();
+    }
+}
+
+/// The wait is bounded: when the member's link to the joiner stays down, the joiner forms a
+/// view with the member that reaches it (as before the wait existed), and a member that dies
+/// is removed as fast as without a joiner.
+#[test]
+fn a_rejoining_node_waits_for_a_reachable_member_only_so_long_and_never_for_a_dead_one() {
+    let bound = cfg(3)
+        .suspect_after()
+        .saturating_mul(JOIN_WAIT_SUSPECT_PERIODS);
+    for seed in 0..10u64 {
+        let (mut sim, basis) = rejoin_with_one_link_down(seed);
+        let restarted = sim.elapsed();
+        while views_after(&sim, &basis).is_empty() && sim.elapsed() < restarted + secs(5.0) {
+            sim.run_until(sim.elapsed() + Duration::from_millis(10));
+        }
+        let took = sim.elapsed() - restarted;
+        let first = views_after(&sim, &basis);
+        let first = first.first().expect("a view without n1 after the bound");
+        assert_eq!(members(first), ["n0", "n2"], "seed {seed}");
+        assert!(took >= bound, "seed {seed}: did not wait: {took:?}");
+        assert!(
+            took < bound + secs(1.5),
+            "seed {seed}: waited too long: {took:?}"
+        );
+        sim.check_histories();
+
+        // A member that dies while the joiner waits for it is not waited for.
+        let (mut sim, basis) = rejoin_with_one_link_down(seed);
+        sim.run_until(sim.elapsed() + Duration::from_millis(300));
+        sim.crash(1);
+        let crash = sim.elapsed();
+        let mut took = None;
+        while sim.elapsed() < crash + secs(3.0) {
+            sim.run_until(sim.elapsed() + Duration::from_millis(10));
+            if let Some(v) = agreed(&sim)
+                && v.epoch > basis.epoch
+                && sim.nodes[0].acting
+                && sim.nodes[2].acting
+            {
+                assert_eq!(members(&v), ["n0", "n2"], "seed {seed}");
+                took = Some(sim.elapsed() - crash);
+                break;
+            }
+        }
+        let took = took.unwrap_or_else(|| panic!("seed {seed}: n1's death was not handled"));
+        assert!(took < secs(1.2), "seed {seed}: took {took:?}");
+        sim.check_histories();
+    }
+}
+
+/// Of two equally large sets with quorum, the one that removes fewer members of the current
+/// view wins over lower names.
+#[test]
+fn a_regroup_keeps_the_members_of_the_current_view_over_lower_names() {
+    // Five nodes; the view is {n2, n3, n4}; n0 and n1 restart and n1 is cut off from n3 and
+    // n4 for good. n0's choice between {n0, n1, n2} and {n0, n2, n3, n4}: the larger wins
+    // anyway; cut n3-n4 too, so {n0, n1, n2}, {n0, n2, n3} and {n0, n2, n4} tie.
+    let mut sim = Sim::new(9, World::calm(5, 1, false), |_| {});
+    sim.run_until(secs(2.0));
+    assert!(sim.converged());
+    sim.crash(0);
+    sim.crash(1);
+    sim.run_until(secs(4.0));
+    let basis = agreed(&sim).expect("the survivors agree");
+    assert_eq!(members(&basis), ["n2", "n3", "n4"]);
+    for (a, b) in [(1, 3), (1, 4), (3, 4)] {
+        sim.cut.insert((a, b, 0));
+        sim.cut.insert((b, a, 0));
+    }
+    sim.start_node(0);
+    sim.start_node(1);
+    sim.run_until(secs(8.0));
+    for v in views_after(&sim, &basis) {
+        assert!(
+            !(v.members.contains("n1") && !v.members.contains("n3") && !v.members.contains("n4")),
+            "a view dropped two continuing members for a restarted one: {v:?}"
+        );
+    }
+    sim.check_histories();
+}

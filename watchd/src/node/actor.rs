@@ -550,6 +550,13 @@ fn membership_event(shared: &NodeShared, e: Event) {
                 }
             )
         }
+        Event::JoinDeferred { round, waiting_for } => {
+            let w: Vec<&str> = waiting_for.iter().map(String::as_str).collect();
+            format!(
+                "regroup round {round}: this joining node waits for members it does not reach yet: {}",
+                w.join(" ")
+            )
+        }
         Event::PlannedLeave { node } => format!("{node} leaves the cluster"),
         Event::Ignored { from, why } => format!("message from {from} ignored: {why}"),
     };

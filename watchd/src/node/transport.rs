@@ -11,6 +11,8 @@
 //! Sending never waits: a full queue drops the message and counts it (heartbeats are
 //! idempotent, the other messages are retried by the protocol's timeouts). It never interprets
 //! membership messages, and never delivers a message from a node that is not configured.
+//! A peer that connects in while this node's link to it is down is up: that link is redialled
+//! at once instead of after its backoff pause (a rebooted peer is reached both ways together).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -26,7 +28,7 @@ use cluster::net::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::runtime::Handle;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 /// The `cluster::net` channel of membership traffic.
 pub const CHANNEL: &str = "membership";
@@ -122,6 +124,8 @@ struct Link {
     last_in: AtomicU64,
     /// Bumped for every new inbound connection: older readers of the link stop.
     inbound_gen: AtomicU64,
+    /// Ends the writer's pause between dial attempts: the peer just connected to this node.
+    redial: Notify,
 }
 
 /// One link in a status report.
@@ -227,6 +231,7 @@ impl Transport {
                     connected: AtomicBool::new(false),
                     last_in: AtomicU64::new(0),
                     inbound_gen: AtomicU64::new(0),
+                    redial: Notify::new(),
                 });
                 writers.push((name.clone(), link.clone(), rx));
                 per_net.push(Some(link));
@@ -373,7 +378,7 @@ async fn writer(
         // While there is no connection, queued messages are stale by the time one comes up
         // (heartbeats carry their send time): drop them.
         let conn = {
-            let dial = dial(&net, &peer, link.addr, &mut backoff, &mut refused_backoff);
+            let dial = dial(&net, &peer, &link, &mut backoff, &mut refused_backoff);
             tokio::pin!(dial);
             loop {
                 tokio::select! {
@@ -431,15 +436,19 @@ async fn writer(
     }
 }
 
-/// Connects to `addr` until it works. Refusals that only a configuration change cures are
-/// retried slowly (`refused`), everything else (peer down, link cut) quickly (`backoff`).
+/// Connects to the link's address until it works. Refusals that only a configuration change
+/// cures are retried slowly (`refused`), everything else (peer down, link cut) quickly
+/// (`backoff`). The pause between attempts ends early when the peer connects to this node
+/// (`Link::redial`); an attempt under way is never cut short, or two peers that come up
+/// together could abort each other's handshakes for ever.
 async fn dial(
     net: &NetConfig,
     peer: &str,
-    addr: SocketAddr,
+    link: &Link,
     backoff: &mut Backoff,
     refused: &mut Backoff,
 ) -> Conn {
+    let addr = link.addr;
     let mut failures: u64 = 0;
     loop {
         match connect_addr(net, addr, CHANNEL).await {
@@ -467,7 +476,15 @@ async fn dial(
                 } else {
                     tracing::debug!(peer, %addr, error = %e, ?delay, failures, "still cannot reach the peer");
                 }
-                tokio::time::sleep(delay).await;
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    // The peer is up: the rest of the pause would only delay the view that takes
+                    // it in, and meanwhile the members this node cannot reach look dead to it.
+                    () = link.redial.notified() => {
+                        backoff.reset();
+                        tracing::debug!(peer, %addr, "the peer connected in: redialling at once");
+                    }
+                }
             }
         }
     }
@@ -501,6 +518,12 @@ async fn reader(
     let generation = link
         .as_ref()
         .map(|l| l.inbound_gen.fetch_add(1, Ordering::Relaxed) + 1);
+    if let Some(l) = link
+        .as_ref()
+        .filter(|l| !l.connected.load(Ordering::Relaxed))
+    {
+        l.redial.notify_one();
+    }
     let replaced = || {
         link.as_ref()
             .zip(generation)
@@ -646,5 +669,55 @@ mod tests {
         ta.send("nobody", None, Wire::Membership(Message::Leave));
         assert!(ta.stats().dropped_not_connected >= 1);
         assert!(ta.stats().sent >= 2);
+    }
+
+    /// A peer that comes up while this node's links to it wait out their dial backoff is
+    /// reached at once: its inbound connections cut the pauses short.
+    #[tokio::test]
+    async fn a_peer_that_connects_in_is_redialled_at_once() {
+        // Well below DIAL_BACKOFF_MAX less its jitter, so waiting out a pause misses it.
+        const AT_ONCE: Duration = Duration::from_millis(250);
+        // Long enough for the pauses to have grown to DIAL_BACKOFF_MAX.
+        const GROW: Duration = Duration::from_millis(1200);
+        // Each round without the redial passes by chance only when both pauses happen to end
+        // within AT_ONCE; three rounds make that unlikely.
+        for round in 0..3 {
+            let la = listeners("a", 2).await;
+            let addrs: Vec<SocketAddr> = listeners("b", 2)
+                .await
+                .iter()
+                .map(Listener::local_addr)
+                .collect();
+            // b is down (its ports refuse): a's writers back off.
+            let ta = Transport::start(
+                &Handle::current(),
+                net("a"),
+                vec!["net0".into(), "net1".into()],
+                BTreeMap::from([("b".to_owned(), addrs.clone())]),
+                la.iter()
+                    .map(|l| l.channel(CHANNEL).expect("channel"))
+                    .collect(),
+                Duration::from_millis(300),
+                Duration::from_secs(1),
+            );
+            tokio::time::sleep(GROW).await;
+            assert!(ta.links("b").iter().all(|l| !l.connected));
+            let mut lb = Vec::new();
+            for addr in &addrs {
+                lb.push(
+                    Listener::bind(&net("b"), *addr)
+                        .await
+                        .expect("rebind b's port"),
+                );
+            }
+            let up = Instant::now();
+            let _tb = start("b", &lb, "a", &la);
+            connected(&ta, "b").await;
+            let took = up.elapsed();
+            assert!(
+                took < AT_ONCE,
+                "round {round}: a reached b {took:?} after b connected in"
+            );
+        }
     }
 }

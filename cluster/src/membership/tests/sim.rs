@@ -157,6 +157,7 @@ pub(crate) struct Stats {
     pub no_quorum: u64,
     pub suspected: u64,
     pub acquired: u64,
+    pub join_deferred: u64,
 }
 
 #[derive(Debug)]
@@ -603,6 +604,7 @@ impl Sim {
                     Event::PlannedLeave { .. } => self.stats.planned_leaves += 1,
                     Event::LinkDown { .. } => self.stats.link_down += 1,
                     Event::NoQuorum { .. } => self.stats.no_quorum += 1,
+                    Event::JoinDeferred { .. } => self.stats.join_deferred += 1,
                     Event::Suspected { .. } => self.stats.suspected += 1,
                     Event::Ignored { from, why } => panic!("ignored a message from {from}: {why}"),
                     _ => {}
