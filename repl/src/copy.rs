@@ -32,6 +32,14 @@
 //! While the second half of a rename is awaited (at most [`EVENT_GRACE`]), later events wait
 //! and nothing is copied, so no op is emitted against a replica that still holds the entry.
 //!
+//! Excluded names ([`CopyConfig::exclude`], see [`Exclude`] for the syntax) are no part of the
+//! fileset: nothing at or beneath them is copied or named by an op, their events are dropped
+//! on the watch thread, and a directory listing skips them. An entry renamed from an excluded
+//! name to a replicated one (a temp file committed into place) is copied whole at its new name
+//! after the quiet interval; one renamed the other way is removed from the replica (a
+//! directory that way causes a rescan). The resync after a rescan must skip them too: see
+//! `primary`'s resync, which neither lists them on the primary nor removes them on a replica.
+//!
 //! Limits: hard links are copied as separate files; FIFOs, sockets and devices are not
 //! replicated; directory mtimes are not replicated; without a maximum delay, a file that never
 //! stays quiet is never copied. A new directory is listed no sooner than [`EVENT_GRACE`] after
@@ -44,6 +52,7 @@
 
 mod engine;
 mod event;
+mod exclude;
 mod tree;
 mod watch;
 
@@ -61,6 +70,7 @@ use tokio::sync::mpsc;
 
 pub use engine::{COPY_CHUNK_BYTES, EVENT_GRACE, MAX_COPY_FAILURES, MAX_INTERVAL};
 use engine::{CopyEngine, Sink, Stopped, WatchEvent};
+pub use exclude::{Exclude, ExcludeError, MAX_EXCLUDE_PATTERNS, MAX_PATTERN_BYTES, NamePattern};
 use tree::FsTree;
 use watch::{StopFd, Watches};
 
@@ -98,10 +108,13 @@ pub struct CopyConfig {
     pub first_seq: u64,
     /// Capacity of the event queue (see [`DEFAULT_EVENT_QUEUE`]).
     pub event_queue: usize,
+    /// Paths that are no part of the fileset (none by default).
+    pub exclude: Exclude,
 }
 
 impl CopyConfig {
-    /// Quiet interval and batch size; no maximum delay, seqs from 1, the default event queue.
+    /// Quiet interval and batch size; no maximum delay, seqs from 1, the default event queue,
+    /// nothing excluded.
     pub fn new(quiet: Duration, max_batch_bytes: usize) -> Self {
         Self {
             quiet,
@@ -109,6 +122,7 @@ impl CopyConfig {
             max_batch_bytes,
             first_seq: 1,
             event_queue: DEFAULT_EVENT_QUEUE,
+            exclude: Exclude::default(),
         }
     }
 
@@ -262,8 +276,11 @@ impl CopySource {
         let handler = {
             let tx = event_tx.clone();
             let overflow = overflow.clone();
+            let (root, exclude) = (root.clone(), cfg.exclude.clone());
             move |res: notify::Result<notify::Event>| {
-                if !event::may_matter(&res) {
+                // An excluded file being written (a temp file of hundreds of MiB) must not
+                // fill the queue and cause a rescan.
+                if !event::may_matter(&res) || event::only_excluded(&root, &exclude, &res) {
                     return;
                 }
                 // Never block the watch thread: a full queue loses events, which a rescan
@@ -296,7 +313,8 @@ impl CopySource {
         let stop = Arc::new(StopSignal::default());
         let worker = Worker {
             root: root.clone(),
-            engine: CopyEngine::new(cfg.quiet, cfg.max_delay, cfg.first_seq),
+            engine: CopyEngine::new(cfg.quiet, cfg.max_delay, cfg.first_seq)
+                .with_exclude(cfg.exclude.clone()),
             tree,
             events,
             overflow,
@@ -316,7 +334,8 @@ impl CopySource {
             .spawn(move || worker.run())
             .map_err(CopyError::Spawn)?;
 
-        tracing::info!(root = %root.display(), quiet = ?cfg.quiet, max_delay = ?cfg.max_delay, "copy mode started");
+        let exclude: Vec<&str> = cfg.exclude.patterns().iter().map(|p| p.as_str()).collect();
+        tracing::info!(root = %root.display(), quiet = ?cfg.quiet, max_delay = ?cfg.max_delay, ?exclude, "copy mode started");
         Ok((
             CopySource {
                 root,

@@ -171,6 +171,12 @@ fn hash_file(file: OwnedFd, buf: &mut [u8]) -> io::Result<(u64, u64)> {
 /// Scans every entry beneath `root` without following symlinks. Entries that cannot be read
 /// (or whose path is longer than a [`RelPath`] allows) are listed in `problems`.
 pub fn scan(root: &Path) -> Result<Manifest, ManifestError> {
+    scan_skipping(root, |_| false)
+}
+
+/// [`scan`] without the entries whose name `skip` returns true for, nor anything beneath them
+/// (they are neither read nor listed: copy mode's excluded names).
+pub fn scan_skipping(root: &Path, skip: impl Fn(&[u8]) -> bool) -> Result<Manifest, ManifestError> {
     let root_fd = open_root(root)?;
     let mut manifest = Manifest::default();
     let mut buf = vec![0u8; HASH_BUFFER_BYTES];
@@ -205,7 +211,7 @@ pub fn scan(root: &Path) -> Result<Manifest, ManifestError> {
                 None => break,
                 Some(Ok(entry)) => {
                     let name = entry.file_name().to_bytes();
-                    if name != b"." && name != b".." {
+                    if name != b"." && name != b".." && !skip(name) {
                         names.push(name.to_vec());
                     }
                 }

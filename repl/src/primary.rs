@@ -20,7 +20,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::copy::{CopyConfig, CopyOutput, CopySource};
+use crate::copy::{CopyConfig, CopyOutput, CopySource, Exclude};
 use crate::manifest::{self, Entry};
 use crate::proto::{self, OpsRef, ToBackup, ToPrimary};
 use crate::pump::{Action, BackupView, Input, LinkState, Pump, PumpConfig};
@@ -65,8 +65,9 @@ pub struct Peer {
 pub enum SourceSpec {
     /// The operation ring written by libft and the shim.
     Ring { path: PathBuf, capacity: u64 },
-    /// Copy mode: the directory is watched.
-    Copy { quiet: Duration },
+    /// Copy mode: the directory is watched; `exclude`d paths are not replicated (nor listed
+    /// or removed by a resync).
+    Copy { quiet: Duration, exclude: Exclude },
 }
 
 /// Everything the pump of one fileset needs.
@@ -286,10 +287,13 @@ impl Actor for PumpActor {
                     .spawn(move || ring_source(consumer, me, rel, st, idle, sync))?;
                 (generation, head_seq, Some(thread))
             }
-            SourceSpec::Copy { quiet } => {
+            SourceSpec::Copy { quiet, exclude } => {
                 // Sequence numbers start over with every start: a fresh generation makes the
                 // backups compare their trees (a resync) before records flow.
-                let cfg = CopyConfig::new(*quiet, SOURCE_BATCH_BYTES);
+                let cfg = CopyConfig {
+                    exclude: exclude.clone(),
+                    ..CopyConfig::new(*quiet, SOURCE_BATCH_BYTES)
+                };
                 let root = spec.root.clone();
                 let (source, mut rx) =
                     tokio::task::spawn_blocking(move || CopySource::start_with(&root, cfg))
@@ -522,9 +526,13 @@ fn perform(myself: &ActorRef<PumpMsg>, st: &mut PumpState, action: Action) {
                 l.resync_tx.clone(),
                 st.spec.root.clone(),
             );
+            let exclude = match &st.spec.source {
+                SourceSpec::Copy { exclude, .. } => exclude.clone(),
+                SourceSpec::Ring { .. } => Exclude::default(),
+            };
             tracing::info!(fileset = %st.spec.fileset, %backup, next_seq, "pump: resyncing a backup");
             tokio::spawn(async move {
-                let result = resync(root, next_seq, resync_tx, mrx)
+                let result = resync(root, &exclude, next_seq, resync_tx, mrx)
                     .await
                     .map_err(|e| e.to_string());
                 let _ = me.cast(PumpMsg::ResyncFinished {
@@ -810,9 +818,11 @@ async fn link_task(pump: ActorRef<PumpMsg>, net: NetConfig, fileset: String, pee
 }
 
 /// Runs one resync over a link: asks for the backup's manifest, compares it with the primary
-/// tree, and sends the differences as operations.
+/// tree, and sends the differences as operations. Excluded paths are left out on both sides:
+/// never sent, and a replica's own are left alone.
 async fn resync(
     root: PathBuf,
+    exclude: &Exclude,
     next_seq: u64,
     tx: mpsc::Sender<Outbound>,
     mut manifests: mpsc::UnboundedReceiver<ManifestPart>,
@@ -824,15 +834,21 @@ async fn resync(
     let mut replica = manifest::Manifest::default();
     loop {
         let (entries, last) = manifests.recv().await.ok_or_else(closed)?;
-        replica.entries.extend(entries);
+        replica.entries.extend(
+            entries
+                .into_iter()
+                .filter(|(p, _)| !exclude.excludes(p.as_bytes())),
+        );
         if last {
             break;
         }
     }
     let (otx, mut orx) = mpsc::channel::<Result<Vec<Op>, String>>(2);
     let scan_root = root.clone();
+    let exclude = exclude.clone();
     tokio::task::spawn_blocking(move || {
-        let primary = match manifest::scan(&scan_root) {
+        let primary = match manifest::scan_skipping(&scan_root, |name| exclude.excludes_name(name))
+        {
             Ok(m) => m,
             Err(e) => {
                 let _ = otx.blocking_send(Err(e.to_string()));
@@ -918,7 +934,7 @@ pub async fn flush(
     };
     let ring = match source {
         SourceSpec::Ring { .. } => true,
-        SourceSpec::Copy { quiet } => {
+        SourceSpec::Copy { quiet, .. } => {
             let settle = (*quiet + crate::copy::EVENT_GRACE)
                 .min(deadline.saturating_duration_since(Instant::now()));
             tokio::time::sleep(settle).await;

@@ -18,6 +18,7 @@ use cluster::net::{Conn, Listener, NetConfig, Secret};
 use ractor::{Actor, ActorId, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
 use repl::backup::{BackupSpec, Bcplog, Promotion, StreamMeta};
 use repl::bcplog::{BcplogActor, BcplogArgs, BcplogMsg, BcplogStatus};
+use repl::copy::Exclude;
 use repl::primary::{Peer, PrimarySpec, PrimaryStatus, PumpActor, PumpMsg, SourceSpec};
 use repl::proto::{Mode, ToBackup, ToPrimary};
 use repl::pump::PumpConfig;
@@ -144,6 +145,8 @@ struct Entry {
     ring: Option<PathBuf>,
     /// The bcplog's state directory.
     state_dir: PathBuf,
+    /// What copy mode leaves out (see [`crate::group::fileset::copy_exclude`]).
+    exclude: Exclude,
     /// Whether this node holds the fileset at all (primary or in `backups`).
     member: bool,
     /// What runs now.
@@ -221,7 +224,10 @@ impl Setup {
                 path: ring.clone(),
                 capacity: f.ring_size.0,
             },
-            _ => SourceSpec::Copy { quiet: f.quiet },
+            _ => SourceSpec::Copy {
+                quiet: f.quiet,
+                exclude: e.exclude.clone(),
+            },
         };
         Plan::Primary(PrimarySpec {
             fileset: f.name().to_owned(),
@@ -348,8 +354,15 @@ pub async fn setup(config: &Config, instance: &str) -> anyhow::Result<Option<Set
                 env.sync_timeout = env.sync_timeout.max(Some(f.sync_timeout));
             }
         }
+        let exclude = crate::group::fileset::copy_exclude(f, &root, &config.watchd.data_dir)
+            .with_context(|| format!("fileset {}: exclude", f.name()))?;
+        if !exclude.is_empty() {
+            let patterns: Vec<&str> = exclude.patterns().iter().map(|p| p.as_str()).collect();
+            tracing::info!(fileset = %f.name(), exclude = ?patterns, "copy mode leaves these names out");
+        }
         let mut entry = Entry {
             config: f.clone(),
+            exclude,
             root,
             ring,
             state_dir: config.watchd.data_dir.join("repl").join(f.name()),

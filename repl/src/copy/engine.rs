@@ -12,6 +12,10 @@
 //! what the replica holds there ([`Replica`]); a path beneath a pending entry whose replica copy
 //! is not [`Replica::Present`] is absent on the replica, and no op is ever emitted beneath such an
 //! entry: it is copied ("materialized") first.
+//!
+//! Excluded paths ([`Exclude`]) are never pending and never named by an op: the replica does
+//! not have them. So an entry renamed from an excluded name arrives like one moved into the
+//! tree (it is copied), and one renamed to an excluded name leaves like one moved out of it.
 
 #[cfg(test)]
 mod tests;
@@ -21,6 +25,7 @@ use std::io;
 use std::ops::Bound;
 use std::time::{Duration, Instant};
 
+use super::exclude::Exclude;
 use crate::{Op, OpRecord, RelPath};
 
 /// Most bytes one `Write` op carries.
@@ -203,6 +208,7 @@ pub struct CopyEngine {
     held: Option<Held>,
     deferred: VecDeque<WatchEvent>,
     removed_dirs: HashSet<Vec<u8>>,
+    exclude: Exclude,
 }
 
 impl CopyEngine {
@@ -220,7 +226,18 @@ impl CopyEngine {
             held: None,
             deferred: VecDeque::new(),
             removed_dirs: HashSet::new(),
+            exclude: Exclude::default(),
         }
+    }
+
+    /// The engine ignoring every path that `exclude` excludes (see [`Exclude::excludes`]).
+    pub fn with_exclude(mut self, exclude: Exclude) -> Self {
+        self.exclude = exclude;
+        self
+    }
+
+    fn excluded(&self, path: &RelPath) -> bool {
+        self.exclude.excludes(path.as_bytes())
     }
 
     /// The seq the next record will carry.
@@ -254,6 +271,21 @@ impl CopyEngine {
     ) -> Result<(), Stopped> {
         if let WatchEvent::Rescan { why } = &ev {
             return self.rescan(why, sink);
+        }
+        // An excluded name is nothing to the replica. The first half of a rename away from one
+        // is dropped too: its second half then arrives alone, like an entry moved in from
+        // outside the tree, which is what it is for the replica. A second half to an excluded
+        // name is kept: it may complete a rename the replica must see as a removal.
+        match &ev {
+            WatchEvent::Created { path }
+            | WatchEvent::Changed { path }
+            | WatchEvent::Removed { path, .. }
+            | WatchEvent::RenameFrom { path, .. }
+                if self.excluded(path) =>
+            {
+                return Ok(());
+            }
+            _ => {}
         }
         if let Some(h) = &self.held {
             let completes =
@@ -291,6 +323,7 @@ impl CopyEngine {
                         self.on_event(now, ev, tree, sink)?;
                     }
                 }
+                None if self.excluded(&path) => {}
                 None => self.on_moved_in(now, path),
             },
             WatchEvent::Rescan { .. } => {}
@@ -382,6 +415,9 @@ impl CopyEngine {
             // The kernel refuses these renames; an event saying otherwise is not understood.
             return self.rescan(&format!("impossible rename {from:?} -> {to:?}"), sink);
         }
+        if self.excluded(&to) {
+            return self.on_renamed_away(from, &to, tree, sink);
+        }
         let from_replica = self.effective(&from);
         let to_replica = self.effective(&to);
         if from_replica == Replica::Stale {
@@ -443,6 +479,41 @@ impl CopyEngine {
         let moved = self.take_subtree(from.as_bytes());
         self.reinsert_moved(&from, &to, moved);
         Ok(())
+    }
+
+    /// `from` was renamed to the excluded name `to`: for the replica, it is gone.
+    fn on_renamed_away<T: Tree, S: Sink>(
+        &mut self,
+        from: RelPath,
+        to: &RelPath,
+        tree: &mut T,
+        sink: &mut S,
+    ) -> Result<(), Stopped> {
+        let replica = self.effective(&from);
+        // Copies pending at or beneath the source would name paths that left the fileset.
+        self.take_subtree(from.as_bytes());
+        if replica == Replica::Absent {
+            return Ok(());
+        }
+        // Whatever the replica holds at the source (the entry, or an unrelated old one of the
+        // same kind) must go. A file goes with an unlink; a directory's replica copy has
+        // entries the engine cannot name exactly (some may be pending), so the backups are
+        // compared instead, as for a directory moved out of the tree.
+        match tree.observe(to) {
+            Ok(Observed::Dir { .. }) => self.rescan(
+                &format!("directory {from:?} was renamed to the excluded name {to:?}"),
+                sink,
+            ),
+            Ok(Observed::Missing) | Err(_) => self.rescan(
+                &format!(
+                    "{to:?} vanished right after {from:?} was renamed to it (an excluded name)"
+                ),
+                sink,
+            ),
+            Ok(Observed::File(_) | Observed::Symlink { .. } | Observed::Other) => {
+                self.emit(Op::Unlink { path: from }, sink)
+            }
+        }
     }
 
     fn on_moved_in(&mut self, now: Instant, path: RelPath) {
@@ -611,6 +682,9 @@ impl CopyEngine {
 
     /// A child found by listing a directory the replica lacked: absent there too.
     fn discovered(&mut self, now: Instant, dir: &RelPath, name: Vec<u8>) {
+        if self.exclude.excludes_name(&name) {
+            return;
+        }
         let mut bytes = Vec::with_capacity(dir.as_bytes().len() + 1 + name.len());
         bytes.extend_from_slice(dir.as_bytes());
         bytes.push(b'/');

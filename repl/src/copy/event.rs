@@ -8,6 +8,7 @@ use std::path::Path;
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind, RemoveKind, RenameMode};
 
 use super::engine::{EntryKind, WatchEvent};
+use super::exclude::Exclude;
 use crate::RelPath;
 
 /// Where a path reported by the watcher lies.
@@ -49,6 +50,26 @@ pub fn may_matter(res: &notify::Result<notify::Event>) -> bool {
         }
         Err(_) => true,
     }
+}
+
+/// Whether a report concerns excluded paths only and can be dropped before the queue. Halves of
+/// renames are never dropped here: the engine pairs them (a rename from an excluded name is a
+/// copy, one to an excluded name a removal).
+pub fn only_excluded(root: &Path, exclude: &Exclude, res: &notify::Result<notify::Event>) -> bool {
+    let Ok(ev) = res else {
+        return false;
+    };
+    if exclude.is_empty()
+        || ev.need_rescan()
+        || ev.paths.is_empty()
+        || matches!(ev.kind, EventKind::Modify(ModifyKind::Name(_)))
+    {
+        return false;
+    }
+    ev.paths.iter().all(|p| match locate(root, p) {
+        Located::Inside(rel) => exclude.excludes(rel.as_bytes()),
+        Located::Root | Located::Outside | Located::Unrepresentable(_) => false,
+    })
 }
 
 /// Turns one report of the watcher into what the engine needs to know, if anything.
@@ -318,5 +339,42 @@ mod tests {
                 kind: Some(EntryKind::File)
             })
         );
+    }
+
+    #[test]
+    fn copy_events_of_excluded_paths_are_dropped_before_the_queue_but_renames_are_kept() {
+        let ex = Exclude::new([".tmp-*"]).expect("valid");
+        let data = EventKind::Modify(ModifyKind::Data(DataChange::Any));
+        let dropped = |kind, path: &str| only_excluded(&root(), &ex, &at(kind, path));
+        assert!(dropped(data, "/srv/data/.tmp-3-77"));
+        assert!(dropped(
+            EventKind::Create(CreateKind::File),
+            "/srv/data/sub/.tmp-3-77"
+        ));
+        assert!(dropped(
+            EventKind::Remove(RemoveKind::File),
+            "/srv/data/.tmp-3-77"
+        ));
+        assert!(dropped(data, "/srv/data/.tmp-dir/inside"));
+        assert!(!dropped(data, "/srv/data/00000000000000000003.ckpt"));
+        assert!(
+            !dropped(data, "/elsewhere/.tmp-1"),
+            "outside the root: interpret decides"
+        );
+        for mode in [RenameMode::From, RenameMode::To] {
+            assert!(!dropped(
+                EventKind::Modify(ModifyKind::Name(mode)),
+                "/srv/data/.tmp-3-77"
+            ));
+        }
+        assert!(!only_excluded(
+            &root(),
+            &Exclude::default(),
+            &at(data, "/srv/data/.tmp-3-77")
+        ));
+        let overflow = Event::new(EventKind::Other)
+            .add_path(PathBuf::from("/srv/data/.tmp-1"))
+            .set_flag(Flag::Rescan);
+        assert!(!only_excluded(&root(), &ex, &Ok(overflow)));
     }
 }

@@ -122,8 +122,16 @@ fn report(primary: &BTreeMap<Vec<u8>, Desc>, replica: &BTreeMap<Vec<u8>, Desc>) 
     out
 }
 
-/// What the manifest resync does after a rescan: the replica becomes a copy of the primary.
-fn mirror(src: &Path, dst: &Path) {
+/// `snapshot` without the paths `exclude` excludes.
+fn snapshot_without(root: &Path, exclude: &Exclude) -> BTreeMap<Vec<u8>, Desc> {
+    let mut snap = snapshot(root);
+    snap.retain(|k, _| !exclude.excludes(k));
+    snap
+}
+
+/// What the manifest resync does after a rescan: the replica becomes a copy of the primary
+/// (excluded paths left out).
+fn mirror(src: &Path, dst: &Path, exclude: &Exclude) {
     for entry in fs::read_dir(dst).expect("replica readable").flatten() {
         let p = entry.path();
         if fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
@@ -132,7 +140,7 @@ fn mirror(src: &Path, dst: &Path) {
             fs::remove_file(&p).expect("clear replica");
         }
     }
-    let snap = snapshot(src);
+    let snap = snapshot_without(src, exclude);
     for (rel, desc) in snap {
         let at = dst.join(OsStr::from_bytes(&rel));
         match desc {
@@ -247,6 +255,8 @@ struct Harness {
     rescans: usize,
     /// Every record received, with the time it arrived.
     log: Vec<(Instant, OpRecord)>,
+    /// Copy mode's exclude list: the replica is compared with the primary without them.
+    exclude: Exclude,
 }
 
 impl Harness {
@@ -256,7 +266,8 @@ impl Harness {
 
     fn with_primary(primary: tempfile::TempDir, cfg: CopyConfig) -> Self {
         let replica = tempfile::tempdir().expect("tempdir");
-        mirror(primary.path(), replica.path());
+        let exclude = cfg.exclude.clone();
+        mirror(primary.path(), replica.path(), &exclude);
         let first = cfg.first_seq;
         let (source, rx) = CopySource::start_with(primary.path(), cfg).expect("copy mode starts");
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -272,7 +283,13 @@ impl Harness {
             next_seq: first,
             rescans: 0,
             log: Vec::new(),
+            exclude,
         }
+    }
+
+    /// The primary as the replica must hold it.
+    fn primary_snapshot(&self) -> BTreeMap<Vec<u8>, Desc> {
+        snapshot_without(self.primary.path(), &self.exclude)
     }
 
     fn p(&self, rel: &str) -> std::path::PathBuf {
@@ -293,6 +310,12 @@ impl Harness {
                 for rec in recs {
                     assert_eq!(rec.seq, self.next_seq, "seqs are dense");
                     self.next_seq += 1;
+                    assert!(
+                        !names_excluded(&rec.op, &self.exclude),
+                        "record {} names an excluded path: {:?}",
+                        rec.seq,
+                        rec.op
+                    );
                     if let Err(e) = apply(self.replica.path(), &rec.op, self.rescans > 0) {
                         panic!("the replica refused record {}: {e}", rec.seq);
                     }
@@ -302,13 +325,13 @@ impl Harness {
             CopyOutput::Rescan { next_seq } => {
                 assert_eq!(next_seq, self.next_seq, "a rescan names the next seq");
                 self.rescans += 1;
-                mirror(self.primary.path(), self.replica.path());
+                mirror(self.primary.path(), self.replica.path(), &self.exclude);
             }
         }
     }
 
     fn same(&self) -> bool {
-        snapshot(self.primary.path()) == snapshot(self.replica.path())
+        self.primary_snapshot() == snapshot(self.replica.path())
     }
 
     /// Applies output until the replica equals the primary, then for a while longer (late
@@ -327,10 +350,7 @@ impl Harness {
                 Instant::now() < deadline,
                 "the replica did not catch up ({} rescans); {}",
                 self.rescans,
-                report(
-                    &snapshot(self.primary.path()),
-                    &snapshot(self.replica.path())
-                )
+                report(&self.primary_snapshot(), &snapshot(self.replica.path()))
             );
         };
         let linger = Instant::now() + QUIET * 2 + EVENT_GRACE * 2;
@@ -339,7 +359,7 @@ impl Harness {
                 self.take(out);
             }
         }
-        let (primary, replica) = (snapshot(self.primary.path()), snapshot(self.replica.path()));
+        let (primary, replica) = (self.primary_snapshot(), snapshot(self.replica.path()));
         assert!(
             primary == replica,
             "the replica changed after it had caught up; {}",
@@ -358,6 +378,17 @@ impl Drop for Harness {
         // Stop watching before the tempdirs go.
         self.source.take();
     }
+}
+
+/// Whether `op` names (changes, or renames from) an excluded path.
+fn names_excluded(op: &Op, exclude: &Exclude) -> bool {
+    let from = match op {
+        Op::Rename { from, .. } | Op::Link { from, .. } => Some(from.as_bytes()),
+        _ => None,
+    };
+    from.into_iter()
+        .chain([op.path().as_bytes()])
+        .any(|p| exclude.excludes(p))
 }
 
 fn write(path: &Path, data: &[u8]) {
@@ -829,4 +860,270 @@ fn copy_failure_report_shows_the_difference_first_and_no_contents() {
         first_diff.contains("\"e/sub/big\": absent | \"e/sub/big\": file 644 2097152 bytes xxh3")
     );
     assert!(text.len() < 1000, "contents are not printed");
+}
+
+// ----- exclude lists -----
+
+fn excluding(quiet: Duration, patterns: &[&str]) -> CopyConfig {
+    CopyConfig {
+        exclude: Exclude::new(patterns).expect("valid patterns"),
+        ..CopyConfig::new(quiet, BATCH)
+    }
+}
+
+fn write_bytes(h: &Harness, n: usize) -> usize {
+    h.ops_since(n)
+        .iter()
+        .map(|op| match op {
+            Op::Write { data, .. } => data.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Size of the image of the commit measurement.
+const IMAGE_BYTES: usize = 20 << 20;
+/// Chunks it is written in.
+const IMAGE_CHUNKS: usize = 5;
+/// The quiet interval of a checkpoint fileset (watchd's suggested one).
+const CKPT_QUIET: Duration = Duration::from_millis(20);
+/// Pause between two chunks: well past the quiet interval, as a store writing its image
+/// between two phases of a checkpoint.
+const CHUNK_GAP: Duration = Duration::from_millis(150);
+
+/// Writes one image the way the checkpoint store commits it (`.tmp-<seq>-<pid>` written in
+/// chunks with quiet gaps, fdatasync, renamed to `<seq:020>.ckpt`); returns the bytes of
+/// `Write` records shipped until the replica had it, and the records naming the image.
+fn commit_image(h: &mut Harness, seq: u64) -> (usize, usize) {
+    let n = h.log.len();
+    let temp = h.p(&format!(".tmp-{seq}-{}", std::process::id()));
+    let chunk = vec![u8::try_from(seq % 251).expect("< 251"); IMAGE_BYTES / IMAGE_CHUNKS];
+    let f = OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .mode(0o600)
+        .open(&temp)
+        .expect("create the temp image");
+    for _ in 0..IMAGE_CHUNKS {
+        (&f).write_all(&chunk).expect("write a chunk");
+        let until = Instant::now() + CHUNK_GAP;
+        while let Some(left) = until.checked_duration_since(Instant::now()) {
+            if let Some(out) = h.recv(left) {
+                h.take(out);
+            }
+        }
+    }
+    f.sync_data().expect("fdatasync");
+    drop(f);
+    let image = format!("{seq:020}.ckpt");
+    fs::rename(&temp, h.p(&image)).expect("commit");
+    h.settle();
+    let named = h
+        .ops_since(n)
+        .iter()
+        .filter(|op| *op.path() == rel(&image))
+        .count();
+    (write_bytes(h, n), named)
+}
+
+/// The measurement of the report: bytes shipped for one 20 MiB image written in 5 chunks with
+/// quiet gaps, without and with the checkpoint's exclude list. Without it the temp file is
+/// copied at each gap (every prefix), then renamed; with it, the image is copied once.
+#[test]
+fn copy_checkpoint_commit_ships_each_image_once_with_the_temp_exclude() {
+    let mut before = Harness::new(CopyConfig::new(CKPT_QUIET, BATCH));
+    let (shipped_before, _) = commit_image(&mut before, 1);
+    let mut after = Harness::new(excluding(CKPT_QUIET, &[".tmp-*"]));
+    let (shipped_after, named) = commit_image(&mut after, 1);
+    eprintln!(
+        "one {} MiB image in {IMAGE_CHUNKS} chunks, {CHUNK_GAP:?} gaps, quiet {CKPT_QUIET:?}: \
+         {shipped_before} bytes shipped without the exclude, {shipped_after} with it",
+        IMAGE_BYTES >> 20
+    );
+    assert_eq!(shipped_after, IMAGE_BYTES, "the image, once");
+    assert!(
+        !after
+            .log
+            .iter()
+            .any(|(_, r)| matches!(&r.op, Op::Rename { .. })),
+        "no rename from a name the replica does not have"
+    );
+    assert!(named > 0);
+    // Without it, at least one growing prefix went before the commit's rename.
+    assert!(
+        shipped_before > IMAGE_BYTES,
+        "the temp file was shipped only once without the exclude ({shipped_before} bytes)"
+    );
+    assert_eq!(before.rescans + after.rescans, 0);
+}
+
+#[test]
+fn copy_excluded_names_on_real_directories() {
+    let primary = tempfile::tempdir().expect("tempdir");
+    // Present at start: the initial resync (the harness's mirror) leaves them out.
+    write(&primary.path().join(".tmp-0-1"), b"stale temp");
+    fs::create_dir(primary.path().join("cache")).expect("mkdir");
+    write(&primary.path().join("cache/x"), b"cached");
+    let mut h = Harness::with_primary(primary, excluding(QUIET, &[".tmp-*", "cache", "*.swp"]));
+    assert!(!h.replica.path().join(".tmp-0-1").exists());
+    write(&h.p("kept"), b"kept");
+    write(&h.p(".kept.swp"), b"swap");
+    fs::create_dir(h.p("cache/sub")).expect("mkdir");
+    write(&h.p("cache/sub/y"), b"y");
+    fs::create_dir(h.p("d")).expect("mkdir");
+    write(&h.p("d/.tmp-1-1"), b"in a new directory");
+    write(&h.p("d/f"), b"f");
+    h.settle();
+    // Renamed to an excluded name: gone from the replica; back: copied again.
+    fs::rename(h.p("kept"), h.p(".tmp-kept")).expect("rename away");
+    h.settle();
+    assert!(!h.replica.path().join("kept").exists());
+    fs::rename(h.p(".tmp-kept"), h.p("kept")).expect("rename back");
+    fs::remove_dir_all(h.p("cache")).expect("rm -r");
+    fs::remove_file(h.p(".kept.swp")).expect("rm");
+    h.settle();
+    assert!(h.replica.path().join("kept").exists());
+    assert_eq!(h.rescans, 0);
+}
+
+/// A manifest scan skipping excluded names (the resync's) neither reads nor lists them, nor
+/// anything beneath an excluded directory.
+#[test]
+fn copy_resync_scan_skips_excluded_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ex = Exclude::new([".tmp-*", "cache"]).expect("valid");
+    write(&dir.path().join(".tmp-1-2"), b"t");
+    write(&dir.path().join("00000000000000000001.ckpt"), b"i");
+    fs::create_dir_all(dir.path().join("cache/deep")).expect("mkdir");
+    write(&dir.path().join("cache/deep/f"), b"c");
+    fs::create_dir(dir.path().join("d")).expect("mkdir");
+    write(&dir.path().join("d/.tmp-3-4"), b"t");
+    let m = crate::manifest::scan_skipping(dir.path(), |n| ex.excludes_name(n)).expect("scan");
+    let paths: Vec<String> = m.entries.keys().map(ToString::to_string).collect();
+    assert_eq!(paths, ["00000000000000000001.ckpt", "d"], "{paths:?}");
+    assert!(m.problems.is_empty());
+}
+
+/// The pump in copy mode with an exclude list, over loopback to a bcplog: the first resync
+/// neither sends the primary's excluded names nor removes the replica's own, and the stream
+/// never names them (a committed temp file arrives as its final name).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_pump_resync_and_stream_leave_excluded_names_out() {
+    use cluster::net::{Listener, NetConfig, Secret};
+    use ractor::Actor;
+
+    use crate::backup::BackupSpec;
+    use crate::bcplog::{BcplogActor, BcplogArgs};
+    use crate::primary::{Peer, PrimarySpec, PumpActor, SourceSpec};
+    use crate::pump::PumpConfig;
+    use crate::segment::SegmentOptions;
+
+    let net = |node: &str| {
+        NetConfig::new(
+            "test",
+            node,
+            Secret::new(b"0123456789abcdef0123".to_vec()).expect("secret"),
+        )
+        .expect("config")
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (primary, replica) = (tmp.path().join("primary"), tmp.path().join("replica"));
+    fs::create_dir_all(primary.join("cache")).expect("mkdir");
+    fs::create_dir_all(&replica).expect("mkdir");
+    write(&primary.join("kept"), b"kept");
+    write(&primary.join(".tmp-1-1"), &vec![1u8; 1 << 20]);
+    write(&primary.join("cache/x"), b"cached");
+    write(&replica.join(".tmp-9-9"), b"the replica's own temp file");
+    write(&replica.join("stale"), b"not on the primary");
+    let exclude = Exclude::new([".tmp-*", "cache"]).expect("valid");
+
+    let listener = Listener::bind(&net("b"), "127.0.0.1:0".parse().expect("addr"))
+        .await
+        .expect("bind");
+    let (bcplog, _) = Actor::spawn(
+        None,
+        BcplogActor,
+        BcplogArgs {
+            spec: BackupSpec {
+                fileset: "data".into(),
+                root: replica.clone(),
+                state_dir: tmp.path().join("state"),
+                segment: SegmentOptions::default(),
+            },
+            primaries: vec!["a".into()],
+            conns: vec![listener.channel("repl/data").expect("channel")],
+        },
+    )
+    .await
+    .expect("bcplog starts");
+    let (pump, _) = Actor::spawn(
+        None,
+        PumpActor,
+        PrimarySpec {
+            fileset: "data".into(),
+            root: primary.clone(),
+            source: SourceSpec::Copy {
+                quiet: CKPT_QUIET,
+                exclude: exclude.clone(),
+            },
+            backups: vec![Peer {
+                name: "b".into(),
+                addrs: vec![listener.local_addr()],
+            }],
+            epoch: 1,
+            pump: PumpConfig::default(),
+            net: net("a"),
+        },
+    )
+    .await
+    .expect("pump starts");
+
+    let wait_same = |what: &'static str| {
+        let (p, r, ex) = (primary.clone(), replica.clone(), exclude.clone());
+        async move {
+            let deadline = Instant::now() + SETTLE;
+            loop {
+                let (p2, r2, ex2) = (p.clone(), r.clone(), ex.clone());
+                let same = tokio::task::spawn_blocking(move || {
+                    snapshot_without(&p2, &ex2) == snapshot_without(&r2, &ex2)
+                })
+                .await
+                .expect("join");
+                if same {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{what}: the replica did not catch up; {}",
+                    report(&snapshot(&p), &snapshot(&r))
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_same("the first resync").await;
+    assert!(!replica.join("stale").exists(), "the resync ran");
+    assert!(!replica.join(".tmp-1-1").exists());
+    assert!(!replica.join("cache").exists());
+    assert_eq!(
+        fs::read(replica.join(".tmp-9-9")).expect("the replica's own temp file is left alone"),
+        b"the replica's own temp file"
+    );
+
+    write(&primary.join(".tmp-2-2"), &vec![2u8; 1 << 20]);
+    tokio::time::sleep(CKPT_QUIET * 5).await;
+    fs::rename(
+        primary.join(".tmp-2-2"),
+        primary.join("00000000000000000002.ckpt"),
+    )
+    .expect("commit");
+    write(&primary.join("cache/y"), b"more cache");
+    wait_same("the stream").await;
+    assert!(!replica.join(".tmp-2-2").exists());
+    assert!(replica.join("00000000000000000002.ckpt").exists());
+    let status = ractor::call!(pump, crate::primary::PumpMsg::Status).expect("status");
+    assert_eq!(status.backups[0].state, "streaming", "{status:?}");
+    assert_eq!(status.backups[0].resyncs, 1, "only the first: {status:?}");
+    pump.stop(None);
+    bcplog.stop(None);
 }

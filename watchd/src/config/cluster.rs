@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use cluster::membership::{self, MembershipConfig, MembershipError};
 use cluster::quorum::{self, DiskConfig, QuorumError};
+use repl::copy::{Exclude, ExcludeError, NamePattern};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -288,6 +289,11 @@ pub struct FilesetConfig {
     /// images are complete when renamed into place, does well with `20ms`).
     #[serde(default = "default_quiet", with = "humantime_serde")]
     pub quiet: Duration,
+    /// Copy mode: names that are no part of the fileset (`*` and `?` wildcards, matched against
+    /// each component of a path; see `repl::copy::Exclude`), e.g. `[".tmp-*", "*.swp"]`.
+    /// Refused in replay mode, whose producers (libft, the shim) log every name.
+    #[serde(default)]
+    pub exclude: Vec<Spanned<String>>,
     /// Size of the operation ring (a power of two).
     #[serde(default = "default_ring_size")]
     pub ring_size: ByteSize,
@@ -321,6 +327,12 @@ impl FilesetConfig {
     /// Whether its primary is chosen by a resource group at run time (`primary = "group"`).
     pub fn group_managed(&self) -> bool {
         self.primary == GROUP_MANAGED_PRIMARY
+    }
+
+    /// The configured exclude list (validated at load, so an error here means the
+    /// configuration was not loaded through [`validate`]).
+    pub fn exclude(&self) -> Result<Exclude, ExcludeError> {
+        Exclude::new(self.exclude.iter().map(|p| p.get_ref()))
     }
 }
 
@@ -425,6 +437,32 @@ fn validate_quorum(
         return Err((line_of(&name), name, why));
     }
     Ok(())
+}
+
+/// Checks a fileset's `exclude` list: every pattern (reported at its own line), their number,
+/// and copy mode.
+fn validate_exclude(f: &FilesetConfig, i: usize) -> Result<(), Problem> {
+    let field = format!("fileset[{i}].exclude");
+    let Some(first) = f.exclude.first() else {
+        return Ok(());
+    };
+    if f.mode != FilesetMode::Copy {
+        return Err((
+            Some(first.span().start),
+            field,
+            "is only honoured in copy mode (mode = \"copy\"): in replay mode libft and the shim \
+             log every name they write"
+                .into(),
+        ));
+    }
+    for p in &f.exclude {
+        if let Err(e) = NamePattern::new(p.get_ref()) {
+            return Err((Some(p.span().start), field, e.to_string()));
+        }
+    }
+    f.exclude()
+        .map(|_| ())
+        .map_err(|e| (Some(first.span().start), field, e.to_string()))
 }
 
 /// Checks the multi-host tables against each other and against this node's name.
@@ -597,6 +635,7 @@ pub fn validate(
         if f.quiet > Duration::from_secs(3600) {
             return Err((at, field("quiet"), "must be at most 1h".into()));
         }
+        validate_exclude(f, i)?;
     }
     Ok(())
 }
@@ -723,6 +762,58 @@ addresses = ["10.0.0.2:7400", "10.1.0.2:7400"]
         )
         .expect_err("no node name");
         assert!(err.to_string().contains("watchd.node"), "{err}");
+    }
+
+    #[test]
+    fn a_copy_fileset_exclude_list_is_validated_at_load_with_its_line() {
+        let fs = |body: &str| {
+            format!(
+                "[[fileset]]\nname = \"ckpt\"\npath = \"/srv/ckpt\"\nprimary = \"a\"\nbackups = [\"b\"]\n{body}\n"
+            )
+        };
+        let c = parse(&fs("mode = \"copy\"\nexclude = [\".tmp-*\", \"*.swp\"]")).expect("valid");
+        let ex = c.filesets[0].exclude().expect("valid list");
+        let patterns: Vec<&str> = ex.patterns().iter().map(|p| p.as_str()).collect();
+        assert_eq!(patterns, [".tmp-*", "*.swp"]);
+        assert!(ex.excludes(b"sub/.tmp-4-99"));
+        assert!(
+            parse(&fs("mode = \"copy\"")).expect("valid").filesets[0]
+                .exclude()
+                .expect("empty")
+                .is_empty()
+        );
+
+        // The line of the bad pattern itself: the 9th of the fileset's text.
+        let cluster_lines = CLUSTER.lines().count();
+        let err = parse(&fs(
+            "mode = \"copy\"\nexclude = [\n  \"ok-*\",\n  \"sub/*.tmp\",\n]",
+        ))
+        .expect_err("a path, not a name");
+        let line = cluster_lines + 9;
+        assert!(
+            err.starts_with(&format!("t.toml:{line}: field `fileset[0].exclude`"))
+                && err.contains("`sub/*.tmp`")
+                && err.contains("single name"),
+            "{err}"
+        );
+        for (bad, needle) in [
+            ("\"\"", "empty"),
+            ("\"*\"", "every name"),
+            ("\"..\"", "`..`"),
+        ] {
+            let err = parse(&fs(&format!("mode = \"copy\"\nexclude = [{bad}]"))).expect_err(bad);
+            assert!(
+                err.contains("fileset[0].exclude") && err.contains(needle),
+                "{bad}: {err}"
+            );
+        }
+        let err = parse(&fs("exclude = [\".tmp-*\"]")).expect_err("replay mode");
+        assert!(
+            err.contains("fileset[0].exclude") && err.contains("only honoured in copy mode"),
+            "{err}"
+        );
+        let err = parse(&fs("mode = \"copy\"\nexclude = \".tmp-*\"")).expect_err("not a list");
+        assert!(err.contains("exclude"), "{err}");
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! drained first), offline makes it a backup again; the checks read the pump's state. A
 //! `checkpoint` resource is the same over a service's checkpoint directory in copy mode, so
 //! each image the owner commits reaches the other owners and a standby recovers from the newest.
+//! Its in-flight images (`.tmp-*`) are excluded by default ([`copy_exclude`]), so each image
+//! travels once, after it was committed.
 //!
 //! It only asks the replication supervisor ([`crate::repl::ReplMsg`]); it never touches the
 //! files, the ring or the stream itself.
@@ -13,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ractor::ActorRef;
+use repl::copy::{Exclude, ExcludeError, NamePattern};
 
 use super::resource::{Health, ResourceError};
 use crate::config::{FilesetConfig, FilesetMode};
@@ -37,6 +40,11 @@ pub const SUGGESTED_CHECKPOINT_QUIET: Duration = Duration::from_millis(20);
 /// A checkpoint fileset with a longer quiet interval than this is accepted with a warning:
 /// every image reaches the standby only that long after it was committed.
 pub const CHECKPOINT_QUIET_WARNING: Duration = Duration::from_millis(200);
+/// What a copy-mode fileset over a service's checkpoint directory excludes on top of its own
+/// `exclude` list: the checkpoint store's in-flight images (`ckpt::store` writes
+/// `.tmp-<seq>-<pid>` and renames it to `<seq>.ckpt` on commit). Copying them would ship
+/// every image again at each quiet gap while it is written, then once more when committed.
+pub const CHECKPOINT_TEMP_EXCLUDE: &str = ".tmp-*";
 /// How long one question to the replication supervisor may take, apart from role changes
 /// (those are bounded by the resource's online and offline timeouts).
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -278,6 +286,31 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// The exclude list copy mode uses for the fileset `config`, whose directory on this node is
+/// `root` (canonical): its own `exclude` list, plus [`CHECKPOINT_TEMP_EXCLUDE`] when `root` is a
+/// service's checkpoint directory (`<data_dir>/ckpt/<service>`, the directory a `checkpoint`
+/// resource requires, see [`check_fileset`]). Known before any resource goes online, since the
+/// pump may start as soon as the fileset's role is set.
+pub fn copy_exclude(
+    config: &FilesetConfig,
+    root: &Path,
+    data_dir: &Path,
+) -> Result<Exclude, ExcludeError> {
+    let own = config.exclude()?;
+    if config.mode != FilesetMode::Copy || !is_checkpoint_dir(root, data_dir) {
+        return Ok(own);
+    }
+    own.with(NamePattern::new(CHECKPOINT_TEMP_EXCLUDE)?)
+}
+
+/// Whether `root` is a directory of watchd's checkpoint directories (`<data_dir>/ckpt/*`).
+fn is_checkpoint_dir(root: &Path, data_dir: &Path) -> bool {
+    let ckpt = data_dir.join("ckpt");
+    let ckpt = std::fs::canonicalize(&ckpt).unwrap_or(ckpt);
+    let root = std::fs::canonicalize(root).unwrap_or_else(|_| root.to_owned());
+    root.parent() == Some(ckpt.as_path())
+}
+
 /// Why the fileset `config` cannot back a resource of kind `what` on `node`, if it cannot.
 pub fn check_fileset(
     config: &FilesetConfig,
@@ -427,6 +460,49 @@ mod tests {
         assert!(check_fileset(&copy, true, &ckpt(Some("kv")), dir, "a").is_ok());
         let err = check_fileset(&copy, true, &ckpt(Some("other")), dir, "a").expect_err("other");
         assert!(err.contains("/var/lib/ftkit/ckpt/other"), "{err}");
+    }
+
+    #[test]
+    fn a_checkpoint_directory_excludes_in_flight_images_on_top_of_its_own_list() {
+        let data = tempfile::tempdir().expect("tempdir");
+        let ckpt = data.path().join("ckpt/kv");
+        let other = data.path().join("files");
+        std::fs::create_dir_all(&ckpt).expect("mkdir");
+        std::fs::create_dir_all(&other).expect("mkdir");
+        let patterns = |ex: Exclude| -> Vec<String> {
+            ex.patterns().iter().map(ToString::to_string).collect()
+        };
+        let config = |path: &Path, extra: &str| {
+            fileset(&format!(
+                "path = \"{}\"\nprimary = \"group\"\nbackups = [\"a\", \"b\"]\n{extra}",
+                path.display()
+            ))
+        };
+        let copy = "mode = \"copy\"\nquiet = \"20ms\"";
+        let exclude = |path: &Path, extra: &str| {
+            copy_exclude(&config(path, extra), path, data.path()).expect("valid")
+        };
+        assert_eq!(patterns(exclude(&ckpt, copy)), [CHECKPOINT_TEMP_EXCLUDE]);
+        assert_eq!(
+            patterns(exclude(
+                &ckpt,
+                &format!("{copy}\nexclude = [\"*.swp\", \".tmp-*\"]")
+            )),
+            ["*.swp", CHECKPOINT_TEMP_EXCLUDE],
+            "its own list, plus the temp files once"
+        );
+        assert!(exclude(&other, copy).is_empty(), "any other directory");
+        assert_eq!(
+            patterns(exclude(&other, &format!("{copy}\nexclude = [\"*.swp\"]"))),
+            ["*.swp"]
+        );
+        // A replay fileset over the directory (refused by the checkpoint resource) gets none.
+        assert!(exclude(&ckpt, "").is_empty());
+        // Names as the checkpoint store makes them: `.tmp-<seq>-<pid>` in flight, then
+        // `<seq:020>.ckpt`.
+        let ex = exclude(&ckpt, copy);
+        assert!(ex.excludes(format!(".tmp-7-{}", std::process::id()).as_bytes()));
+        assert!(!ex.excludes(format!("{:020}.ckpt", 7).as_bytes()));
     }
 
     fn report(backups: Vec<BackupLinkStatus>) -> FilesetReport {

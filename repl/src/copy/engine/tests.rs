@@ -330,6 +330,9 @@ struct World {
     expected_seq: u64,
     cookie: usize,
     rescans: usize,
+    /// The engine's exclude list: no op may name such a path, and the replica is compared
+    /// with the tree without them.
+    exclude: Exclude,
 }
 
 impl World {
@@ -345,7 +348,26 @@ impl World {
             expected_seq: 1,
             cookie: 0,
             rescans: 0,
+            exclude: Exclude::default(),
         }
+    }
+
+    /// A world whose engine excludes `patterns`.
+    fn excluding(quiet: Duration, max_delay: Option<Duration>, patterns: &[&str]) -> Self {
+        let exclude = Exclude::new(patterns).expect("valid patterns");
+        let mut w = Self::new(quiet, max_delay);
+        w.engine = CopyEngine::new(quiet, max_delay, 1).with_exclude(exclude.clone());
+        w.exclude = exclude;
+        w
+    }
+
+    /// What the replica must hold: the replicable tree without excluded paths.
+    fn expected(&self) -> Map {
+        self.tree
+            .replicable()
+            .into_iter()
+            .filter(|(k, _)| !self.exclude.excludes(k))
+            .collect()
     }
 
     /// Starts from a tree that the replica already has (as after the initial resync).
@@ -353,7 +375,7 @@ impl World {
         for (p, n) in entries {
             self.tree.map.insert(p.to_vec(), n.clone());
         }
-        self.model.map = self.tree.replicable();
+        self.model.map = self.expected();
     }
 
     fn absorb(&mut self, out: Out) {
@@ -363,6 +385,19 @@ impl World {
                 Item::Rec(rec) => {
                     assert_eq!(rec.seq, self.expected_seq, "seqs are dense");
                     self.expected_seq += 1;
+                    let from = match &rec.op {
+                        Op::Rename { from, .. } => Some(from.as_bytes()),
+                        _ => None,
+                    };
+                    assert!(
+                        !from
+                            .into_iter()
+                            .chain([rec.op.path().as_bytes()])
+                            .any(|p| self.exclude.excludes(p)),
+                        "an op names an excluded path: {:?}; log: {:#?}",
+                        rec.op,
+                        self.log
+                    );
                     if let Err(e) = self.model.apply(&rec.op) {
                         let trace: Vec<String> = self
                             .log
@@ -376,8 +411,9 @@ impl World {
                 Item::Rescan(next) => {
                     assert_eq!(*next, self.expected_seq, "a rescan names the next seq");
                     self.rescans += 1;
-                    // What the manifest resync does: the replica becomes the primary's tree.
-                    self.model.map = self.tree.replicable();
+                    // What the manifest resync does: the replica becomes the primary's tree
+                    // (without excluded paths, which the replica never gets in this model).
+                    self.model.map = self.expected();
                 }
             }
             self.log.push((at, item));
@@ -423,7 +459,7 @@ impl World {
     fn assert_replica_matches(&self) {
         assert_eq!(
             self.model.map,
-            self.tree.replicable(),
+            self.expected(),
             "replica differs from the tree; log: {:#?}",
             self.log
         );
@@ -1063,6 +1099,11 @@ const NAMES: [&[u8]; 5] = [b"a", b"b", b"new\nline", b"\xff\xfe", b"c d"];
 
 /// One random change of the tree (renames out of the tree only if `move_out`).
 fn random_step(w: &mut World, rng: &mut Rng, move_out: bool) {
+    random_step_with(w, rng, move_out, &NAMES);
+}
+
+/// [`random_step`] with new entries named from `names`.
+fn random_step_with(w: &mut World, rng: &mut Rng, move_out: bool, names: &[&[u8]]) {
     let dirs: Vec<Vec<u8>> = w
         .tree
         .map
@@ -1074,7 +1115,7 @@ fn random_step(w: &mut World, rng: &mut Rng, move_out: bool) {
         .collect();
     let entries: Vec<Vec<u8>> = w.tree.map.keys().cloned().collect();
     let child = |rng: &mut Rng, dirs: &[Vec<u8>]| -> Vec<u8> {
-        let name = NAMES[rng.below(NAMES.len())];
+        let name = names[rng.below(names.len())];
         match rng.below(dirs.len() + 1) {
             0 => name.to_vec(),
             i => [&dirs[i - 1][..], b"/", name].concat(),
@@ -1094,7 +1135,7 @@ fn random_step(w: &mut World, rng: &mut Rng, move_out: bool) {
             if !w.tree.map.contains_key(&p) {
                 w.mkdir(&p);
                 // Entries made before notify watches the new directory: no events.
-                for name in NAMES.iter().take(rng.below(3)) {
+                for name in names.iter().take(rng.below(3)) {
                     w.tree
                         .map
                         .insert([&p[..], b"/", name].concat(), file(b"unseen"));
@@ -1199,4 +1240,223 @@ fn copy_engine_new_directory_is_listed_only_once_notify_watches_it() {
     assert!(matches!(&w.ops()[0], Op::Mkdir { path, .. } if *path == rel(b"n")));
     w.settle();
     w.assert_replica_matches();
+}
+
+// ----- exclude lists -----
+
+/// A checkpoint image's name, as the checkpoint store commits it.
+fn image(seq: u64) -> Vec<u8> {
+    format!("{seq:020}.ckpt").into_bytes()
+}
+
+/// Writes `chunks` chunks of `chunk` bytes to `p`, each followed by a gap longer than the quiet
+/// interval (a checkpoint image written piecewise); the file grows with each chunk.
+fn write_in_chunks(w: &mut World, p: &[u8], chunks: usize, chunk: usize) {
+    let mut data = Vec::new();
+    for i in 0..chunks {
+        data.extend(std::iter::repeat_n(
+            u8::try_from(i % 251).expect("< 251"),
+            chunk,
+        ));
+        w.write(p, &data);
+        w.advance(QUIET * 2);
+    }
+}
+
+fn bytes_written(ops: &[Op]) -> usize {
+    ops.iter()
+        .map(|op| match op {
+            Op::Write { data, .. } => data.len(),
+            _ => 0,
+        })
+        .sum()
+}
+
+#[test]
+fn copy_engine_excluded_names_are_never_copied_nor_named() {
+    let mut w = World::excluding(QUIET, None, &[".tmp-*", "cache", "*.swp"]);
+    w.preexisting(&[(b"d", dir())]);
+    write_in_chunks(&mut w, b".tmp-1-77", 4, 1000);
+    w.write(b"d/.notes.swp", b"swap");
+    w.mkdir(b"cache");
+    w.write(b"cache/blob", b"cached");
+    w.mkdir(b"cache/sub");
+    w.chmod(b"cache", 0o700);
+    w.write(b"kept", b"replicated");
+    w.settle();
+    w.remove(b".tmp-1-77");
+    w.remove(b"cache");
+    w.remove(b"d/.notes.swp");
+    w.settle();
+    let ops = w.ops();
+    assert!(
+        ops.iter().all(|op| *op.path() == rel(b"kept")),
+        "only the kept file is named: {ops:?}"
+    );
+    assert_eq!(bytes_written(&ops), b"replicated".len());
+    assert_eq!(w.rescans, 0);
+    w.assert_replica_matches();
+}
+
+#[test]
+fn copy_engine_temp_file_renamed_into_place_is_copied_once_at_its_final_name() {
+    // Without an exclude list, the temp file is copied at every quiet gap; with one, nothing
+    // moves until the commit, and then the image once.
+    let chunks = 5;
+    let chunk = COPY_CHUNK_BYTES / 4;
+    let mut shipped = Vec::new();
+    for patterns in [&[][..], &[".tmp-*"][..]] {
+        let mut w = World::excluding(QUIET, None, patterns);
+        w.preexisting(&[(&image(1), file(b"image one"))]);
+        write_in_chunks(&mut w, b".tmp-2-4242", chunks, chunk);
+        if !patterns.is_empty() {
+            assert!(w.ops().is_empty(), "the temp file moved: {:?}", w.ops());
+        }
+        w.rename(b".tmp-2-4242", &image(2));
+        w.settle();
+        let ops = w.ops();
+        assert!(
+            !ops.iter().any(|op| matches!(op, Op::Rename { from, .. }
+                if w.exclude.excludes(from.as_bytes()))),
+            "renamed from a name the replica does not have: {ops:?}"
+        );
+        let creates = ops
+            .iter()
+            .filter(|op| matches!(op, Op::Create { path, .. } if *path == rel(&image(2))))
+            .count();
+        if !patterns.is_empty() {
+            assert_eq!(creates, 1, "the image is copied once: {ops:?}");
+        }
+        assert_eq!(w.rescans, 0);
+        w.assert_replica_matches();
+        shipped.push(bytes_written(&ops));
+    }
+    let image_bytes = chunks * chunk;
+    assert_eq!(shipped[1], image_bytes, "exactly the image, once");
+    // Every growing prefix was copied before the rename was shipped.
+    assert_eq!(
+        shipped[0],
+        (1..=chunks).map(|i| i * chunk).sum::<usize>(),
+        "without the exclude list"
+    );
+}
+
+#[test]
+fn copy_engine_compaction_rename_over_an_existing_image_replaces_it() {
+    let mut w = World::excluding(QUIET, None, &[".tmp-*"]);
+    w.preexisting(&[(&image(3), file(b"increment"))]);
+    w.write(b".tmp-3-9", b"compacted full image");
+    w.rename(b".tmp-3-9", &image(3));
+    w.settle();
+    assert_eq!(
+        w.ops()[0],
+        Op::Unlink {
+            path: rel(&image(3))
+        }
+    );
+    assert_eq!(w.rescans, 0);
+    w.assert_replica_matches();
+}
+
+#[test]
+fn copy_engine_rename_to_an_excluded_name_is_a_removal() {
+    let mut w = World::excluding(QUIET, None, &[".tmp-*"]);
+    w.preexisting(&[(b"f", file(b"f")), (b"d", dir()), (b"d/inner", file(b"i"))]);
+    // A file: unlinked on the replica at once, and not copied at its new name.
+    w.write(b"f", b"pending change");
+    w.rename(b"f", b".tmp-f");
+    assert_eq!(w.ops(), vec![Op::Unlink { path: rel(b"f") }]);
+    // A file that never reached the replica: nothing at all.
+    w.write(b"new", b"n");
+    w.rename(b"new", b".tmp-new");
+    // Excluded to excluded: nothing.
+    w.rename(b".tmp-new", b".tmp-other");
+    w.settle();
+    assert_eq!(w.ops().len(), 1, "{:?}", w.ops());
+    assert_eq!(w.rescans, 0);
+    w.assert_replica_matches();
+    // A directory: its replica copy has entries the engine cannot name, so a rescan.
+    w.rename(b"d", b".tmp-d");
+    assert_eq!(w.rescans, 1);
+    w.settle();
+    w.assert_replica_matches();
+    // And back again: it is copied whole, without its excluded entries.
+    w.write(b".tmp-d/.tmp-x", b"temp inside");
+    w.rename(b".tmp-d", b"d");
+    w.settle();
+    assert!(
+        w.ops().iter().any(|op| *op
+            == Op::Mkdir {
+                path: rel(b"d"),
+                mode: 0o755
+            }),
+        "{:?}",
+        w.ops()
+    );
+    assert_eq!(w.rescans, 1);
+    w.assert_replica_matches();
+}
+
+#[test]
+fn copy_engine_listing_a_directory_skips_excluded_names() {
+    let mut w = World::excluding(QUIET, None, &[".tmp-*", "cache"]);
+    w.move_in(
+        b"in",
+        &[
+            (b"", dir()),
+            (b"a", file(b"a")),
+            (b".tmp-5-1", file(b"half an image")),
+            (b"cache", dir()),
+            (b"cache/x", file(b"x")),
+        ],
+    );
+    w.mkdir(b"n");
+    // Made before the watch on n existed: found by listing it.
+    w.tree.map.insert(b"n/.tmp-6-1".to_vec(), file(b"t"));
+    w.tree.map.insert(b"n/b".to_vec(), file(b"b"));
+    w.settle();
+    let named: Vec<RelPath> = w.ops().iter().map(|op| op.path().clone()).collect();
+    assert!(
+        named
+            .iter()
+            .all(|p| [rel(b"in"), rel(b"in/a"), rel(b"n"), rel(b"n/b")].contains(p)),
+        "{named:?}"
+    );
+    w.assert_replica_matches();
+}
+
+const NAMES_EXCLUDING: [&[u8]; 5] = [b"a", b".tmp-1", b"b", b".tmp-2", b"c d"];
+
+#[test]
+fn copy_engine_random_changes_with_excluded_names_over_many_seeds() {
+    let seeds: u64 = std::env::var("COPY_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let mut excluded_renames = 0;
+    for seed in 1..=seeds {
+        let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d) | 1);
+        let mut w = World::excluding(QUIET, None, &[".tmp-*"]);
+        for _ in 0..80 {
+            random_step_with(&mut w, &mut rng, false, &NAMES_EXCLUDING);
+            let pause = u32::try_from(rng.below(150)).expect("small");
+            w.advance(MS * pause);
+        }
+        w.settle();
+        excluded_renames += w
+            .log
+            .iter()
+            .filter(|(_, i)| matches!(i, Item::Event(e) if e.contains("RenameTo") && e.contains(".tmp-")))
+            .count();
+        assert_eq!(
+            w.model.map,
+            w.expected(),
+            "seed {seed}: replica differs; log: {:#?}",
+            w.log
+        );
+    }
+    assert!(
+        excluded_renames > 0,
+        "the seeds rename to and from excluded names"
+    );
 }
