@@ -105,6 +105,8 @@ const BACKLOG_WRITING: Duration = Duration::from_secs(3);
 const BACKLOG_VALUE_BYTES: usize = 4000;
 /// Backlog rows: how long the marker is given to reach the backups before the writer starts.
 const MARKER_SETTLE: Duration = Duration::from_millis(500);
+/// Longest wait for a preloaded state's checkpoint to reach b before a fault.
+const SHIP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Resource timeouts of the benchmark's groups (the offline ones bound how long an old owner
 /// may take to stop, which a new owner may have to wait out).
@@ -729,6 +731,9 @@ impl Lab {
         } else {
             None
         };
+        if self.s.preload > 0 {
+            self.wait_checkpoints_shipped()?;
+        }
         let standby_pids = if self.s.mode == Mode::Warm {
             self.kv_pids(1)
         } else {
@@ -861,6 +866,30 @@ impl Lab {
     /// The data fileset of group 0: operations (and bytes) a's pump has not had acknowledged
     /// by b.
     fn backlog_to_b(&self) -> Result<(u64, u64)> {
+        self.lag_to_b(&data_fileset(0))
+    }
+
+    /// Waits until b has acknowledged every checkpoint image of group 0 that a shipped (a
+    /// preloaded state is checkpointed once, after the promotion that makes a the owner, and
+    /// this row measures recovery from it, not a race with its shipping).
+    fn wait_checkpoints_shipped(&self) -> Result<()> {
+        let deadline = Instant::now() + SHIP_TIMEOUT;
+        loop {
+            let (ops, bytes) = self.lag_to_b(&ckpt_fileset(0))?;
+            if ops == 0 && bytes == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "a's checkpoints did not reach b within {SHIP_TIMEOUT:?}: {ops} ops, {bytes} bytes behind"
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Operations (and bytes) of `fileset` that a's pump has not had acknowledged by b.
+    fn lag_to_b(&self, data: &str) -> Result<(u64, u64)> {
         let out = self.c.node(0).ftctl(&["repl", "status", "--json"]);
         if !out.status.success() {
             bail!(
@@ -868,9 +897,8 @@ impl Lab {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        let data = data_fileset(0);
         for f in json_lines(&String::from_utf8_lossy(&out.stdout)) {
-            if f["name"] != data.as_str() {
+            if f["name"] != data {
                 continue;
             }
             for b in f["pump"]["backups"].as_array().into_iter().flatten() {
