@@ -222,6 +222,12 @@ impl Actor for BcplogActor {
                 let peer = conn.peer_node().to_owned();
                 let (mut sender, mut receiver) = conn.into_split();
                 let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ToPrimary>();
+                // The worker learns of the link before the reader can hand it the link's first
+                // message (the pump's hello): a hello that came first was dropped, and the pump
+                // waited for a greeting forever.
+                if st.jobs.send(Job::Connected { link, out: out_tx }).is_err() {
+                    return Err("the bcplog worker is gone".into());
+                }
                 let jobs = st.jobs.clone();
                 let fileset = st.fileset.clone();
                 let reader = tokio::spawn(async move {
@@ -257,9 +263,6 @@ impl Actor for BcplogActor {
                 });
                 st.link_tasks.push(reader);
                 st.link_tasks.push(writer);
-                if st.jobs.send(Job::Connected { link, out: out_tx }).is_err() {
-                    return Err("the bcplog worker is gone".into());
-                }
             }
             BcplogMsg::WorkerDied(why) => return Err(why.into()),
             BcplogMsg::Promote(reply) => {

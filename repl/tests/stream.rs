@@ -295,6 +295,10 @@ async fn same_trees(a: &Path, b: &Path, what: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_newer_epoch_takes_over_and_the_divergent_old_primary_converges_on_it() {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter("info")
+        .try_init();
     let tmp = tempfile::tempdir().expect("tempdir");
     let (a, b) = (Side::new(tmp.path(), "a"), Side::new(tmp.path(), "b"));
     let any = "127.0.0.1:0".parse().expect("addr");
