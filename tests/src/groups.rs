@@ -16,8 +16,9 @@ pub const JOURNAL_FILE: &str = "groups.jsonl";
 /// Where watchd moves the journal aside when it grows too big (its older records).
 pub const JOURNAL_ROTATED: &str = "groups.jsonl.1";
 
-/// One node's run of a group: from its `onlining` record to its `offline` record, or to the
-/// node's death when that came first (a dead host runs nothing).
+/// One node's run of a group: from its `onlining` record to its `offline` record (`fenced`, in a
+/// forced stop: only resources fenced by epoch were left), or to the node's death when that
+/// came first (a dead host runs nothing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
     /// The node's index (into [`NAMES`]).
@@ -89,9 +90,11 @@ pub fn check_invariants(journals: &[Vec<Value>], deaths: &[(usize, u64)], group:
                             }
                             open = Some((epoch, t));
                         }
-                        Some("offline") => {
+                        Some("offline" | "fenced") => {
                             // A run ends at its offline, or earlier at the node's death (a
-                            // restarted watchd cleans up what the dead one left).
+                            // restarted watchd cleans up what the dead one left). A forced stop
+                            // ends it at "fenced": only filesets and checkpoints, which their
+                            // epoch fences, are left to stop, and a new owner may start.
                             if let Some((e, s)) = open.take() {
                                 runs.push(run(i, e, s, t.min(death_after(deaths, i, s))));
                             }
@@ -167,6 +170,26 @@ mod tests {
         ];
         let runs = check_invariants(&[a, b], &[], "g");
         assert_eq!(runs.len(), 2);
+    }
+
+    #[test]
+    fn a_forced_stop_ends_the_run_when_only_fenced_resources_are_left() {
+        let a = vec![
+            rec("group", "onlining", 1, 10),
+            rec("group", "fenced", 1, 20),
+            rec("group", "offline", 1, 25),
+        ];
+        let b = vec![
+            rec("group", "waiting", 2, 12),
+            rec("group", "onlining", 2, 21),
+            rec("group", "offline", 2, 30),
+        ];
+        let runs = check_invariants(&[a.clone(), b.clone()], &[], "g");
+        assert_eq!(runs[0].end_ms, 20);
+        // Without the fenced record the runs overlap.
+        let a: Vec<Value> = a.into_iter().filter(|r| r["state"] != "fenced").collect();
+        let overlap = std::panic::catch_unwind(|| check_invariants(&[a, b], &[], "g"));
+        assert!(overlap.is_err());
     }
 
     #[test]

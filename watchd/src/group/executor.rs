@@ -21,7 +21,8 @@
 //! offline timeouts, filesets and checkpoints back to backups ([`FORCED_STOP_FILESET`]). The
 //! lease lapses before any view without that node acts, so a new owner waits only that forced
 //! stop bound + [`STOP_MARGIN`], counted from when it first acted without the previous owner,
-//! and nothing when it knows the previous owner stopped ([`plan`]). With a quorum disk a node
+//! and nothing when it knows the previous owner stopped ([`plan`]). Filesets and checkpoints,
+//! fenced by epoch on every replica, come online during that wait; the rest after it. With a quorum disk a node
 //! keeps its groups through the whole acting grace (it may regain quorum by taking the disk
 //! over when its peer dies, which no lease promises), and the wait counts the grace too.
 
@@ -955,9 +956,9 @@ fn build(db: &DbContent, name: &str, context: &ResourceContext) -> Result<Built,
     })
 }
 
-/// Waits out the fence, then brings the resources online, each once its dependencies are
-/// (those of independent branches at once); stops at the first failure (the plan then takes
-/// them all offline).
+/// Brings the resources online, each once its dependencies are (those of independent branches
+/// at once), those that no epoch fences only once the fence wait has passed; stops at the
+/// first failure (the plan then takes them all offline).
 #[allow(clippy::too_many_arguments)]
 async fn online(
     actor: ActorRef<ExecMsg>,
@@ -970,23 +971,34 @@ async fn online(
     resources: Arc<BTreeMap<String, Arc<Built>>>,
     broken: Option<String>,
 ) {
-    if !wait.is_zero() {
+    let fence_end = tokio::time::Instant::now() + wait;
+    let mut fenced = !wait.is_zero();
+    if fenced {
         notes.group(
             &group,
             epoch,
             "waiting",
             &format!(
-                "{} for the previous owner to stop",
+                "{} for the previous owner to stop (filesets and checkpoints come online meanwhile)",
                 humantime::format_duration(wait)
             ),
         );
-        tokio::time::sleep(wait).await;
     }
     let result = async {
         if let Some(why) = broken {
             return Err(why);
         }
-        notes.group(&group, epoch, "onlining", "");
+        // The run begins (in the journal, which the invariant checkers read) when resources
+        // that no epoch fences may start: once the fence wait has passed.
+        let mut begun = false;
+        let begin = |begun: &mut bool| {
+            if !std::mem::replace(begun, true) {
+                notes.group(&group, epoch, "onlining", "");
+            }
+        };
+        if !fenced {
+            begin(&mut begun);
+        }
         // Every resource whose dependencies are online starts at once: independent branches
         // of the DAG (a fileset and a checkpoint) do not wait for each other. A failure drops
         // the others (an agent in flight is killed with its process group).
@@ -994,6 +1006,7 @@ async fn online(
         let mut started: BTreeSet<&str> = BTreeSet::new();
         let mut running = JoinSet::new();
         loop {
+            let mut held = false;
             for name in &order {
                 let ready = deps
                     .get(name)
@@ -1004,6 +1017,10 @@ async fn online(
                 let Some(r) = resources.get(name) else {
                     return Err(format!("resource {name}: not built"));
                 };
+                if fenced && !ForcedPhase::fenced_by_epoch(r.resource.kind().name()) {
+                    held = true;
+                    continue;
+                }
                 started.insert(name);
                 notes.resource(&group, epoch, name, "onlining", "");
                 let (r, name) = (r.clone(), name.clone());
@@ -1012,7 +1029,21 @@ async fn online(
                     (name, result)
                 });
             }
-            let Some(joined) = running.join_next().await else {
+            let joined = if fenced && held {
+                tokio::select! {
+                    j = running.join_next(), if !running.is_empty() => j,
+                    () = tokio::time::sleep_until(fence_end) => {
+                        fenced = false;
+                        begin(&mut begun);
+                        continue;
+                    }
+                }
+            } else {
+                running.join_next().await
+            };
+            let Some(joined) = joined else {
+                // Only fenced resources (or none) were left to start.
+                begin(&mut begun);
                 break;
             };
             let (name, result) = joined.map_err(|e| format!("an onlining task ended: {e}"))?;
@@ -1118,6 +1149,16 @@ async fn offline(
             }
         }
         for (phase, members) in phases {
+            if phase == ForcedPhase::Data {
+                // What clients could see has stopped; a new owner may start it now (it waited
+                // the stop bound of these phases). The invariant checkers end the run here.
+                notes.group(
+                    &group,
+                    epoch,
+                    "fenced",
+                    "services, addresses and agents stopped; filesets and checkpoints, fenced by epoch, follow",
+                );
+            }
             match phase {
                 ForcedPhase::Agents => {
                     for (name, r) in members {

@@ -10,8 +10,10 @@
 //! Warm standby (`standby = "warm"`): on the nodes that may own the group but do not run it,
 //! the executor runs the service with `FT_ROLE=standby` ([`ServiceResource::standby`]); online
 //! then promotes that instance in place (libft's `Promote` with the new epoch) when it runs,
-//! was started as a standby (its `/proc/PID/environ` says so) and survives the promotion for
-//! [`PROMOTE_SETTLE`]; otherwise it falls back to a cold start.
+//! was started as a standby (its `/proc/PID/environ` says so) and registered with libft;
+//! otherwise it falls back to a cold start. The promotion does not wait to see the instance
+//! survive it: one that fails to take over exits, and its supervisor restarts it as the primary
+//! (the environment already says so), as it would any primary that crashes.
 //!
 //! It only asks the service's supervisor actor; it never spawns a process itself, signals one
 //! only in a forced offline, and refuses a service that watchd would also start on its own
@@ -35,9 +37,6 @@ pub const ENV_GROUP: &str = "FT_GROUP";
 pub const ENV_ROLE: &str = ft::standby::ENV_ROLE;
 /// The property choosing cold (default) or warm standby.
 pub const STANDBY_PROPERTY: &str = super::executor::plan::STANDBY_PROPERTY;
-/// How long a promoted standby must keep running (same pid, state running) before the
-/// promotion counts: one that fails to take over exits at once.
-pub const PROMOTE_SETTLE: Duration = Duration::from_millis(100);
 /// How often the supervisor's state is read while waiting for a start or a stop.
 const POLL: Duration = Duration::from_millis(25);
 /// How long one state query of the supervisor actor may take.
@@ -182,16 +181,7 @@ impl ServiceResource {
                 "pid {told} registered with libft, but the service's process is pid {pid}"
             ));
         }
-        tokio::time::sleep(PROMOTE_SETTLE).await;
-        let after = self.view().await.map_err(|e| e.to_string())?;
-        if after.pid == Some(pid) && after.state == "running" {
-            Ok(pid)
-        } else {
-            Err(format!(
-                "pid {pid} did not survive its promotion (now {})",
-                after.state
-            ))
-        }
+        Ok(pid)
     }
 
     /// Runs the service as a warm standby for the group at `epoch` (`FT_ROLE=standby`): keeps

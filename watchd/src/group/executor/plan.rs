@@ -23,7 +23,9 @@
 //!   quorum still vouches for it: a view change that keeps it) and at most the acting grace;
 //!   then it stops everything *by force* (services killed, addresses deleted, filesets back to
 //!   backup; exec resources, whose effects cannot be forced, through their offline timeouts):
-//!   within [`Plan::stop_bound`] of the lease's end.
+//!   within [`Plan::stop_bound`] of the lease's end (filesets and checkpoints last: they
+//!   are fenced by epoch, every replica refuses an older owner's pump, so a new owner brings
+//!   them online at once and waits the bound only before the rest).
 //! - The lease lapses before any view without the node acts (membership's fence; the argument
 //!   is in `Membership::run_lease_until`: it needs only that clock *rates* differ by less than
 //!   acting_margin / suspect_after, never that clocks agree). So a new owner, which acts in such
@@ -113,6 +115,13 @@ impl ForcedPhase {
             _ => ForcedPhase::Agents,
         }
     }
+
+    /// Whether a resource of `kind` is fenced by its ownership epoch (a replica refuses the
+    /// pump of an older epoch), so a new owner may bring it online while the previous owner
+    /// may still be stopping: filesets and checkpoints.
+    pub fn fenced_by_epoch(kind: &str) -> bool {
+        ForcedPhase::of(kind) == ForcedPhase::Data
+    }
 }
 
 impl ForcedBounds {
@@ -130,8 +139,9 @@ impl ForcedBounds {
 /// What to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
-    /// Bring `group`'s resources online at `epoch` in `order`, after waiting `wait` (the fence
-    /// wait for a previous owner that may still be stopping). Nothing else runs for the group.
+    /// Bring `group`'s resources online at `epoch` in `order`; those not fenced by epoch
+    /// ([`ForcedPhase::fenced_by_epoch`]) not before `wait` has passed (the fence wait for a
+    /// previous owner that may still be stopping). Nothing else runs for the group.
     Online {
         /// The group.
         group: String,
@@ -358,20 +368,27 @@ impl Plan {
     }
 
     /// How long after its run lease lapsed a previous owner of `group` may still run one of its
-    /// resources: the forced stop's phases (the longest service or address bound, every exec
-    /// resource's offline timeout, the longest fileset bound) and the margin (and the acting
-    /// grace, with [`PlanConfig::grace_beyond_lease`]).
+    /// resources that no epoch fences: the forced stop's phases before the data (the longest
+    /// service or address bound, every exec resource's offline timeout) and the margin (and
+    /// the acting grace, with [`PlanConfig::grace_beyond_lease`]). Filesets and checkpoints
+    /// are left out: every replica refuses a pump of an older epoch, so a new owner brings them
+    /// online without waiting ([`ForcedPhase::fenced_by_epoch`]), and the previous owner stops
+    /// them last, after the services that write them are dead.
     pub fn stop_bound(&self, db: &DbContent, group: &str) -> Duration {
         let mut phases: BTreeMap<ForcedPhase, Duration> = BTreeMap::new();
         for r in db.resources.values().filter(|r| r.group == group) {
+            let phase = ForcedPhase::of(&r.kind);
+            if phase == ForcedPhase::Data {
+                continue;
+            }
             let bound = self
                 .cfg
                 .forced
                 .of(&r.kind, Duration::from_millis(r.offline_timeout_ms));
-            let phase = phases.entry(ForcedPhase::of(&r.kind)).or_default();
-            *phase = match ForcedPhase::of(&r.kind) {
-                ForcedPhase::Agents => phase.saturating_add(bound),
-                ForcedPhase::Cut | ForcedPhase::Data => (*phase).max(bound),
+            let sum = phases.entry(phase).or_default();
+            *sum = match phase {
+                ForcedPhase::Agents => sum.saturating_add(bound),
+                ForcedPhase::Cut | ForcedPhase::Data => (*sum).max(bound),
             };
         }
         let grace = if self.cfg.grace_beyond_lease {
@@ -1493,11 +1510,17 @@ mod tests {
     fn the_stop_bound_counts_forced_kinds_by_their_forced_bound_and_exec_by_its_timeout() {
         let db = kinds_db();
         // Services and addresses at once (300 ms), the two exec resources one after the other
-        // (5 s each: their effects cannot be forced), filesets and checkpoints at once (250 ms).
+        // (5 s each: their effects cannot be forced); filesets and checkpoints (250 ms) are
+        // fenced by epoch and do not count.
         assert_eq!(
             plan("b").stop_bound(&db, "k"),
-            Duration::from_millis(300 + 10_000 + 250) + MARGIN
+            Duration::from_millis(300 + 10_000) + MARGIN
         );
+        assert!(
+            ForcedPhase::fenced_by_epoch("fileset") && ForcedPhase::fenced_by_epoch("checkpoint")
+        );
+        assert!(!ForcedPhase::fenced_by_epoch("service") && !ForcedPhase::fenced_by_epoch("ip"));
+        assert!(!ForcedPhase::fenced_by_epoch("exec"));
         assert_eq!(ForcedPhase::of("service"), ForcedPhase::Cut);
         assert_eq!(ForcedPhase::of("ip"), ForcedPhase::Cut);
         assert_eq!(ForcedPhase::of("exec"), ForcedPhase::Agents);
@@ -1510,7 +1533,7 @@ mod tests {
         }
         assert_eq!(
             plan("b").stop_bound(&db, "k"),
-            Duration::from_millis(550) + MARGIN
+            Duration::from_millis(300) + MARGIN
         );
     }
 
