@@ -20,6 +20,7 @@ use serde_json::Value;
 
 pub mod cluster;
 pub mod groups;
+pub mod kv_cluster;
 pub mod netns;
 pub mod replica;
 

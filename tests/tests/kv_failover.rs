@@ -16,8 +16,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use ftkit_tests::cluster::{Cluster, NAMES, SETTLE};
+use ftkit_tests::kv_cluster::{self, readme_file};
 use ftkit_tests::netns::{Lab, enter_path};
-use ftkit_tests::{Watchd, binary, json_lines, pid_of, q, read_or_empty, repo_root, wait_until};
+use ftkit_tests::{binary, json_lines, pid_of, q, read_or_empty, repo_root, wait_until};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 
@@ -90,45 +91,6 @@ grace = "1s"
     )
 }
 
-/// The README's addresses and paths in `examples/kv-cluster/`, which a test replaces with the
-/// lab's and its scratch directories'.
-const README_VIP: &str = "10.0.0.100";
-const README_ADDRS: [&str; 2] = ["10.0.0.1", "10.0.0.2"];
-const README_OWNERS: &str = r#"preferred_owners = ["a", "b"]"#;
-const README_SECRET: &str = "/etc/ftkit/secret";
-const README_DISK: &str = "/dev/disk/by-id/kv-quorum";
-const README_KV: &str = "/usr/local/bin/kv";
-const README_DATA_DIR: &str = "/var/lib/ftkit";
-
-/// A file of `examples/kv-cluster/`.
-fn readme_file(name: &str) -> String {
-    let path = repo_root().join("examples/kv-cluster").join(name);
-    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-/// `text` with `from` replaced by `to`, which must occur in it (so an edit of the README's
-/// files cannot silently leave a host's path in a test).
-fn replaced(text: &str, from: &str, to: &str) -> String {
-    assert!(text.contains(from), "{from:?} is not in:\n{text}");
-    text.replace(from, to)
-}
-
-/// The README's group file (`examples/kv-cluster/kv-group.toml`) for the lab: its virtual
-/// address, and these preferred owners.
-fn kv_group(vip: &str, owners: &[&str]) -> String {
-    let owners = owners
-        .iter()
-        .map(|n| format!("\"{n}\""))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let text = replaced(
-        &readme_file("kv-group.toml"),
-        README_OWNERS,
-        &format!("preferred_owners = [{owners}]"),
-    );
-    replaced(&text, README_VIP, vip)
-}
-
 /// The order the group's resources come online in.
 const ONLINE_ORDER: [&str; 4] = ["kv-ip", "kv-data", "kv-ckpt", "kv"];
 
@@ -187,41 +149,7 @@ impl Kv {
     fn readme(label: &str) -> Kv {
         let mut c = Cluster::new(label, 2, 1, false);
         let vip = lab_addr(&c.lab, VIP_HOST);
-        let secret = c.shared.write("kv-secret", "kv readme secret 0123456789\n");
-        // As the README has it (watchd warns about a secret others can read).
-        std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .expect("chmod the secret");
-        let disk = c.shared.file("kv-quorum.disk");
-        let rings = c.shared.file("rings");
-        for (i, file) in ["a.toml", "b.toml"].into_iter().enumerate() {
-            // The harness makes the data directory (and the control socket's place in it);
-            // the README's file then runs as it is, on that data directory.
-            let mut w = Watchd::start_node(
-                Some(c.lab.netns(i)),
-                &format!("{label}-{}", NAMES[i]),
-                Some(NAMES[i]),
-                "",
-                "",
-            );
-            w.kill9();
-            // The address first: the README's first host address is a prefix of it.
-            let mut text = replaced(&readme_file(file), README_VIP, &vip);
-            for (k, addr) in README_ADDRS.iter().enumerate() {
-                text = replaced(&text, addr, &c.lab.addr(k).to_string());
-            }
-            text = replaced(&text, README_SECRET, &secret.display().to_string());
-            text = replaced(&text, README_DISK, &disk.display().to_string());
-            text = replaced(&text, README_KV, &binary("kv").display().to_string());
-            text = replaced(&text, README_DATA_DIR, &w.data_dir().display().to_string());
-            text = replaced(
-                &text,
-                "[watchd]\n",
-                &format!("[watchd]\nring_dir = {}\n", q(&rings)),
-            );
-            w.write_config_raw(&text);
-            w.restart();
-            c.nodes[i] = Some(w);
-        }
+        kv_cluster::start_nodes(&mut c, label, &vip, str::to_owned);
         Kv::running(c, vip)
     }
 
@@ -235,7 +163,7 @@ impl Kv {
         let acked = c.shared.file("acked");
         let group = c
             .shared
-            .write("kv-group.toml", &kv_group(&vip, &NAMES[..c.n()]));
+            .write("kv-group.toml", &kv_cluster::group(&vip, &NAMES[..c.n()]));
         let out = c
             .node(0)
             .ftctl_ok(&["group", "apply", group.to_str().expect("utf-8")]);

@@ -6,12 +6,16 @@
 //! owner preloads a state (`kv --preload`) that only its checkpoint carries (the preload
 //! bypasses the replicated log): each standby must have applied that checkpoint before the
 //! fault, and the preloaded keys must answer after every promotion. A `kvclient write --acked`
-//! runs throughout from a host on the network that is no node. The owner host dies: the next
-//! owner must bring the group online by promoting its standby in place (the kv pid there stays
-//! the standby's: no cold start), every acknowledged write must be there (`kvclient verify`),
-//! and the invariant checker ([`ftkit_tests::groups`]) must find no two nodes that ran the
-//! group at once. It prints the measured owner-death → answering time (the first `PONG
-//! primary` on the virtual address).
+//! runs throughout from a host on the network that is no node. Faults: kv crashes (restarted
+//! locally as the primary, the standbys untouched), kv crashes beyond its restart budget, the
+//! owner host dies, the owner is partitioned, and, in the README's two-node deployment with a
+//! quorum disk (`examples/kv-cluster/`, kv made warm), the quorum-disk owner's host dies. After
+//! each move the next owner must bring the group online by promoting its standby in place (the
+//! kv pid there stays the standby's: no cold start; the journal records the promotion), the old
+//! owner runs a standby again once it is back, every acknowledged write must be there
+//! (`kvclient verify`), and the invariant checker ([`ftkit_tests::groups`]) must find no two
+//! nodes that ran the group at once. The host-death tests print the measured owner-death →
+//! answering time (the first `PONG primary` on the virtual address).
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -19,9 +23,11 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use ftkit_tests::cluster::{Cluster, NAMES};
+use ftkit_tests::cluster::{Cluster, NAMES, SETTLE};
+use ftkit_tests::kv_cluster;
 use ftkit_tests::netns::{Lab, enter_path};
-use ftkit_tests::{binary, json_lines, q, read_or_empty, wait_until};
+use ftkit_tests::{binary, json_lines, pid_of, q, read_or_empty, wait_until};
+use nix::sys::signal::Signal;
 use serde_json::Value;
 
 /// How long the group may take to come online somewhere after a fault (generous: the targets
@@ -138,6 +144,16 @@ timeouts = {{ online = "5s", offline = "1s", looks_alive = "300ms", is_alive = "
     )
 }
 
+/// kv's port in the README's files (`examples/kv-cluster/`).
+const README_KV_PORT: u16 = 7700;
+/// The README's `service` resource's properties (a cold standby)...
+const README_SERVICE_PROPERTIES: &str = r#"properties = { service = "kv" }"#;
+/// ...and the same resource as a warm standby.
+const WARM_SERVICE_PROPERTIES: &str = r#"properties = { service = "kv", standby = "warm" }"#;
+/// How often a crash of kv is repeated at most to exhaust its restart budget
+/// (`max_restarts = 2`: the third crash within the window is beyond it).
+const MAX_CRASHES: usize = 6;
+
 /// The order the group's resources come online in (the first two in either order).
 const ONLINE_ORDER: [&str; 4] = ["kv-ckpt", "kv-data", "kv", "kv-ip"];
 
@@ -176,6 +192,7 @@ struct Kv {
 }
 
 impl Kv {
+    /// Three nodes with the kv tables, the group applied.
     fn new(label: &str) -> Kv {
         let mut c = Cluster::new(label, 3, 1, false);
         let vip = lab_addr(&c.lab, VIP_HOST);
@@ -183,11 +200,41 @@ impl Kv {
         let rings = c.shared.file("rings");
         c.settings = format!("ring_dir = {}", q(&rings));
         c.start_all();
+        let group = kv_group(&vip);
+        Kv::running(c, vip, &group)
+    }
+
+    /// The two nodes of the README's deployment (`examples/kv-cluster/`, with the lab's
+    /// addresses and the test's paths) with one change: kv is a warm standby. Its `service`
+    /// resource says `standby = "warm"`, and kv listens on every address of its node at
+    /// [`KV_PORT`]: the README's kv listens on the virtual address only, which a standby cannot
+    /// bind before its node holds the address (kv exits, and the promotion becomes a cold
+    /// start).
+    fn readme(label: &str) -> Kv {
+        let mut c = Cluster::new(label, 2, 1, false);
+        let vip = lab_addr(&c.lab, VIP_HOST);
+        let readme_listen = format!("\"{vip}:{README_KV_PORT}\"");
+        let listen = format!("\"0.0.0.0:{KV_PORT}\"");
+        kv_cluster::start_nodes(&mut c, label, &vip, |text| {
+            kv_cluster::replaced(text, &readme_listen, &listen)
+        });
+        let group = kv_cluster::replaced(
+            &kv_cluster::group(&vip, &NAMES[..2]),
+            README_SERVICE_PROPERTIES,
+            WARM_SERVICE_PROPERTIES,
+        );
+        Kv::running(c, vip, &group)
+    }
+
+    /// The nodes of `c` run: a client address on the bridge, every node in one view, `group`
+    /// applied.
+    fn running(c: Cluster, vip: String, group: &str) -> Kv {
         let client = format!("{}/24", lab_addr(&c.lab, CLIENT_HOST));
         ip(&["-n", c.lab.switch(), "addr", "add", &client, "dev", "br0"]);
-        c.wait_view(&[0, 1, 2], &[0, 1, 2]);
+        let all: Vec<usize> = (0..c.n()).collect();
+        c.wait_view(&all, &all);
         let acked = c.shared.file("acked");
-        let group = c.shared.write("kv-group.toml", &kv_group(&vip));
+        let group = c.shared.write("kv-group.toml", group);
         let out = c
             .node(0)
             .ftctl_ok(&["group", "apply", group.to_str().expect("utf-8")]);
@@ -375,11 +422,8 @@ impl Kv {
                     .into_iter()
                     .find(|s| s["name"] == "kv" && s["state"] == "running")?,
             )?;
-            let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-            let standby = environ
-                .split(|b| *b == 0)
-                .any(|kv| kv == b"FT_ROLE=standby");
-            (standby && ping(&ns, addr).as_deref() == Some("PONG standby")).then_some(pid)
+            (started_as(pid, "standby") && ping(&ns, addr).as_deref() == Some("PONG standby"))
+                .then_some(pid)
         })
     }
 
@@ -549,6 +593,91 @@ impl Kv {
         }
     }
 
+    /// Whether node `i`'s interface holds the virtual address.
+    fn has_vip(&self, i: usize) -> bool {
+        let out = Command::new("ip")
+            .args([
+                "-n",
+                self.c.lab.netns(i),
+                "-o",
+                "addr",
+                "show",
+                "dev",
+                "eth0",
+            ])
+            .output()
+            .expect("ip addr");
+        String::from_utf8_lossy(&out.stdout).contains(&format!("{}/24", self.vip))
+    }
+
+    /// kill -9 of kv on the owner `owner` (running as the primary at `epoch`, pid `pid`) until
+    /// its supervisor gives up and the group leaves `owner`; `crashes` counts the crashes so
+    /// far (earlier ones in the window count against the budget). Each restart in between is
+    /// the primary again, on the same node at the same epoch.
+    fn crash_beyond_budget(&self, owner: usize, epoch: u64, mut pid: u32, mut crashes: usize) {
+        loop {
+            ftkit_tests::signal(pid, Signal::SIGKILL);
+            crashes += 1;
+            let restarted = wait_until("kv restarted or given up", MOVE, || {
+                let s = self.group(owner);
+                if s["owner"] != NAMES[owner] || s["epoch"].as_u64() != Some(epoch) {
+                    return Some(None);
+                }
+                let kv = self.c.node(owner).service("kv");
+                match pid_of(&kv) {
+                    // A standby started here after the run stopped is no restart: the group
+                    // is about to leave (its ownership is not updated yet).
+                    Some(p) if p != pid && kv["state"] == "running" => {
+                        started_as(p, "primary").then_some(Some(p))
+                    }
+                    _ => None,
+                }
+            });
+            match restarted {
+                Some(p) if crashes < MAX_CRASHES => pid = p,
+                Some(_) => panic!("kv was restarted after {crashes} crashes (budget: 2)"),
+                None => return,
+            }
+        }
+    }
+
+    /// Waits until node `i`'s run of the group at `epoch` has ended (its journal says the group
+    /// is offline or fenced at that epoch, kv among the resources it took offline) and the
+    /// virtual address is gone from it.
+    fn wait_run_ended(&self, i: usize, epoch: u64) {
+        wait_until(
+            &format!("{} ended its run at epoch {epoch}", NAMES[i]),
+            SETTLE,
+            || {
+                let ended = self.journal(i).iter().any(|r| {
+                    r["kind"] == "group"
+                        && r["group"] == "kv"
+                        && r["epoch"] == epoch
+                        && (r["state"] == "offline" || r["state"] == "fenced")
+                });
+                (ended
+                    && !self.has_vip(i)
+                    && self
+                        .resource_order(i, epoch, "offline")
+                        .contains(&"kv".to_owned()))
+                .then_some(())
+            },
+        );
+    }
+
+    /// The invariants over every journal; at least `min_runs` runs of the group were seen.
+    fn check_invariants(&self, min_runs: usize) {
+        let runs = ftkit_tests::groups::check_invariants(&self.journals(), &self.deaths, "kv");
+        assert!(runs.len() >= min_runs, "the checker saw runs: {runs:?}");
+    }
+
+    /// Stops the writer (it would write forever) and verifies what it had acknowledged.
+    fn finish(&mut self) -> usize {
+        self.assert_writer_alive();
+        self.writer = None;
+        self.verify()
+    }
+
     /// Whether the journal of node `i` shows the promotion of its standby at `epoch`.
     fn promoted(&self, i: usize, epoch: u64) -> bool {
         self.journal(i).iter().any(|r| {
@@ -558,6 +687,13 @@ impl Kv {
                 && r["state"] == "promoted"
         })
     }
+}
+
+/// Whether process `pid` was started with `FT_ROLE=role` (false when it is gone).
+fn started_as(pid: u32, role: &str) -> bool {
+    let want = format!("FT_ROLE={role}");
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == want.as_bytes()))
 }
 
 /// `PING` kv at `addr` from the network namespace at `ns`: its answer line.
@@ -726,4 +862,233 @@ fn the_owner_host_dies_and_the_next_owner_promotes_its_warm_standby() {
     assert!(n >= 3 * PROGRESS, "only {n} acknowledged writes");
     let runs = ftkit_tests::groups::check_invariants(&t.journals(), &t.deaths, "kv");
     assert!(runs.len() >= 3, "the checker saw runs: {runs:?}");
+}
+
+/// kv crashes on the owner: its supervisor restarts it there as the primary (same owner, same
+/// epoch) and the standbys stay as they are; then it crashes beyond its restart budget: the
+/// group moves to the next owner, which promotes its standby in place, and the old owner runs a
+/// standby again (it may own the group: it is a preferred owner). No acknowledged write is lost
+/// and no two nodes ever ran the group at once.
+#[test]
+fn kv_crashes_restart_locally_then_beyond_the_budget_the_next_owner_promotes_its_standby() {
+    let mut t = Kv::new("kvw-crash");
+    let e1 = t.wait_online(1, 0, 0);
+    t.wait_up();
+    let standby_b = t.wait_standby(1);
+    let standby_c = t.wait_standby(2);
+    t.wait_applied_preload(1, standby_b);
+    t.wait_applied_preload(2, standby_c);
+    t.start_writer();
+    t.wait_progress(PROGRESS);
+
+    // One crash: restarted locally as the primary, from its checkpoint and log.
+    let first = t.kv_pid(0);
+    ftkit_tests::signal(first, Signal::SIGKILL);
+    let second = t.c.node(0).wait_new_pid("kv", first, MOVE);
+    assert!(
+        started_as(second, "primary"),
+        "a's restarted kv is not the primary"
+    );
+    t.wait_progress(PROGRESS);
+    let s = t.group(1);
+    assert_eq!(
+        (
+            s["owner"].as_str(),
+            s["epoch"].as_u64(),
+            s["state"].as_str()
+        ),
+        (Some("a"), Some(e1), Some("online")),
+        "{s:#}"
+    );
+    assert!(t.has_vip(0) && !t.has_vip(1) && !t.has_vip(2));
+    let lines = t.kv_lines(0, second);
+    assert!(
+        lines.iter().any(|l| l.starts_with("recovered seq")),
+        "a's restarted kv did not recover: {lines:?}"
+    );
+    assert!(
+        !lines.iter().any(|l| l.starts_with("preloaded")),
+        "a's restarted kv preloaded a fresh table: {lines:?}"
+    );
+    assert_eq!(t.wait_standby(1), standby_b, "b's standby was restarted");
+    assert_eq!(t.wait_standby(2), standby_c, "c's standby was restarted");
+    assert!(
+        !t.journal(0).iter().any(|r| r["kind"] == "group"
+            && r["group"] == "kv"
+            && r["epoch"] == e1
+            && r["state"] != "onlining"
+            && r["state"] != "online"),
+        "the local restart touched a's run of the group"
+    );
+    t.assert_preloaded("on a after a local restart");
+    t.verify();
+
+    // Crashes beyond the budget: the group moves to b, which promotes its standby.
+    t.crash_beyond_budget(0, e1, second, 1);
+    let e2 = t.wait_online(0, 1, e1);
+    assert_eq!(
+        t.kv_pid(1),
+        standby_b,
+        "b's kv is not its standby: a cold start\njournals:\n{}",
+        t.journals_text()
+    );
+    assert!(
+        t.promoted(1, e2),
+        "no promotion event on b\njournals:\n{}",
+        t.journals_text()
+    );
+    assert_eq!(t.resource_order(1, e2, "online"), ONLINE_ORDER);
+    assert!(t.has_vip(1) && !t.has_vip(0));
+    assert_eq!(t.group(2)["failovers_in_period"], 1);
+    t.wait_up();
+    t.assert_preloaded("on b after a's kv failed");
+    t.wait_progress(PROGRESS);
+    t.verify();
+
+    // a runs a standby again; c's never moved.
+    t.wait_standby(0);
+    assert_eq!(t.wait_standby(2), standby_c, "c's standby was restarted");
+    let s = t.group(0);
+    assert_eq!(
+        (s["owner"].as_str(), s["epoch"].as_u64()),
+        (Some("b"), Some(e2)),
+        "{s:#}"
+    );
+    t.wait_progress(PROGRESS);
+    let n = t.finish();
+    assert!(n >= 4 * PROGRESS, "only {n} acknowledged writes");
+    t.check_invariants(2);
+}
+
+/// The owner is cut off from the others (and from the client): it stops acting and kills kv
+/// by force; the majority brings the group online on the next owner, which promotes its
+/// standby. When the partition heals, the old owner runs a standby again and the group stays
+/// where it is (failback never).
+#[test]
+fn the_owner_is_partitioned_and_the_next_owner_promotes_its_standby() {
+    let mut t = Kv::new("kvw-cut");
+    let e1 = t.wait_online(1, 0, 0);
+    t.wait_up();
+    let standby_b = t.wait_standby(1);
+    let standby_c = t.wait_standby(2);
+    t.wait_applied_preload(1, standby_b);
+    t.wait_applied_preload(2, standby_c);
+    t.start_writer();
+    t.wait_progress(PROGRESS);
+    let kv_a = t.kv_pid(0);
+
+    t.c.lab.cut(0);
+    let e2 = t.wait_online(1, 1, e1);
+    t.wait_up();
+    assert_eq!(
+        t.kv_pid(1),
+        standby_b,
+        "b's kv is not its standby: a cold start\njournals:\n{}",
+        t.journals_text()
+    );
+    assert!(
+        t.promoted(1, e2),
+        "no promotion event on b\njournals:\n{}",
+        t.journals_text()
+    );
+    assert!(t.has_vip(1));
+    t.assert_preloaded("on b after a's partition");
+    t.wait_progress(PROGRESS);
+    t.verify();
+    // Cut off, a stopped acting: kv killed, the address deleted, the run ended.
+    t.wait_run_ended(0, e1);
+    assert!(
+        t.journal(0).iter().any(|r| r["kind"] == "group"
+            && r["epoch"] == e1
+            && r["state"] == "offlining"
+            && r["detail"]
+                .as_str()
+                .is_some_and(|d| d.starts_with("by force"))),
+        "a's stop was not forced\njournals:\n{}",
+        t.journals_text()
+    );
+    wait_until("a's kv killed", SETTLE, || {
+        (!ftkit_tests::pid_alive(kv_a)).then_some(())
+    });
+    assert_eq!(t.wait_standby(2), standby_c, "c's standby was restarted");
+
+    // The partition heals: a runs a standby again, the group stays on b.
+    t.c.lab.heal(0);
+    t.c.wait_view(&[0, 1, 2], &[0, 1, 2]);
+    t.wait_standby(0);
+    t.wait_progress(PROGRESS);
+    let s = t.group(0);
+    assert_eq!(
+        (s["owner"].as_str(), s["epoch"].as_u64()),
+        (Some("b"), Some(e2)),
+        "{s:#}"
+    );
+    assert!(!t.has_vip(0));
+    let n = t.finish();
+    assert!(n >= 3 * PROGRESS, "only {n} acknowledged writes");
+    t.check_invariants(2);
+}
+
+/// The README's two-node deployment with a quorum disk, kv a warm standby ([`Kv::readme`]).
+/// The standby host b dies: a wins the disk's vote and keeps the group; b boots again, catches
+/// up and runs a standby again. Then a, the owner of the group and of the disk, dies: b takes
+/// the disk over, forms the cluster alone and promotes its standby, with every acknowledged
+/// write.
+#[test]
+fn the_readme_two_node_deployment_with_warm_standby_survives_the_loss_of_the_quorum_disk_owner() {
+    let mut t = Kv::readme("kvw-readme");
+    let s = t.c.status(0);
+    assert_eq!(s["quorum"]["kind"], "disk", "{s:#}");
+    let e1 = t.wait_online(1, 0, 0);
+    t.wait_up();
+    t.wait_standby(1);
+    t.start_writer();
+    t.wait_progress(PROGRESS);
+
+    // The standby host dies: a keeps the group, with the disk's vote.
+    t.kill_host(1);
+    t.c.wait_view(&[0], &[0]);
+    t.wait_progress(PROGRESS);
+    let g = t.group(0);
+    assert_eq!(
+        (g["owner"].as_str(), g["epoch"].as_u64()),
+        (Some("a"), Some(e1)),
+        "{g:#}"
+    );
+    t.boot_host(1);
+    t.c.wait_view(&[0, 1], &[0, 1]);
+    let standby_b = t.wait_standby(1);
+    t.wait_progress(PROGRESS);
+    t.wait_in_sync(0, 1);
+    t.verify();
+
+    // The owner of the group and of the disk dies.
+    let s = t.c.status(0);
+    assert_eq!(s["quorum"]["disk_owner"], "a", "{s:#}");
+    let took = t.kill_owner_and_time(0);
+    t.c.wait_view(&[1], &[1]);
+    let s = t.c.status(1);
+    assert_eq!(s["quorum"]["disk_owner"], "b", "{s:#}");
+    let e2 = t.wait_online(1, 1, e1);
+    println!(
+        "warm failover a -> b (quorum disk): owner death -> kv answering on b: {} ms",
+        took.as_millis()
+    );
+    println!("{}", t.timeline(1, e2));
+    assert_eq!(
+        t.kv_pid(1),
+        standby_b,
+        "b's kv is not its standby: a cold start\njournals:\n{}",
+        t.journals_text()
+    );
+    assert!(
+        t.promoted(1, e2),
+        "no promotion event on b\njournals:\n{}",
+        t.journals_text()
+    );
+    assert!(t.has_vip(1));
+    t.wait_progress(PROGRESS);
+    let n = t.finish();
+    assert!(n >= 3 * PROGRESS, "only {n} acknowledged writes");
+    t.check_invariants(2);
 }
