@@ -207,9 +207,9 @@ impl Kv {
     /// The two nodes of the README's deployment (`examples/kv-cluster/`, with the lab's
     /// addresses and the test's paths) with one change: kv is a warm standby. Its `service`
     /// resource says `standby = "warm"`, and kv listens on every address of its node at
-    /// [`KV_PORT`]: the README's kv listens on the virtual address only, which a standby cannot
-    /// bind before its node holds the address (kv exits, and the promotion becomes a cold
-    /// start).
+    /// [`KV_PORT`], so that the test can ask each standby on its node's own address (the
+    /// README's kv listens on the virtual address only, which it binds with `IP_FREEBIND`
+    /// before its node holds the address).
     fn readme(label: &str) -> Kv {
         let mut c = Cluster::new(label, 2, 1, false);
         let vip = lab_addr(&c.lab, VIP_HOST);

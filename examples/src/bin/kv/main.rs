@@ -76,6 +76,8 @@ const STUCK_AFTER: Duration = Duration::from_secs(30);
 const DEFAULT_CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 /// Connections served at once; more are refused with `ERR busy`.
 const MAX_CLIENTS: usize = 256;
+/// Pending connections the listening socket queues.
+const LISTEN_BACKLOG: i32 = 128;
 /// A connection that sends nothing for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Read buffer of one connection.
@@ -359,6 +361,22 @@ impl Drop for Client {
     }
 }
 
+/// Listens on `addr` with `IP_FREEBIND`: a warm standby runs, and listens, on every node that
+/// may own its group, before the group's virtual address comes to that node.
+fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if addr.is_ipv4() {
+        socket.set_freebind_v4(true)?;
+    } else {
+        socket.set_freebind_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
+}
+
 fn accept_loop(server: &Arc<Server>, listener: &TcpListener) {
     let mut accepting = Complaint::new(PROGRAM);
     for conn in listener.incoming() {
@@ -624,7 +642,7 @@ fn main() -> ExitCode {
         say!("cannot serve as primary: {e}");
         return ExitCode::from(EXIT_FATAL);
     }
-    let listener = match TcpListener::bind(opts.listen) {
+    let listener = match listen(opts.listen) {
         Ok(l) => l,
         Err(e) => {
             say!("cannot listen on {}: {e}", opts.listen);
