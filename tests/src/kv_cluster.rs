@@ -94,3 +94,36 @@ pub fn start_nodes(c: &mut Cluster, label: &str, vip: &str, edit: impl Fn(&str) 
         c.nodes[i] = Some(w);
     }
 }
+
+/// Waits until node `owner` streams every fileset of `filesets` to node `backup` with nothing
+/// outstanding (its resync after a reboot is done): only then does `backup` hold every
+/// acknowledged write. (The failover policy does not know how fresh a replica is: a node made
+/// the owner before its resync ended would lack writes; see README, "Limits worth knowing".)
+pub fn wait_in_sync(
+    c: &Cluster,
+    owner: usize,
+    backup: usize,
+    filesets: &[&str],
+    timeout: std::time::Duration,
+) {
+    crate::wait_until(
+        &format!("{} streams {filesets:?} to {}", NAMES[owner], NAMES[backup]),
+        timeout,
+        || {
+            let reports = crate::json_lines(&c.node(owner).ftctl_ok(&["repl", "status", "--json"]));
+            let streaming = |fileset: &str| {
+                reports.iter().any(|f| {
+                    f["name"] == fileset
+                        && f["pump"]["backups"].as_array().is_some_and(|b| {
+                            b.iter().any(|l| {
+                                l["name"] == NAMES[backup]
+                                    && l["state"] == "streaming"
+                                    && l["lag_ops"] == 0
+                            })
+                        })
+                })
+            };
+            filesets.iter().all(|f| streaming(f)).then_some(())
+        },
+    );
+}

@@ -427,35 +427,9 @@ impl Kv {
         })
     }
 
-    /// Waits until the owner `owner` streams both filesets to node `backup` (its resync after
-    /// a reboot is done): only then does `backup` hold every acknowledged write. (The failover
-    /// policy does not know how fresh a replica is; a node promoted before its resync ended
-    /// would lack writes, which watchd warns about.)
+    /// Waits until the owner `owner` streams both filesets to node `backup`.
     fn wait_in_sync(&self, owner: usize, backup: usize) {
-        wait_until(
-            &format!(
-                "{} streams both filesets to {}",
-                NAMES[owner], NAMES[backup]
-            ),
-            MOVE,
-            || {
-                let reports =
-                    json_lines(&self.c.node(owner).ftctl_ok(&["repl", "status", "--json"]));
-                let streaming = |fileset: &str| {
-                    reports.iter().any(|f| {
-                        f["name"] == fileset
-                            && f["pump"]["backups"].as_array().is_some_and(|b| {
-                                b.iter().any(|l| {
-                                    l["name"] == NAMES[backup]
-                                        && l["state"] == "streaming"
-                                        && l["lag_ops"] == 0
-                                })
-                            })
-                    })
-                };
-                (streaming("kv-data") && streaming("kv-ckpt")).then_some(())
-            },
-        );
+        kv_cluster::wait_in_sync(&self.c, owner, backup, &["kv-data", "kv-ckpt"], MOVE);
     }
 
     /// The pid of kv on node `i` (it runs there).
