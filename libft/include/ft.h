@@ -33,7 +33,9 @@
  * no checkpoints; watchd ships the owner's images into its $FT_CKPT_DIR/<id>, and the standby
  * loops on ft_standby_wait(id, ms) + ft_standby_apply(id), which keep its critical memory equal
  * to the newest good one, in place. ft_promoted() turns non-zero when watchd promotes it
- * (failover, `ftctl promote`): it calls ft_standby_apply(id) once more and serves as primary.
+ * (failover, `ftctl promote`): it calls ft_standby_apply(id) once more and serves as primary,
+ * then calls ft_ready() again if it called it at start: watchd counts the promotion done (and
+ * brings up what depends on the service, such as the group's address) only then.
  *
  * Link with -lft: libft.so, or libft.a plus the system libraries the Rust standard library
  * needs (-lgcc_s -lutil -lrt -lpthread -lm -ldl).

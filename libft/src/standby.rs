@@ -8,6 +8,9 @@
 //!  standby: Follower::wait_for_change (inotify) ─► apply_newest ─► Checkpointer::recover
 //!  Promote{epoch} ─► role() = Primary ─► (one last apply_newest) ─► t_checkpoint continues
 //! ```
+//!
+//! A standby that said ready at start ([`crate::Watch::ready`]) says it again once it serves as
+//! the primary: watchd's `service` resource counts the promotion done only then.
 
 use std::collections::BTreeSet;
 use std::ffi::CString;

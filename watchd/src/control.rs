@@ -477,6 +477,7 @@ fn unknown_view() -> View {
         heartbeats: vec![],
         backoff_ms: None,
         checkpoint: None,
+        readies: 0,
     }
 }
 

@@ -1597,6 +1597,7 @@ mod tests {
             heartbeats: Vec::new(),
             backoff_ms: None,
             checkpoint: None,
+            readies: 0,
         }
     }
 

@@ -408,6 +408,9 @@ pub struct View {
     /// The last checkpoint the application reported.
     #[serde(default)]
     pub checkpoint: Option<CheckpointView>,
+    /// READY notifications received from the current process.
+    #[serde(default)]
+    pub readies: u64,
 }
 
 /// The last checkpoint an application reported, as `ftctl status` shows it.
@@ -442,6 +445,9 @@ pub struct ServiceMachine {
     probe_fail_counts: Vec<u32>,
     /// READY arrived while the process was being spawned.
     early_ready: bool,
+    /// READY notifications received from the current process (a promoted warm standby sends
+    /// one more once it serves).
+    readies: u64,
     /// The last checkpoint reported, and when.
     last_checkpoint: Option<(CheckpointView, Instant)>,
     /// The pending or latest spawn brings the service back after a crash or a hang verdict
@@ -467,6 +473,7 @@ impl ServiceMachine {
             watchdog_deadline: None,
             probe_fail_counts: vec![0; probes],
             early_ready: false,
+            readies: 0,
             last_checkpoint: None,
             spawn_after_failure: false,
             rng: seed | 1,
@@ -596,6 +603,7 @@ impl ServiceMachine {
                 self.heartbeats.clear();
             }
             Input::Ready => {
+                self.readies = self.readies.saturating_add(1);
                 if matches!(self.phase, Phase::Spawning { .. }) {
                     self.early_ready = true;
                 }
@@ -745,6 +753,7 @@ impl ServiceMachine {
         self.spawn_after_failure = after_failure;
         self.reset_process_state(now);
         self.early_ready = false;
+        self.readies = 0;
         self.phase = Phase::Spawning {
             stop_requested: false,
         };
@@ -1097,6 +1106,7 @@ impl ServiceMachine {
                 age_ms: millis(now.saturating_duration_since(*at)),
                 ..v.clone()
             }),
+            readies: self.readies,
         }
     }
 }

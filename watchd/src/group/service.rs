@@ -11,9 +11,10 @@
 //! the executor runs the service with `FT_ROLE=standby` ([`ServiceResource::standby`]); online
 //! then promotes that instance in place (libft's `Promote` with the new epoch) when it runs,
 //! was started as a standby (its `/proc/PID/environ` says so) and registered with libft;
-//! otherwise it falls back to a cold start. The promotion does not wait to see the instance
-//! survive it: one that fails to take over exits, and its supervisor restarts it as the primary
-//! (the environment already says so), as it would any primary that crashes.
+//! otherwise it falls back to a cold start. A standby that said READY (`ft_ready`, sd_notify)
+//! says it again once it serves as the primary: the resource is online then (so the group's
+//! address does not come before the service serves), or after [`PROMOTE_READY_WAIT`] with a
+//! warning; an instance that exits meanwhile failed its promotion, and a cold start follows.
 //!
 //! It only asks the service's supervisor actor; it never spawns a process itself, signals one
 //! only in a forced offline, and refuses a service that watchd would also start on its own
@@ -37,8 +38,13 @@ pub const ENV_GROUP: &str = "FT_GROUP";
 pub const ENV_ROLE: &str = ft::standby::ENV_ROLE;
 /// The property choosing cold (default) or warm standby.
 pub const STANDBY_PROPERTY: &str = super::executor::plan::STANDBY_PROPERTY;
+/// How long a promoted standby that said READY when it started has to say it again, once it
+/// serves as the primary.
+pub const PROMOTE_READY_WAIT: Duration = Duration::from_secs(5);
 /// How often the supervisor's state is read while waiting for a start or a stop.
 const POLL: Duration = Duration::from_millis(25);
+/// How often it is read while a promoted standby is awaited (a failover waits on it).
+const PROMOTE_POLL: Duration = Duration::from_millis(5);
 /// How long one state query of the supervisor actor may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -181,7 +187,30 @@ impl ServiceResource {
                 "pid {told} registered with libft, but the service's process is pid {pid}"
             ));
         }
-        Ok(pid)
+        if v.readies == 0 {
+            return Ok(pid);
+        }
+        let deadline = tokio::time::Instant::now() + PROMOTE_READY_WAIT;
+        loop {
+            let now = self.view().await.map_err(|e| e.to_string())?;
+            if now.pid != Some(pid) || now.state != "running" {
+                return Err(format!(
+                    "pid {pid} did not survive its promotion (now {})",
+                    now.state
+                ));
+            }
+            if now.readies > v.readies {
+                return Ok(pid);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    service = %self.service, pid,
+                    "the promoted standby did not say READY again within {PROMOTE_READY_WAIT:?}; counting it online"
+                );
+                return Ok(pid);
+            }
+            tokio::time::sleep(PROMOTE_POLL).await;
+        }
     }
 
     /// Runs the service as a warm standby for the group at `epoch` (`FT_ROLE=standby`): keeps

@@ -461,6 +461,25 @@ fn readiness_by_notification_or_timeout() {
 }
 
 #[test]
+fn every_ready_of_the_current_process_is_counted_and_a_new_process_starts_from_zero() {
+    let mut r = rules();
+    r.ready_notify = true;
+    let mut s = Sim::new(r);
+    s.feed(Input::Start);
+    s.feed(Input::Ready);
+    assert_eq!(
+        (s.state().as_str(), s.m.view(s.now).readies),
+        ("running", 1)
+    );
+    // A promoted warm standby says READY again once it serves.
+    s.feed(Input::Ready);
+    assert_eq!(s.m.view(s.now).readies, 2);
+    s.crash();
+    s.advance(ms(10_000));
+    assert_eq!(s.m.view(s.now).readies, 0, "{}", s.state());
+}
+
+#[test]
 fn ready_delay_without_notification() {
     let mut r = rules();
     r.ready_delay = ms(500);

@@ -407,7 +407,8 @@ fn accept_loop(server: &Arc<Server>, listener: &TcpListener) {
 
 /// Heartbeats (unless a request is stuck), takes due checkpoints while idle, answers watchd's
 /// checkpoint requests and refreshes the status line. Never blocks on the store.
-fn maintenance(server: &Arc<Server>, watch: Option<&Watch>, timeout: Duration) {
+fn maintenance(server: &Arc<Server>, watch: Option<Arc<Watch>>, timeout: Duration) {
+    let watch = watch.as_ref();
     let mut hbeat = Complaint::new(PROGRAM);
     let mut stuck_said = false;
     let mut next_status = Instant::now();
@@ -469,22 +470,28 @@ fn maintenance(server: &Arc<Server>, watch: Option<&Watch>, timeout: Duration) {
             // Taking over (a large shipped image, a long log, a preload) may outlast the
             // heartbeat deadline: this thread keeps heartbeating meanwhile.
             let promoting = Arc::clone(server);
+            let told = Arc::clone(w);
             let spawned = std::thread::Builder::new()
                 .name("kv-promote".into())
-                .spawn(move || take_over(&promoting));
+                .spawn(move || take_over(&promoting, &told));
             if let Err(e) = spawned {
                 say!("cannot start the promotion thread ({e}); promoting here");
-                take_over(server);
+                take_over(server, w);
             }
         }
     }
 }
 
-/// Promotes the server, or exits: a standby that cannot serve must be restarted.
-fn take_over(server: &Server) {
+/// Promotes the server, or exits: a standby that cannot serve must be restarted. Once it
+/// serves, it says READY again: watchd counts the promotion done (and brings the group's
+/// address up) only then.
+fn take_over(server: &Server, watch: &Watch) {
     if let Err(e) = server.promote() {
         say!("cannot serve as primary: {e}");
         std::process::exit(i32::from(EXIT_FATAL));
+    }
+    if let Err(e) = watch.ready() {
+        say!("ft_ready after the promotion failed: {e}");
     }
 }
 
@@ -660,7 +667,7 @@ fn main() -> ExitCode {
     let timeout = opts.heartbeat_timeout;
     let spawned = std::thread::Builder::new()
         .name("kv-maintenance".into())
-        .spawn(move || maintenance(&background, watch.as_deref(), timeout));
+        .spawn(move || maintenance(&background, watch, timeout));
     if let Err(e) = spawned {
         say!("cannot start the maintenance thread: {e}");
         return ExitCode::from(EXIT_FATAL);
