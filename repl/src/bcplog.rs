@@ -103,6 +103,18 @@ pub struct BcplogState {
     threads: Vec<std::thread::JoinHandle<()>>,
 }
 
+/// A killed or panicked actor skips `post_stop`: its threads must still end, or the replay
+/// thread would hold the log (and its lock) forever and no bcplog of the fileset could start.
+impl Drop for BcplogState {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.link_tasks.iter().chain(&self.accept_tasks) {
+            t.abort();
+        }
+        let _ = self.jobs.send(Job::Stop);
+    }
+}
+
 impl std::fmt::Debug for Job {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
