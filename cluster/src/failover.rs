@@ -135,13 +135,14 @@ impl Decision {
 /// - Desired online, no live owner (none, lost from the view, or the owner failed the group
 ///   locally): assign it to the best possible owner (preferred order, then with `any_owner`
 ///   the other members the database knows in name order; never a paused node, a non-member or
-///   the node that just failed it; a graceful move's target first). Replacing a lost or failed
-///   owner is a failover: one more than the threshold within the period gives up instead. With
+///   the node that just failed it; a graceful move's target first; in a failover, the nodes the
+///   owner reported in sync before the others). Replacing a lost or failed owner is a failover: one more than the threshold within the period gives up instead. With
 ///   no possible owner it waits. A group the cluster gave up on stays failed until an operator
 ///   sets its desired state again.
 /// - Desired online on a live owner: a paused owner is drained (released to the next owner, or
 ///   offline when there is none); a more preferred member that is back takes it over by the
-///   group's failback policy (released to it).
+///   group's failback policy (released to it), once the owner reports its replicas in sync
+///   when the group has filesets ([`IN_SYNC_PROPERTY_PREFIX`]).
 /// - Desired offline: an online group is released to nobody; a failed one, or one whose owner
 ///   was lost, is assigned to nobody.
 /// - A group onlining or offlining on a live owner waits for the owner's report.
@@ -234,7 +235,7 @@ fn decide_group(input: &PolicyInput<'_>, g: &Group) -> Option<Decision> {
                     };
                     return Some(release(to, why));
                 }
-                failback(input, g, o).map(|n| {
+                failback(input, g, o, own.epoch).map(|n| {
                     let why = format!("failback to {n} ({})", g.failback);
                     release(Some(n), why)
                 })
@@ -251,7 +252,22 @@ fn place(
     own: &Ownership,
     exclude: Option<&str>,
 ) -> Option<(NodeId, String)> {
-    let c = candidates(input, g, exclude);
+    place_among(input, g, own, exclude, None)
+}
+
+/// [`place`], with the nodes of `first` (when known) ahead of the others.
+fn place_among(
+    input: &PolicyInput<'_>,
+    g: &Group,
+    own: &Ownership,
+    exclude: Option<&str>,
+    first: Option<&BTreeSet<NodeId>>,
+) -> Option<(NodeId, String)> {
+    let mut c = candidates(input, g, exclude);
+    if let Some(first) = first {
+        // A stable sort: the preference order holds within each part.
+        c.sort_by_key(|n| !first.contains(n));
+    }
     if let Some(m) = own.moving_to.as_ref().filter(|m| c.contains(m)) {
         return Some((m.clone(), format!("moved to {m}")));
     }
@@ -261,8 +277,63 @@ fn place(
     })
 }
 
+/// The cluster property in which the owner of a group reports, per fileset, the backups whose
+/// replicas follow its stream: key `PREFIX/OWNER/FILESET` ([`in_sync_key`]), value
+/// `EPOCH:NODE,NODE` (the group's ownership epoch, the nodes in name order). watchd writes it;
+/// the policy prefers those nodes when the owner is lost, and fails back only to them.
+pub const IN_SYNC_PROPERTY_PREFIX: &str = "ftkit.repl.in_sync";
+
+/// The key of `owner`'s in-sync report for `fileset` (node and fileset names hold no `/`).
+pub fn in_sync_key(owner: &str, fileset: &str) -> String {
+    format!("{IN_SYNC_PROPERTY_PREFIX}/{owner}/{fileset}")
+}
+
+/// The names of the filesets of `g`'s `fileset` and `checkpoint` resources.
+fn data_filesets<'a>(db: &'a DbContent, g: &Group) -> Vec<&'a str> {
+    db.resources
+        .values()
+        .filter(|r| r.group == g.name && matches!(r.kind.as_str(), "fileset" | "checkpoint"))
+        .filter_map(|r| r.properties.get("fileset").map(String::as_str))
+        .collect()
+}
+
+/// The nodes whose replicas of every fileset of `g` followed the stream of `owner` at `epoch`,
+/// as `owner` last reported; `None` when `g` has no fileset or a report is missing or of
+/// another epoch (nothing is known).
+fn in_sync(
+    input: &PolicyInput<'_>,
+    g: &Group,
+    owner: &str,
+    epoch: u64,
+) -> Option<BTreeSet<NodeId>> {
+    let filesets = data_filesets(input.db, g);
+    if filesets.is_empty() {
+        return None;
+    }
+    let mut out: Option<BTreeSet<NodeId>> = None;
+    for f in filesets {
+        let value = input.db.properties.get(&in_sync_key(owner, f))?;
+        let (e, nodes) = value.split_once(':')?;
+        if e.parse::<u64>().ok()? != epoch {
+            return None;
+        }
+        let nodes: BTreeSet<NodeId> = nodes
+            .split(',')
+            .filter(|n| !n.is_empty())
+            .map(str::to_owned)
+            .collect();
+        out = Some(match out {
+            None => nodes,
+            Some(o) => o.intersection(&nodes).cloned().collect(),
+        });
+    }
+    out
+}
+
 /// A failover away from a lost or failed owner, or giving up when it would exceed the
-/// threshold; nothing while no other node may own the group.
+/// threshold; nothing while no other node may own the group. The nodes the owner reported
+/// in sync (every replica of the group following its stream) go first: a node still catching
+/// up would lack writes the owner acknowledged.
 fn fail_over(
     input: &PolicyInput<'_>,
     g: &Group,
@@ -285,11 +356,16 @@ fn fail_over(
             ),
         });
     }
-    let (to, _) = place(input, g, own, Some(loss.node()))?;
+    let fresh = in_sync(input, g, loss.node(), own.epoch);
+    let (to, _) = place_among(input, g, own, Some(loss.node()), fresh.as_ref())?;
+    let behind = match &fresh {
+        Some(f) if !f.contains(&to) => " (no node was reported in sync)",
+        _ => "",
+    };
     Some(Decision::Assign {
         group: g.name.clone(),
         epoch: next,
-        reason: format!("{}: failover to {to}", loss.why()),
+        reason: format!("{}: failover to {to}{behind}", loss.why()),
         owner: Some(to),
         at_ms: now,
         failover: true,
@@ -323,15 +399,23 @@ fn candidates(input: &PolicyInput<'_>, g: &Group, exclude: Option<&str>) -> Vec<
 
 /// The more preferred member the group on `owner` should return to, when its policy allows
 /// it now.
-fn failback(input: &PolicyInput<'_>, g: &Group, owner: &str) -> Option<NodeId> {
+fn failback(input: &PolicyInput<'_>, g: &Group, owner: &str, epoch: u64) -> Option<NodeId> {
     if !g.failback.allows(input.now_unix_ms) {
         return None;
     }
     let rank = g.preference(owner).unwrap_or(g.preferred_owners.len());
-    g.preferred_owners[..rank]
+    let to = g.preferred_owners[..rank]
         .iter()
         .find(|n| input.members.contains(*n) && !input.paused.contains(*n))
-        .cloned()
+        .cloned()?;
+    // A group with replicated files waits until the owner reports the node in sync: handed
+    // over earlier, the node would lack what its resync had not brought yet.
+    if !data_filesets(input.db, g).is_empty()
+        && !in_sync(input, g, owner, epoch).is_some_and(|s| s.contains(&to))
+    {
+        return None;
+    }
+    Some(to)
 }
 
 /// The resources of `group` in the order they come online (each after everything it depends

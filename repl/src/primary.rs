@@ -143,7 +143,7 @@ pub enum PumpMsg {
 }
 
 /// The pump's state for `ftctl repl status`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrimaryStatus {
     /// The stream's generation.
     pub generation: u64,
@@ -169,7 +169,7 @@ pub struct PrimaryStatus {
 }
 
 /// One backup as the pump sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupLinkStatus {
     /// Node name.
     pub name: String,

@@ -1,4 +1,4 @@
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::*;
 use crate::db::{Failback, Resource};
@@ -88,6 +88,14 @@ impl Lab {
             epoch,
             to: to.map(Into::into),
             reason: "test".into(),
+        })
+    }
+
+    /// `owner` reports `value` (`EPOCH:NODES`) for `fileset`'s backups in sync.
+    fn in_sync(&mut self, owner: &str, fileset: &str, value: &str) -> &mut Lab {
+        self.apply(Update::SetProperty {
+            key: in_sync_key(owner, fileset),
+            value: value.into(),
         })
     }
 
@@ -635,7 +643,118 @@ fn scenarios() -> Vec<Scenario> {
             assign("b1", 2, Some("a"), true, "owner b lost: failover to a"),
         ],
     );
+
+    // Replicated files: the owner reports which backups follow its streams.
+    let data = |preferred: &[&str], failback: Failback| {
+        let mut l = Lab::new(&abc);
+        l.group("kv", preferred, |g| g.failback = failback);
+        l.apply(Update::AddResource(data_res(
+            "kv-data", "kv", "fileset", "data",
+        )));
+        l.apply(Update::AddResource(data_res(
+            "kv-ckpt",
+            "kv",
+            "checkpoint",
+            "ckpt",
+        )));
+        l
+    };
+    let mut on_b = data(&["a", "b", "c"], Failback::Never);
+    on_b.online("kv", "a")
+        .release("kv", None)
+        .report("kv", GroupState::Offline);
+    on_b.assign("kv", "b", NOW - HOUR, true)
+        .report("kv", GroupState::Online);
+    on_b.in_sync("b", "data", "2:c")
+        .in_sync("b", "ckpt", "2:a,c");
+    case(
+        "owner lost: a node still catching up is passed over for one in sync",
+        &on_b,
+        &["a", "c"],
+        &[],
+        NOW,
+        vec![assign(
+            "kv",
+            3,
+            Some("c"),
+            true,
+            "owner b lost: failover to c",
+        )],
+    );
+    let mut unknown = on_b.clone();
+    unknown.in_sync("b", "data", "1:c");
+    case(
+        "owner lost: a report of another epoch says nothing; preference order",
+        &unknown,
+        &["a", "c"],
+        &[],
+        NOW,
+        vec![assign(
+            "kv",
+            3,
+            Some("a"),
+            true,
+            "owner b lost: failover to a",
+        )],
+    );
+    let mut nobody = on_b.clone();
+    nobody.in_sync("b", "data", "2:");
+    case(
+        "owner lost: nobody in sync; preference order, and the reason says so",
+        &nobody,
+        &["a", "c"],
+        &[],
+        NOW,
+        vec![assign(
+            "kv",
+            3,
+            Some("a"),
+            true,
+            "owner b lost: failover to a (no node was reported in sync)",
+        )],
+    );
+    let mut back = data(&["a", "b", "c"], Failback::Immediate);
+    back.online("kv", "a")
+        .release("kv", None)
+        .report("kv", GroupState::Offline);
+    back.assign("kv", "b", NOW - HOUR, true)
+        .report("kv", GroupState::Online);
+    back.in_sync("b", "data", "2:a,c")
+        .in_sync("b", "ckpt", "2:c");
+    case(
+        "immediate failback waits until the preferred node is in sync",
+        &back,
+        &["a", "b", "c"],
+        &[],
+        NOW,
+        vec![],
+    );
+    back.in_sync("b", "ckpt", "2:a,c");
+    case(
+        "immediate failback once the preferred node is in sync",
+        &back,
+        &["a", "b", "c"],
+        &[],
+        NOW,
+        vec![release("kv", 2, Some("a"), "failback to a (immediate)")],
+    );
     out
+}
+
+/// A `kind` resource of `group` replicating `fileset`.
+fn data_res(name: &str, group: &str, kind: &str, fileset: &str) -> Resource {
+    let mut properties: BTreeMap<String, String> =
+        [("fileset".to_string(), fileset.to_string())].into();
+    if kind == "checkpoint" {
+        properties.insert("service".into(), "kv".into());
+    }
+    Resource {
+        name: name.into(),
+        group: group.into(),
+        kind: kind.into(),
+        properties,
+        ..Resource::default()
+    }
 }
 
 #[test]

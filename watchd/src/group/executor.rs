@@ -470,6 +470,8 @@ pub struct ExecState {
     proposing: bool,
     last_proposal: Option<(Vec<Decision>, Instant)>,
     watcher: Option<JoinHandle<()>>,
+    /// The in-sync report of this node's primary filesets ([`super::in_sync`]).
+    reporter: Option<JoinHandle<()>>,
     deadline: Option<JoinHandle<()>>,
 }
 
@@ -491,6 +493,7 @@ impl Actor for GroupExecutor {
             board: args.board,
         });
         let watcher = tokio::spawn(watch(args.node.clone(), myself.clone()));
+        let reporter = tokio::spawn(super::in_sync::run(args.node.clone(), args.shared.clone()));
         Ok(ExecState {
             node: args.node,
             shared: args.shared,
@@ -502,6 +505,7 @@ impl Actor for GroupExecutor {
             proposing: false,
             last_proposal: None,
             watcher: Some(watcher),
+            reporter: Some(reporter),
             deadline: None,
         })
     }
@@ -513,6 +517,9 @@ impl Actor for GroupExecutor {
     ) -> Result<(), ActorProcessingErr> {
         if let Some(w) = st.watcher.take() {
             w.abort();
+        }
+        if let Some(r) = st.reporter.take() {
+            r.abort();
         }
         if let Some(d) = st.deadline.take() {
             d.abort();

@@ -7,6 +7,7 @@ pub mod apply;
 pub mod exec;
 pub mod executor;
 pub mod fileset;
+pub mod in_sync;
 pub mod ip;
 pub mod resource;
 pub mod service;
