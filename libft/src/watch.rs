@@ -187,6 +187,29 @@ impl Watch {
         }
     }
 
+    /// Waits until a request from watchd can be read with [`Watch::poll_command`], at most
+    /// `timeout`; true when one can. A maintenance loop waits here instead of sleeping, so a
+    /// request (a promotion, on a failover) is seen at once.
+    pub fn wait_command(&self, timeout: Duration) -> Result<bool, Error> {
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(&self.sock),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: `pfd` is one valid pollfd that outlives the call, and the count says one.
+        let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            return if e.kind() == std::io::ErrorKind::Interrupted {
+                Ok(false)
+            } else {
+                Err(Error::Io(e))
+            };
+        }
+        Ok(rc > 0 && pfd.revents & libc::POLLIN != 0)
+    }
+
     /// The path of watchd's socket this `Watch` talks to.
     pub fn socket_path(&self) -> &Path {
         &self.path
@@ -371,6 +394,27 @@ fn autobind(sock: &UnixDatagram) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wait_command_wakes_when_watchd_sends_a_request() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("watchd.sock");
+        let fake = UnixDatagram::bind(&path).expect("bind the fake watchd");
+        fake.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let w = Watch::connect(&path).expect("connect");
+        let mut buf = [0u8; MAX_DATAGRAM + 1];
+        let (_, app) = fake.recv_from(&mut buf).expect("the registration");
+        assert!(!w.wait_command(Duration::from_millis(20)).expect("wait"));
+        let mut out = [0u8; MAX_DATAGRAM];
+        let n = WatchdMessage::CheckpointNow { stream: 3 }.encode(&mut out);
+        fake.send_to_addr(&out[..n], &app).expect("send");
+        assert!(w.wait_command(Duration::from_secs(5)).expect("wait"));
+        assert_eq!(
+            w.poll_command().expect("poll"),
+            Some(WatchdMessage::CheckpointNow { stream: 3 })
+        );
+    }
 
     #[test]
     fn watch_is_send_and_sync() {

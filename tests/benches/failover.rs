@@ -292,6 +292,7 @@ fn run() -> Result<()> {
             );
         }
     }
+    let _inotify = InotifyInstances::at_least(INOTIFY_INSTANCES)?;
     let mut doc = String::new();
     harness::emit(&mut doc, &header(&opts));
     let mut table = Table::new(&[
@@ -415,6 +416,41 @@ fn run() -> Result<()> {
     Ok(())
 }
 
+/// Every copy-mode fileset's pump holds one inotify instance on its node, and all three nodes
+/// run as root on this host: 100 groups' checkpoint filesets (on two nodes at once during a
+/// failback) need more than the kernel's default of 128 per user.
+const INOTIFY_INSTANCES: u64 = 1024;
+/// Where the per-user limit of inotify instances is.
+const INOTIFY_LIMIT: &str = "/proc/sys/fs/inotify/max_user_instances";
+
+/// Raises the per-user inotify instance limit for the run; puts the old value back on drop.
+struct InotifyInstances(Option<u64>);
+
+impl InotifyInstances {
+    fn at_least(n: u64) -> Result<InotifyInstances> {
+        let old: u64 = std::fs::read_to_string(INOTIFY_LIMIT)
+            .with_context(|| format!("reading {INOTIFY_LIMIT}"))?
+            .trim()
+            .parse()
+            .with_context(|| format!("parsing {INOTIFY_LIMIT}"))?;
+        if old >= n {
+            return Ok(InotifyInstances(None));
+        }
+        std::fs::write(INOTIFY_LIMIT, n.to_string())
+            .with_context(|| format!("raising {INOTIFY_LIMIT} to {n} (run as root)"))?;
+        eprintln!("failover-bench: {INOTIFY_LIMIT} raised from {old} to {n} for this run");
+        Ok(InotifyInstances(Some(old)))
+    }
+}
+
+impl Drop for InotifyInstances {
+    fn drop(&mut self) {
+        if let Some(old) = self.0 {
+            let _ = std::fs::write(INOTIFY_LIMIT, old.to_string());
+        }
+    }
+}
+
 fn header(opts: &Options) -> String {
     format!(
         "# Failover of examples/kv ({})\n\n{}; {}; commit {}; binaries from {}.\n\
@@ -426,7 +462,8 @@ fn header(opts: &Options) -> String {
          to the service resource. Offline timeouts: filesets {FILESET_OFFLINE}, address \
          {IP_OFFLINE}, kv {KV_OFFLINE} (stop grace {KV_STOP_GRACE}); a new owner after a lost \
          one first waits out what is left of the old owner's stop bound (the fence wait of the \
-         second table).\n\
+         second table). fs.inotify.max_user_instances is raised to {INOTIFY_INSTANCES} for the \
+         run (one inotify instance per copy-mode pump; 128 by default).\n\
          Targets (issue 6, small state): warm ≤ 1 s p99, cold ≤ 2 s p99. For scale: MSCS \
          failover is \"typically under a minute\", Pacemaker with SBD defaults about 15-30 s.\n\n",
         if opts.quick { "--quick" } else { "full" },

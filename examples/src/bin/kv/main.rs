@@ -65,7 +65,9 @@ const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 2000;
 const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(100);
 /// A standby looks for shipped checkpoints in waits this long, between which a promotion can
 /// take the follower over.
-const FOLLOW_WAIT: Duration = Duration::from_millis(50);
+const FOLLOW_WAIT: Duration = Duration::from_millis(20);
+/// The maintenance loop runs at most this often (requests wake it early).
+const MIN_MAINTENANCE_GAP: Duration = Duration::from_millis(5);
 /// The status line shown by `ftctl status` is refreshed this often.
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// A request holding the store longer than this means the server is stuck: heartbeats stop,
@@ -412,8 +414,23 @@ fn maintenance(server: &Arc<Server>, watch: Option<Arc<Watch>>, timeout: Duratio
     let mut hbeat = Complaint::new(PROGRAM);
     let mut stuck_said = false;
     let mut next_status = Instant::now();
+    let mut last = Instant::now();
     loop {
-        std::thread::sleep(HEARTBEAT_INTERVAL);
+        // A request from watchd (a promotion, on a failover) wakes the loop at once.
+        match watch {
+            Some(w) => {
+                if let Err(e) = w.wait_command(HEARTBEAT_INTERVAL) {
+                    say!("waiting for watchd's requests failed: {e}");
+                    std::thread::sleep(HEARTBEAT_INTERVAL);
+                }
+            }
+            None => std::thread::sleep(HEARTBEAT_INTERVAL),
+        }
+        // A request left unread (the store was busy) must not make the loop spin.
+        if let Some(rest) = MIN_MAINTENANCE_GAP.checked_sub(last.elapsed()) {
+            std::thread::sleep(rest);
+        }
+        last = Instant::now();
         match server.stuck() {
             Some(held) => {
                 if !stuck_said {
