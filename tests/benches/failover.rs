@@ -8,7 +8,8 @@
 //! Run: `cargo build --release --workspace && cargo bench -p ftkit-tests --bench failover`
 //! (`-- --quick` for a short run, `-- --runs N` repetitions per row, `-- --groups N` instead
 //! of 100, `-- --only cold,warm,one,many,state,backlog` to pick rows, `-- --out FILE` to also
-//! write the markdown). Three watchd nodes run in network namespaces (tests/src/cluster.rs);
+//! write the markdown, `-- --heartbeat-ms MS` for a cluster heartbeat other than the default
+//! 100 ms: failure detection takes five of them). Three watchd nodes run in network namespaces (tests/src/cluster.rs);
 //! the client runs in the namespace of the lab's switch, with an address on its bridge. It
 //! prints tables; it asserts nothing about the numbers, and a row that cannot be measured says
 //! why instead.
@@ -42,7 +43,7 @@ use serde_json::Value;
 use harness::{Table, percentile, real_ns, sorted};
 
 const USAGE: &str = "usage: failover-bench [--quick] [--runs N] [--groups N] [--out FILE] \
-[--only cold,warm,one,many,state,backlog]";
+[--only cold,warm,one,many,state,backlog] [--heartbeat-ms MS]";
 
 /// Repetitions of a one-group row (full run / --quick).
 const RUNS: usize = 20;
@@ -153,6 +154,8 @@ struct Scenario {
     /// An async data fileset and a writer running until the fault.
     backlog: bool,
     runs: usize,
+    /// The cluster's heartbeat interval when not the default (ms).
+    heartbeat_ms: Option<u64>,
 }
 
 impl Scenario {
@@ -162,10 +165,14 @@ impl Scenario {
             b if b >= 1 << 20 => format!("{} MiB", b >> 20),
             b => format!("{b} B"),
         };
-        if self.backlog {
+        let state = if self.backlog {
             format!("{state}, async + writer")
         } else {
             state
+        };
+        match self.heartbeat_ms {
+            Some(ms) => format!("{state}, {ms} ms heartbeats"),
+            None => state,
         }
     }
 
@@ -182,6 +189,8 @@ struct Options {
     groups: usize,
     out: Option<PathBuf>,
     only: Vec<String>,
+    /// `[cluster.timing] heartbeat_interval` instead of the default (ms).
+    heartbeat_ms: Option<u64>,
 }
 
 fn parse_args() -> Result<Options> {
@@ -191,6 +200,7 @@ fn parse_args() -> Result<Options> {
         groups: MANY_GROUPS,
         out: None,
         only: Vec::new(),
+        heartbeat_ms: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -204,6 +214,13 @@ fn parse_args() -> Result<Options> {
                 }
             }
             "--out" => o.out = Some(args.next().context(USAGE)?.into()),
+            "--heartbeat-ms" => {
+                let ms: u64 = args.next().context(USAGE)?.parse().context(USAGE)?;
+                if !(10..=1000).contains(&ms) {
+                    bail!("--heartbeat-ms: 10 to 1000");
+                }
+                o.heartbeat_ms = Some(ms);
+            }
             "--only" => {
                 for part in args.next().context(USAGE)?.split(',') {
                     if !["cold", "warm", "one", "many", "state", "backlog"].contains(&part) {
@@ -240,6 +257,7 @@ fn scenarios(o: &Options) -> Vec<Scenario> {
         preload,
         backlog,
         runs,
+        heartbeat_ms: o.heartbeat_ms,
     };
     let has = |set: &str| o.only.iter().any(|s| s == set);
     let any_mode = !has("cold") && !has("warm");
@@ -559,6 +577,10 @@ impl Lab {
         let own = c.lab.addr(0).octets();
         let subnet = [own[0], own[1], own[2]];
         c.extra = node_config(s)?;
+        if let Some(ms) = s.heartbeat_ms {
+            c.extra
+                .push_str(&format!("\n[cluster.timing]\nheartbeat_interval = \"{ms}ms\"\n"));
+        }
         // Rings in the scratch directory, not /dev/shm, so that nothing outlives the row.
         let rings = c.shared.path().join("rings");
         std::fs::create_dir_all(&rings).context("creating the ring directory")?;
