@@ -257,17 +257,6 @@ pub struct PumpState {
     idle_reads: Arc<AtomicU64>,
 }
 
-/// A killed or panicked actor skips `post_stop`: its source thread and tasks must still end,
-/// or they would go on reading the ring (and streaming) for a pump that is gone.
-impl Drop for PumpState {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
 impl Actor for PumpActor {
     type Msg = PumpMsg;
     type State = PumpState;

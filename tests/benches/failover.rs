@@ -578,8 +578,9 @@ impl Lab {
         let subnet = [own[0], own[1], own[2]];
         c.extra = node_config(s)?;
         if let Some(ms) = s.heartbeat_ms {
-            c.extra
-                .push_str(&format!("\n[cluster.timing]\nheartbeat_interval = \"{ms}ms\"\n"));
+            c.extra.push_str(&format!(
+                "\n[cluster.timing]\nheartbeat_interval = \"{ms}ms\"\n"
+            ));
         }
         // Rings in the scratch directory, not /dev/shm, so that nothing outlives the row.
         let rings = c.shared.path().join("rings");

@@ -126,6 +126,8 @@ pub async fn run(config_path: PathBuf, config: Config, options: Options) -> anyh
         )
         .await
         .context("cannot start the replication supervisor")?;
+        // Services log into the rings the pumps create: they start once the pumps run.
+        crate::repl::wait_started(&repl, crate::repl::STARTUP_WAIT).await;
         let _ = shared.repl.set(repl);
     }
     let ft_sender = listener::start(

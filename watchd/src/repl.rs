@@ -392,6 +392,41 @@ pub async fn setup(config: &Config, instance: &str) -> anyhow::Result<Option<Set
     Ok(Some(setup))
 }
 
+/// How long watchd waits at startup for every fileset's pump or bcplog to run before it starts
+/// the services (which log into the pumps' rings).
+pub const STARTUP_WAIT: Duration = Duration::from_secs(5);
+
+/// Waits until every fileset this node holds runs its role's actor (a primary's pump has
+/// created its ring), at most `timeout`; past it, says which do not and returns.
+pub async fn wait_started(repl: &ActorRef<ReplMsg>, timeout: Duration) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let pending: Vec<String> = match ractor::call_t!(repl, ReplMsg::Status, STATUS_TIMEOUT_MS) {
+            Ok(reports) => reports
+                .into_iter()
+                .filter(|r| match r.role {
+                    Role::Primary => r.pump.is_none(),
+                    Role::Backup => r.bcplog.is_none(),
+                    Role::None => false,
+                })
+                .map(|r| r.name)
+                .collect(),
+            Err(e) => vec![e.to_string()],
+        };
+        if pending.is_empty() {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                ?pending,
+                "replication has not started for these filesets yet; starting the services anyway"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Messages of the replication supervisor.
 #[derive(Debug)]
 pub enum ReplMsg {
