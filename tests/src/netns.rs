@@ -140,6 +140,16 @@ impl Lab {
         &self.nodes[i]
     }
 
+    /// Whether node `i`'s first network interface (`eth0`) holds `cidr` (e.g. a group's
+    /// virtual address, `10.2.0.200/24`).
+    pub fn has_address(&self, i: usize, cidr: &str) -> bool {
+        let out = std::process::Command::new("ip")
+            .args(["-n", self.netns(i), "-o", "addr", "show", "dev", "eth0"])
+            .output()
+            .expect("ip addr");
+        String::from_utf8_lossy(&out.stdout).contains(cidr)
+    }
+
     /// The namespace holding the bridges: a process entered there (after giving `br<k>` an
     /// address) is a host on the networks that is no node, e.g. a client of the nodes.
     pub fn switch(&self) -> &str {

@@ -569,19 +569,7 @@ impl Kv {
 
     /// Whether node `i`'s interface holds the virtual address.
     fn has_vip(&self, i: usize) -> bool {
-        let out = Command::new("ip")
-            .args([
-                "-n",
-                self.c.lab.netns(i),
-                "-o",
-                "addr",
-                "show",
-                "dev",
-                "eth0",
-            ])
-            .output()
-            .expect("ip addr");
-        String::from_utf8_lossy(&out.stdout).contains(&format!("{}/24", self.vip))
+        self.c.lab.has_address(i, &format!("{}/24", self.vip))
     }
 
     /// kill -9 of kv on the owner `owner` (running as the primary at `epoch`, pid `pid`) until
