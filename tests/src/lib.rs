@@ -21,6 +21,7 @@ use serde_json::Value;
 pub mod cluster;
 pub mod groups;
 pub mod kv_cluster;
+pub mod kv_lab;
 pub mod netns;
 pub mod replica;
 

@@ -11,36 +11,20 @@
 //! is partitioned, and, in a two-node cluster with a quorum disk running exactly the README's
 //! files (`examples/kv-cluster/`), the host holding the disk's lease dies.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
-
 use ftkit_tests::cluster::{Cluster, NAMES, SETTLE};
 use ftkit_tests::kv_cluster::{self, readme_file};
-use ftkit_tests::netns::{Lab, enter_path};
-use ftkit_tests::{binary, json_lines, pid_of, q, read_or_empty, repo_root, wait_until};
+use ftkit_tests::kv_lab::{KvLab, MOVE, lab_addr};
+use ftkit_tests::{binary, pid_of, q, repo_root, wait_until};
 use nix::sys::signal::Signal;
-use serde_json::Value;
 
-/// How long the group may take to come online somewhere after a fault: failure detection, the
-/// regroup, the fence wait for a lost owner (its forced-stop bound: 0.55 s here, 1.05 s with
-/// the quorum disk), then the resources (kv recovers its checkpoint and log); generous, for a
-/// loaded CI machine.
-const MOVE: Duration = Duration::from_secs(40);
 /// kv's port on the virtual address.
 const KV_PORT: u16 = 7700;
 /// The last octet of the virtual address in the lab's network.
 const VIP_HOST: u8 = 200;
 /// The last octet of the client's address (on the bridge, outside every node).
 const CLIENT_HOST: u8 = 250;
-/// The writer's `--count`: more keys than any test writes (the writer is stopped at the end).
-const WRITER_KEYS: &str = "1000000";
-/// The writer's `--deadline`: how long one write may wait for a failover.
-const WRITER_DEADLINE_SECS: &str = "60";
 /// Acknowledged writes that must follow each fault (the client rides through it).
 const PROGRESS: usize = 20;
-/// `kvclient wait-up --timeout` after a fault.
-const WAIT_UP_SECS: &str = "40";
 /// How often a crash of kv is repeated at most to exhaust its restart budget
 /// (`max_restarts = 2` below: the third crash within the window is beyond it).
 const MAX_CRASHES: usize = 6;
@@ -95,311 +79,32 @@ grace = "1s"
 const ONLINE_ORDER: [&str; 4] = ["kv-ip", "kv-data", "kv-ckpt", "kv"];
 
 /// The address `host` in the lab's network 0 (`10.S.0.host`).
-fn lab_addr(lab: &Lab, host: u8) -> String {
-    let own = lab.addr(0).octets();
-    format!("{}.{}.{}.{host}", own[0], own[1], own[2])
+/// A cluster running the kv group (see [`KvLab`]).
+type Kv = KvLab;
+
+/// `n` nodes (with a quorum disk when `disk`) with the kv tables, the group applied (preferred
+/// owners in name order).
+fn kv(label: &str, n: usize, disk: bool) -> Kv {
+    let mut c = Cluster::new(label, n, 1, disk);
+    let vip = lab_addr(&c.lab, VIP_HOST);
+    c.extra = kv_tables(&vip, &NAMES[..n]);
+    // Rings in the scratch directory, not /dev/shm, so nothing outlives the test.
+    let rings = c.shared.file("rings");
+    c.settings = format!("ring_dir = {}", q(&rings));
+    c.start_all();
+    let group = kv_cluster::group(&vip, &NAMES[..n]);
+    KvLab::running(c, vip, KV_PORT, CLIENT_HOST, &group)
 }
 
-/// `kvclient write --acked` running in the client's namespace; killed when dropped.
-#[derive(Debug)]
-struct Writer {
-    child: Option<Child>,
-    out: PathBuf,
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- kvclient write ---\n{}", read_or_empty(&self.out));
-        }
-    }
-}
-
-/// A cluster running the kv group, a client host on its network, and what the test did to it.
-struct Kv {
-    /// Declared first: the client stops before the nodes and the namespaces go.
-    writer: Option<Writer>,
-    c: Cluster,
-    vip: String,
-    acked: PathBuf,
-    /// (node, unix ms) of every host death this test caused.
-    deaths: Vec<(usize, u64)>,
-}
-
-impl Kv {
-    /// `n` nodes (with a quorum disk when `disk`) with the kv tables, the group applied.
-    fn new(label: &str, n: usize, disk: bool) -> Kv {
-        let mut c = Cluster::new(label, n, 1, disk);
-        let vip = lab_addr(&c.lab, VIP_HOST);
-        c.extra = kv_tables(&vip, &NAMES[..n]);
-        // Rings in the scratch directory, not /dev/shm, so nothing outlives the test.
-        let rings = c.shared.file("rings");
-        c.settings = format!("ring_dir = {}", q(&rings));
-        c.start_all();
-        Kv::running(c, vip)
-    }
-
-    /// The two nodes of the README's deployment, each running its file of
-    /// `examples/kv-cluster/` with the hosts' addresses and paths replaced by the lab's and the
-    /// test's (and the rings in the scratch directory); the README's group file applied.
-    fn readme(label: &str) -> Kv {
-        let mut c = Cluster::new(label, 2, 1, false);
-        let vip = lab_addr(&c.lab, VIP_HOST);
-        kv_cluster::start_nodes(&mut c, label, &vip, str::to_owned);
-        Kv::running(c, vip)
-    }
-
-    /// The nodes of `c` run: a client address on the bridge, every node in one view, the kv
-    /// group applied (preferred owners in name order).
-    fn running(c: Cluster, vip: String) -> Kv {
-        let client = format!("{}/24", lab_addr(&c.lab, CLIENT_HOST));
-        ip(&["-n", c.lab.switch(), "addr", "add", &client, "dev", "br0"]);
-        let all: Vec<usize> = (0..c.n()).collect();
-        c.wait_view(&all, &all);
-        let acked = c.shared.file("acked");
-        let group = c
-            .shared
-            .write("kv-group.toml", &kv_cluster::group(&vip, &NAMES[..c.n()]));
-        let out = c
-            .node(0)
-            .ftctl_ok(&["group", "apply", group.to_str().expect("utf-8")]);
-        assert!(out.contains("applied"), "{out}");
-        Kv {
-            writer: None,
-            c,
-            vip,
-            acked,
-            deaths: Vec::new(),
-        }
-    }
-
-    /// `kvclient --addr VIP:PORT ARGS`, run on the client host.
-    fn kvclient(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(binary("kvclient"));
-        cmd.arg("--addr")
-            .arg(format!("{}:{KV_PORT}", self.vip))
-            .args(args)
-            .stdin(Stdio::null());
-        enter_path(&format!("/run/netns/{}", self.c.lab.switch()), &mut cmd);
-        cmd
-    }
-
-    /// Starts the writer.
-    fn start_writer(&mut self) {
-        let out = self.c.shared.file("writer.out");
-        let log = std::fs::File::create(&out).expect("the writer's output file");
-        let err = log.try_clone().expect("dup");
-        let acked = self.acked.display().to_string();
-        let child = self
-            .kvclient(&[
-                "write",
-                "--count",
-                WRITER_KEYS,
-                "--acked",
-                &acked,
-                "--deadline",
-                WRITER_DEADLINE_SECS,
-            ])
-            .stdout(log)
-            .stderr(err)
-            .spawn()
-            .expect("spawn kvclient write");
-        self.writer = Some(Writer {
-            child: Some(child),
-            out,
-        });
-    }
-
-    /// The writer is still writing (it gives up only when one write waited its deadline).
-    fn assert_writer_alive(&mut self) {
-        let writer = self.writer.as_mut().expect("the writer was started");
-        let child = writer.child.as_mut().expect("the writer runs");
-        let exited = child.try_wait().expect("try_wait on the writer");
-        assert!(
-            exited.is_none(),
-            "the writer stopped ({exited:?}): {}",
-            read_or_empty(&writer.out)
-        );
-    }
-
-    /// How many writes were acknowledged so far (whole lines only).
-    fn acked_count(&self) -> usize {
-        read_or_empty(&self.acked).matches('\n').count()
-    }
-
-    /// Waits until `more` writes beyond those acknowledged now are acknowledged.
-    fn wait_progress(&mut self, more: usize) -> usize {
-        let want = self.acked_count() + more;
-        let deadline = Instant::now() + MOVE;
-        loop {
-            let n = self.acked_count();
-            if n >= want {
-                return n;
-            }
-            self.assert_writer_alive();
-            assert!(
-                Instant::now() < deadline,
-                "only {n} of {want} writes acknowledged within {MOVE:?}; the group as {} sees it: {:#}",
-                NAMES[0],
-                self.first_status()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// `kvclient wait-up`: kv answers `PONG primary` on the virtual address.
-    fn wait_up(&self) {
-        let out = run(self.kvclient(&["wait-up", "--timeout", WAIT_UP_SECS]));
-        assert!(out.status.success(), "kv is not up: {}", text_of(&out));
-    }
-
-    /// `kvclient verify` over every write acknowledged so far: all of them are there. Returns
-    /// how many it checked.
-    fn verify(&self) -> usize {
-        // The writer appends while this runs: verify a copy cut at its last whole line.
-        let text = read_or_empty(&self.acked);
-        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-        let snapshot = self.c.shared.write("acked.snapshot", whole);
-        let out = run(self.kvclient(&["verify", "--acked", snapshot.to_str().expect("utf-8")]));
-        assert!(
-            out.status.success(),
-            "verify after a fault: {}\njournals:\n{}",
-            text_of(&out),
-            self.journals_text()
-        );
-        whole.lines().count()
-    }
-
-    /// `ftctl group status --json` of node `i`: the kv group.
-    fn group(&self, i: usize) -> Value {
-        json_lines(&self.c.node(i).ftctl_ok(&["group", "status", "--json"]))
-            .into_iter()
-            .find(|x| x["name"] == "kv")
-            .unwrap_or(Value::Null)
-    }
-
-    /// The group status as the first live node sees it (for failure messages).
-    fn first_status(&self) -> Value {
-        (0..self.c.n())
-            .find(|i| !self.deaths.iter().any(|(n, _)| n == i))
-            .map_or(Value::Null, |i| self.group(i))
-    }
-
-    /// Waits until node `i` sees the group online on `owner` with an epoch above `after`;
-    /// returns the epoch.
-    fn wait_online(&self, i: usize, owner: usize, after: u64) -> u64 {
-        let deadline = Instant::now() + MOVE;
-        loop {
-            let s = self.group(i);
-            let epoch = s["epoch"].as_u64().unwrap_or(0);
-            if s["state"] == "online" && s["owner"] == NAMES[owner] && epoch > after {
-                return epoch;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "group kv not online on {} (epoch > {after}) within {MOVE:?}, as {} sees it: {s:#}\njournals:\n{}",
-                NAMES[owner],
-                NAMES[i],
-                self.journals_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn journals(&self) -> Vec<Vec<Value>> {
-        (0..self.c.n())
-            .map(|i| ftkit_tests::groups::journal(self.c.node(i).data_dir()))
-            .collect()
-    }
-
-    fn journals_text(&self) -> String {
-        ftkit_tests::groups::journals_text(&self.journals())
-    }
-
-    /// The resources node `i`'s run at `epoch` brought to `state`, in order.
-    fn resource_order(&self, i: usize, epoch: u64, state: &str) -> Vec<String> {
-        ftkit_tests::groups::journal(self.c.node(i).data_dir())
-            .iter()
-            .filter(|r| {
-                r["kind"] == "resource"
-                    && r["group"] == "kv"
-                    && r["epoch"] == epoch
-                    && r["state"] == state
-            })
-            .filter_map(|r| r["resource"].as_str().map(str::to_owned))
-            .collect()
-    }
-
-    /// The pid of kv on node `i` (it runs there).
-    fn kv_pid(&self, i: usize) -> u32 {
-        self.c.node(i).wait_running("kv")
-    }
-
-    /// Node `i`'s host dies (watchd, kv and everything else in it; its network is cut).
-    fn kill_host(&mut self, i: usize) {
-        let at = self.c.kill_host(i);
-        self.deaths.push((i, at));
-    }
-
-    /// Node `i`'s host boots again: no address survives a reboot, then its watchd starts.
-    fn boot_host(&mut self, i: usize) {
-        let _ = Command::new("ip")
-            .args([
-                "-n",
-                self.c.lab.netns(i),
-                "addr",
-                "del",
-                &format!("{}/24", self.vip),
-                "dev",
-                "eth0",
-            ])
-            .output();
-        self.c.boot_host(i);
-    }
-
-    /// Whether node `i`'s interface holds the virtual address.
-    fn has_vip(&self, i: usize) -> bool {
-        self.c.lab.has_address(i, &format!("{}/24", self.vip))
-    }
-
-    /// The invariants over every journal; at least `min_runs` runs of the group were seen.
-    fn check_invariants(&self, min_runs: usize) {
-        let runs = ftkit_tests::groups::check_invariants(&self.journals(), &self.deaths, "kv");
-        assert!(runs.len() >= min_runs, "the checker saw runs: {runs:?}");
-    }
-
-    /// Stops the writer (it would write forever) and verifies what it had acknowledged.
-    fn finish(&mut self) -> usize {
-        self.assert_writer_alive();
-        self.writer = None;
-        self.verify()
-    }
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn run(mut cmd: Command) -> Output {
-    cmd.output().expect("run kvclient")
-}
-
-fn text_of(out: &Output) -> String {
-    format!(
-        "{}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
+/// The two nodes of the README's deployment, each running its file of `examples/kv-cluster/`
+/// with the hosts' addresses and paths replaced by the lab's and the test's (and the rings in
+/// the scratch directory); the README's group file applied.
+fn readme_kv(label: &str) -> Kv {
+    let mut c = Cluster::new(label, 2, 1, false);
+    let vip = lab_addr(&c.lab, VIP_HOST);
+    kv_cluster::start_nodes(&mut c, label, &vip, str::to_owned);
+    let group = kv_cluster::group(&vip, &NAMES[..2]);
+    KvLab::running(c, vip, KV_PORT, CLIENT_HOST, &group)
 }
 
 /// kv crashes: watchd restarts it where it is and the group stays (same owner, same epoch);
@@ -407,7 +112,7 @@ fn text_of(out: &Output) -> String {
 /// which recovers from the shipped checkpoint and the replicated log.
 #[test]
 fn kv_crashes_restart_locally_then_beyond_the_budget_the_group_moves() {
-    let mut t = Kv::new("kvf-crash", 3, false);
+    let mut t = kv("kvf-crash", 3, false);
     let e1 = t.wait_online(1, 0, 0);
     assert_eq!(t.resource_order(0, e1, "online"), ONLINE_ORDER);
     assert!(t.has_vip(0) && !t.has_vip(1) && !t.has_vip(2));
@@ -483,7 +188,7 @@ fn kv_crashes_restart_locally_then_beyond_the_budget_the_group_moves() {
 /// time as the new one.
 #[test]
 fn the_owner_host_dies_then_the_next_owner_is_partitioned() {
-    let mut t = Kv::new("kvf-host", 3, false);
+    let mut t = kv("kvf-host", 3, false);
     let e1 = t.wait_online(1, 0, 0);
     t.wait_up();
     t.start_writer();
@@ -575,7 +280,7 @@ fn the_owner_host_dies_then_the_next_owner_is_partitioned() {
 /// takes the disk over, forms the cluster alone and brings kv up with every acknowledged write.
 #[test]
 fn the_readme_two_node_deployment_survives_the_loss_of_the_quorum_disk_owner() {
-    let mut t = Kv::readme("kvf-readme");
+    let mut t = readme_kv("kvf-readme");
     let s = t.c.status(0);
     assert_eq!(s["quorum"]["kind"], "disk", "{s:#}");
     let e1 = t.wait_online(1, 0, 0);

@@ -19,34 +19,22 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use ftkit_tests::cluster::{Cluster, NAMES, SETTLE};
 use ftkit_tests::kv_cluster;
-use ftkit_tests::netns::{Lab, enter_path};
-use ftkit_tests::{binary, json_lines, pid_of, q, read_or_empty, wait_until};
+use ftkit_tests::kv_lab::{KvLab, MOVE, lab_addr};
+use ftkit_tests::{binary, pid_of, q, wait_until};
 use nix::sys::signal::Signal;
-use serde_json::Value;
 
-/// How long the group may take to come online somewhere after a fault (generous: the targets
-/// are one or two seconds; this bound only keeps a broken run from hanging).
-const MOVE: Duration = Duration::from_secs(40);
 /// kv's port (on every address of its node: a standby listens before the address is there).
 const KV_PORT: u16 = 7710;
 /// The last octet of the virtual address in the lab's network.
 const VIP_HOST: u8 = 201;
 /// The last octet of the client's address (on the bridge, outside every node).
 const CLIENT_HOST: u8 = 251;
-/// The writer's `--count`: more keys than the test writes (it is stopped at the end).
-const WRITER_KEYS: &str = "1000000";
-/// The writer's `--deadline`: how long one write may wait for a failover.
-const WRITER_DEADLINE_SECS: &str = "60";
 /// Acknowledged writes that must follow each fault.
 const PROGRESS: usize = 20;
-/// `kvclient wait-up --timeout` after a fault.
-const WAIT_UP_SECS: &str = "40";
 /// How long one PING of a standby may take.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long one probe of the virtual address may take after the owner's death (short: the
@@ -157,38 +145,20 @@ const MAX_CRASHES: usize = 6;
 /// The order the group's resources come online in (the first two in either order).
 const ONLINE_ORDER: [&str; 4] = ["kv-ckpt", "kv-data", "kv", "kv-ip"];
 
-/// The address `host` in the lab's network 0.
-fn lab_addr(lab: &Lab, host: u8) -> String {
-    let own = lab.addr(0).octets();
-    format!("{}.{}.{}.{host}", own[0], own[1], own[2])
-}
+/// The kv lab of these tests, with the warm standby's own checks.
+struct Kv(KvLab);
 
-/// `kvclient write --acked` running on the client host; killed when dropped.
-#[derive(Debug)]
-struct Writer {
-    child: Option<Child>,
-    out: PathBuf,
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if std::thread::panicking() {
-            eprintln!("--- kvclient write ---\n{}", read_or_empty(&self.out));
-        }
+impl std::ops::Deref for Kv {
+    type Target = KvLab;
+    fn deref(&self) -> &KvLab {
+        &self.0
     }
 }
 
-struct Kv {
-    /// Declared first: the client stops before the nodes and the namespaces go.
-    writer: Option<Writer>,
-    c: Cluster,
-    vip: String,
-    acked: PathBuf,
-    deaths: Vec<(usize, u64)>,
+impl std::ops::DerefMut for Kv {
+    fn deref_mut(&mut self) -> &mut KvLab {
+        &mut self.0
+    }
 }
 
 impl Kv {
@@ -201,7 +171,7 @@ impl Kv {
         c.settings = format!("ring_dir = {}", q(&rings));
         c.start_all();
         let group = kv_group(&vip);
-        Kv::running(c, vip, &group)
+        Kv(KvLab::running(c, vip, KV_PORT, CLIENT_HOST, &group))
     }
 
     /// The two nodes of the README's deployment (`examples/kv-cluster/`, with the lab's
@@ -223,168 +193,7 @@ impl Kv {
             README_SERVICE_PROPERTIES,
             WARM_SERVICE_PROPERTIES,
         );
-        Kv::running(c, vip, &group)
-    }
-
-    /// The nodes of `c` run: a client address on the bridge, every node in one view, `group`
-    /// applied.
-    fn running(c: Cluster, vip: String, group: &str) -> Kv {
-        let client = format!("{}/24", lab_addr(&c.lab, CLIENT_HOST));
-        ip(&["-n", c.lab.switch(), "addr", "add", &client, "dev", "br0"]);
-        let all: Vec<usize> = (0..c.n()).collect();
-        c.wait_view(&all, &all);
-        let acked = c.shared.file("acked");
-        let group = c.shared.write("kv-group.toml", group);
-        let out = c
-            .node(0)
-            .ftctl_ok(&["group", "apply", group.to_str().expect("utf-8")]);
-        assert!(out.contains("applied"), "{out}");
-        Kv {
-            writer: None,
-            c,
-            vip,
-            acked,
-            deaths: Vec::new(),
-        }
-    }
-
-    fn client_ns(&self) -> String {
-        format!("/run/netns/{}", self.c.lab.switch())
-    }
-
-    fn kvclient(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(binary("kvclient"));
-        cmd.arg("--addr")
-            .arg(format!("{}:{KV_PORT}", self.vip))
-            .args(args)
-            .stdin(Stdio::null());
-        enter_path(&self.client_ns(), &mut cmd);
-        cmd
-    }
-
-    fn start_writer(&mut self) {
-        let out = self.c.shared.file("writer.out");
-        let log = std::fs::File::create(&out).expect("the writer's output file");
-        let err = log.try_clone().expect("dup");
-        let acked = self.acked.display().to_string();
-        let child = self
-            .kvclient(&[
-                "write",
-                "--count",
-                WRITER_KEYS,
-                "--acked",
-                &acked,
-                "--deadline",
-                WRITER_DEADLINE_SECS,
-            ])
-            .stdout(log)
-            .stderr(err)
-            .spawn()
-            .expect("spawn kvclient write");
-        self.writer = Some(Writer {
-            child: Some(child),
-            out,
-        });
-    }
-
-    fn assert_writer_alive(&mut self) {
-        let writer = self.writer.as_mut().expect("the writer was started");
-        let child = writer.child.as_mut().expect("the writer runs");
-        let exited = child.try_wait().expect("try_wait on the writer");
-        assert!(
-            exited.is_none(),
-            "the writer stopped ({exited:?}): {}",
-            read_or_empty(&writer.out)
-        );
-    }
-
-    fn acked_count(&self) -> usize {
-        read_or_empty(&self.acked).matches('\n').count()
-    }
-
-    fn wait_progress(&mut self, more: usize) {
-        let want = self.acked_count() + more;
-        let deadline = Instant::now() + MOVE;
-        while self.acked_count() < want {
-            self.assert_writer_alive();
-            assert!(
-                Instant::now() < deadline,
-                "only {} of {want} writes acknowledged within {MOVE:?}\njournals:\n{}",
-                self.acked_count(),
-                self.journals_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    /// `kvclient wait-up`: kv answers `PONG primary` on the virtual address.
-    fn wait_up(&self) {
-        let out = self
-            .kvclient(&["wait-up", "--timeout", WAIT_UP_SECS])
-            .output()
-            .expect("run kvclient wait-up");
-        assert!(
-            out.status.success(),
-            "kv is not up: {}\njournals:\n{}",
-            text_of(&out),
-            self.journals_text()
-        );
-    }
-
-    /// `kvclient verify` over every write acknowledged so far.
-    fn verify(&self) -> usize {
-        let text = read_or_empty(&self.acked);
-        let whole = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-        let snapshot = self.c.shared.write("acked.snapshot", whole);
-        let out = self
-            .kvclient(&["verify", "--acked", snapshot.to_str().expect("utf-8")])
-            .output()
-            .expect("run kvclient verify");
-        assert!(
-            out.status.success(),
-            "verify after a fault: {}\njournals:\n{}",
-            text_of(&out),
-            self.journals_text()
-        );
-        whole.lines().count()
-    }
-
-    fn group(&self, i: usize) -> Value {
-        json_lines(&self.c.node(i).ftctl_ok(&["group", "status", "--json"]))
-            .into_iter()
-            .find(|x| x["name"] == "kv")
-            .unwrap_or(Value::Null)
-    }
-
-    /// Waits until node `i` sees the group online on `owner` with an epoch above `after`.
-    fn wait_online(&self, i: usize, owner: usize, after: u64) -> u64 {
-        let deadline = Instant::now() + MOVE;
-        loop {
-            let s = self.group(i);
-            let epoch = s["epoch"].as_u64().unwrap_or(0);
-            if s["state"] == "online" && s["owner"] == NAMES[owner] && epoch > after {
-                return epoch;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "group kv not online on {} (epoch > {after}) within {MOVE:?}: {s:#}\njournals:\n{}",
-                NAMES[owner],
-                self.journals_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn journal(&self, i: usize) -> Vec<Value> {
-        ftkit_tests::groups::journal(self.c.node(i).data_dir())
-    }
-
-    fn journals(&self) -> Vec<Vec<Value>> {
-        (0..self.c.n()).map(|i| self.journal(i)).collect()
-    }
-
-    fn journals_text(&self) -> String {
-        ftkit_tests::groups::journals_text(&self.journals())
+        Kv(KvLab::running(c, vip, KV_PORT, CLIENT_HOST, &group))
     }
 
     /// The resources node `i`'s run at `epoch` brought to `state`, in order (the two
@@ -430,33 +239,6 @@ impl Kv {
     /// Waits until the owner `owner` streams both filesets to node `backup`.
     fn wait_in_sync(&self, owner: usize, backup: usize) {
         kv_cluster::wait_in_sync(&self.c, owner, backup, &["kv-data", "kv-ckpt"], MOVE);
-    }
-
-    /// The pid of kv on node `i` (it runs there).
-    fn kv_pid(&self, i: usize) -> u32 {
-        self.c.node(i).wait_running("kv")
-    }
-
-    /// Node `i`'s host dies (watchd, kv and everything else in it; its network is cut).
-    fn kill_host(&mut self, i: usize) {
-        let at = self.c.kill_host(i);
-        self.deaths.push((i, at));
-    }
-
-    /// Node `i`'s host boots again (no address survives a reboot), then its watchd starts.
-    fn boot_host(&mut self, i: usize) {
-        let _ = Command::new("ip")
-            .args([
-                "-n",
-                self.c.lab.netns(i),
-                "addr",
-                "del",
-                &format!("{}/24", self.vip),
-                "dev",
-                "eth0",
-            ])
-            .output();
-        self.c.boot_host(i);
     }
 
     /// The owner host `owner` dies; returns the time until kv answered `PONG primary` on the
@@ -567,11 +349,6 @@ impl Kv {
         }
     }
 
-    /// Whether node `i`'s interface holds the virtual address.
-    fn has_vip(&self, i: usize) -> bool {
-        self.c.lab.has_address(i, &format!("{}/24", self.vip))
-    }
-
     /// kill -9 of kv on the owner `owner` (running as the primary at `epoch`, pid `pid`) until
     /// its supervisor gives up and the group leaves `owner`; `crashes` counts the crashes so
     /// far (earlier ones in the window count against the budget). Each restart in between is
@@ -625,19 +402,6 @@ impl Kv {
                 .then_some(())
             },
         );
-    }
-
-    /// The invariants over every journal; at least `min_runs` runs of the group were seen.
-    fn check_invariants(&self, min_runs: usize) {
-        let runs = ftkit_tests::groups::check_invariants(&self.journals(), &self.deaths, "kv");
-        assert!(runs.len() >= min_runs, "the checker saw runs: {runs:?}");
-    }
-
-    /// Stops the writer (it would write forever) and verifies what it had acknowledged.
-    fn finish(&mut self) -> usize {
-        self.assert_writer_alive();
-        self.writer = None;
-        self.verify()
     }
 
     /// Whether the journal of node `i` shows the promotion of its standby at `epoch`.
@@ -715,24 +479,6 @@ fn preloaded_value(key: &str) -> String {
     value.push('-');
     value.extend(std::iter::repeat_n('p', pad.saturating_sub(1)));
     value
-}
-
-fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("run ip");
-    assert!(
-        out.status.success(),
-        "ip {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn text_of(out: &Output) -> String {
-    format!(
-        "{}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// The owner host dies twice (a, then b after a came back as a standby): each time the next
