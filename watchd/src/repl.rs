@@ -427,6 +427,17 @@ pub async fn wait_started(repl: &ActorRef<ReplMsg>, timeout: Duration) {
     }
 }
 
+/// The actor that ended and why, when `evt` says a child failed or stopped.
+fn ended(evt: SupervisionEvent) -> Option<(ractor::ActorCell, String)> {
+    match evt {
+        SupervisionEvent::ActorFailed(cell, err) => Some((cell, err.to_string())),
+        SupervisionEvent::ActorTerminated(cell, _, reason) => {
+            Some((cell, reason.unwrap_or_else(|| "stopped".into())))
+        }
+        _ => None,
+    }
+}
+
 /// Messages of the replication supervisor.
 #[derive(Debug)]
 pub enum ReplMsg {
@@ -692,12 +703,8 @@ impl Actor for ReplSupervisor {
         evt: SupervisionEvent,
         st: &mut ReplState,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, why) = match evt {
-            SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                (cell, reason.unwrap_or_else(|| "stopped".into()))
-            }
-            _ => return Ok(()),
+        let Some((cell, why)) = ended(evt) else {
+            return Ok(());
         };
         let Some(slot) = st
             .ids
@@ -982,12 +989,8 @@ impl Actor for FilesetActor {
         evt: SupervisionEvent,
         st: &mut FilesetState,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, why) = match evt {
-            SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                (cell, reason.unwrap_or_else(|| "stopped".into()))
-            }
-            _ => return Ok(()),
+        let Some((cell, why)) = ended(evt) else {
+            return Ok(());
         };
         // Actors stopped on purpose (a role change) were forgotten before they stopped.
         if st.child.as_ref().map(Child::id) != Some(cell.get_id()) {
