@@ -23,6 +23,9 @@ use crate::quorum::{Disk, SECTOR_SIZE, SECTORS_PER_SLOT};
 pub const MAX_VALUE_LEN: usize = 64 * 1024;
 /// The largest encoded update: bigger ones are refused before they are sequenced.
 pub const MAX_UPDATE_BYTES: usize = 128 * 1024;
+/// How large the updates of one batch may be together, encoded ([`Update::runs_for_batches`]):
+/// half an update, leaving room for the batch's own framing.
+pub const BATCH_BYTES: usize = MAX_UPDATE_BYTES / 2;
 /// The largest encoded database: an update that would make it bigger is refused.
 pub const MAX_SNAPSHOT_BYTES: usize = 768 * 1024;
 /// The payload of one copy of the database on the quorum disk: room for the largest snapshot
@@ -596,6 +599,13 @@ pub enum Update {
         /// What they want.
         desired: Desired,
     },
+    /// Several updates applied in order as one: all of them or none, under one sequence number
+    /// (one global update round for what one policy run decided). It must not be empty and
+    /// must not hold another batch.
+    Batch {
+        /// The updates, in order.
+        updates: Vec<Update>,
+    },
 }
 
 /// Why an update is refused (the caller's request failed; nothing was sequenced).
@@ -699,6 +709,20 @@ pub enum UpdateError {
         state: GroupState,
         /// Why the change does not fit it.
         why: String,
+    },
+    /// A batch is empty or nested.
+    #[error("batch of updates: {why}")]
+    BadBatch {
+        /// What is wrong with it.
+        why: String,
+    },
+    /// An update of a batch is refused (so is the whole batch).
+    #[error("update {index} of the batch: {source}")]
+    InBatch {
+        /// Its position in the batch, from 0.
+        index: usize,
+        /// Why it is refused.
+        source: Box<UpdateError>,
     },
     /// The update or the database it would produce is too large.
     #[error("{what} would be {size} bytes; at most {max} are allowed")]
@@ -1087,7 +1111,30 @@ impl DbContent {
                 reason_ok(reason)
             }
             Update::SetGroupDesired { group, desired: _ } => self.group(group).map(|_| ()),
+            Update::Batch { updates } => self.after_batch(updates).map(|_| ()),
         }
+    }
+
+    /// This content after every update of a batch, in order; the first refusal refuses all.
+    fn after_batch(&self, list: &[Update]) -> Result<DbContent, UpdateError> {
+        if list.is_empty() {
+            return Err(UpdateError::BadBatch {
+                why: "it is empty".into(),
+            });
+        }
+        let mut next = self.clone();
+        for (index, u) in list.iter().enumerate() {
+            if matches!(u, Update::Batch { .. }) {
+                return Err(UpdateError::BadBatch {
+                    why: format!("update {index} is a batch itself"),
+                });
+            }
+            next.apply(u).map_err(|e| UpdateError::InBatch {
+                index,
+                source: Box::new(e),
+            })?;
+        }
+        Ok(next)
     }
 
     /// The group named `name`.
@@ -1244,6 +1291,10 @@ impl DbContent {
 
     /// Applies `update` after validating it; on error nothing changed.
     pub fn apply(&mut self, update: &Update) -> Result<(), UpdateError> {
+        if let Update::Batch { updates } = update {
+            *self = self.after_batch(updates)?;
+            return Ok(());
+        }
         self.validate(update)?;
         match update.clone() {
             Update::SetProperty { key, value } => {
@@ -1379,6 +1430,8 @@ impl DbContent {
                     own.moving_to = None;
                 }
             }
+            // Applied as a whole above, before any validation of a single update.
+            Update::Batch { .. } => {}
         }
         Ok(())
     }
@@ -1395,6 +1448,38 @@ impl Update {
     /// The encoded size of the update.
     pub fn encoded_len(&self) -> Result<usize, DbError> {
         Ok(encode("update", self)?.len())
+    }
+
+    /// `updates` as one update: the update itself when it is alone, a batch otherwise (`None`
+    /// when there is none).
+    pub fn batch(mut updates: Vec<Update>) -> Option<Update> {
+        match updates.len() {
+            0 => None,
+            1 => updates.pop(),
+            _ => Some(Update::Batch { updates }),
+        }
+    }
+
+    /// Splits `updates`, in order, into runs that fit one batch each: at most
+    /// [`BATCH_BYTES`] encoded (an update larger than that alone forms a run of its own, which
+    /// the sequencer refuses as too large, as it would without batching).
+    pub fn runs_for_batches(updates: Vec<Update>) -> Vec<Vec<Update>> {
+        let mut runs: Vec<Vec<Update>> = Vec::new();
+        let mut size: usize = 0;
+        for u in updates {
+            let len = u.encoded_len().unwrap_or(usize::MAX);
+            match runs.last_mut() {
+                Some(run) if size.saturating_add(len) <= BATCH_BYTES => {
+                    size += len;
+                    run.push(u);
+                }
+                _ => {
+                    size = len;
+                    runs.push(vec![u]);
+                }
+            }
+        }
+        runs
     }
 }
 

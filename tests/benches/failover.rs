@@ -25,7 +25,7 @@
 #[path = "watchd/harness.rs"]
 mod harness;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
 use std::os::fd::AsFd;
@@ -332,6 +332,7 @@ fn run() -> Result<()> {
         "state",
         "kill → new view",
         "view → assigned",
+        "queued for a turn",
         "fence wait",
         "resources online",
         "online → kv answers",
@@ -423,8 +424,10 @@ fn run() -> Result<()> {
         &format!(
             "## Where the time goes (p50 over samples and groups, ms)\n\n{}\n\
              From the new owner's cluster events (its `view` without the dead node) and its \
-             group journal (`groups.jsonl`: the ownership it saw assigned, `waiting` for the \
-             previous owner to stop, `onlining`, `online`), and the client's first answer.\n",
+             group journal (`groups.jsonl`: the ownership it saw assigned, `queued` when it \
+             had to wait for one of the node's turns to bring a group online, `waiting` for \
+             the previous owner to stop, `onlining`, `online`), and the client's first \
+             answer.\n",
             parts.render()
         ),
     );
@@ -499,8 +502,9 @@ struct Measured {
     all_answered: Vec<f64>,
     /// Per sample and group, ms.
     per_group: Vec<f64>,
-    /// kill → view, view → assigned, fence wait, resources online, online → answer (ms).
-    parts: [Vec<f64>; 5],
+    /// kill → view, view → assigned, queued, fence wait, resources online, online → answer
+    /// (ms).
+    parts: [Vec<f64>; 6],
     /// The backlog at the fault, as text.
     backlog: Option<String>,
 }
@@ -556,7 +560,7 @@ fn measure(s: &Scenario) -> Result<Measured> {
 struct Sample {
     all_ms: f64,
     per_group: Vec<f64>,
-    parts: [Vec<f64>; 5],
+    parts: [Vec<f64>; 6],
     backlog: Option<(u64, u64)>,
 }
 
@@ -681,7 +685,15 @@ impl Lab {
         let end = Instant::now() + LAYOUT_TIMEOUT;
         loop {
             harness::check_interrupted()?;
-            let groups = self.groups(1)?;
+            // A node busy starting a hundred groups may answer late: ask again.
+            let groups = match self.groups(1) {
+                Ok(g) => g,
+                Err(e) if Instant::now() < end && e.to_string().contains("did not answer") => {
+                    harness::sleep(POLL)?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let online = (0..self.s.groups)
                 .filter(|g| {
                     groups
@@ -711,20 +723,62 @@ impl Lab {
                         ))
                     })
                     .collect();
+                let decided: Vec<String> = (0..3)
+                    .flat_map(|i| {
+                        read_journal(self.c.node(i).data_dir())
+                            .into_iter()
+                            .filter(|r| r["kind"] == "decision" && r["group"] == g["name"])
+                            .map(move |r| {
+                                format!("{} at {}: {}", NAMES[i], r["time_ms"], r["detail"])
+                            })
+                    })
+                    .collect();
                 bail!(
                     "group {} keeps failing ({} failovers; {online} of {} groups online on a): \
-                     {}",
+                     {}; decisions: {}",
                     g["name"],
                     g["failovers_in_period"],
                     self.s.groups,
-                    broken.join("; ")
+                    broken.join("; "),
+                    decided.join("; ")
                 );
             }
             if Instant::now() >= end {
+                // The groups that are not there yet, with what the database says of them.
+                let stuck: Vec<String> = groups
+                    .values()
+                    .filter(|g| !(g["state"] == "online" && g["owner"] == NAMES[0]))
+                    .take(5)
+                    .map(|g| {
+                        format!(
+                            "{} {} on {} at epoch {} ({})",
+                            g["name"], g["state"], g["owner"], g["epoch"], g["reason"]
+                        )
+                    })
+                    .collect();
+                // The policy's last word on the first of them, from the nodes' journals.
+                let decided: Vec<String> = groups
+                    .values()
+                    .find(|g| !(g["state"] == "online" && g["owner"] == NAMES[0]))
+                    .map(|g| {
+                        (0..3)
+                            .filter_map(|i| {
+                                let journal = read_journal(self.c.node(i).data_dir());
+                                let last = journal
+                                    .iter()
+                                    .rev()
+                                    .find(|r| r["kind"] == "decision" && r["group"] == g["name"])?;
+                                Some(format!("{}: {}", NAMES[i], last["detail"]))
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 bail!(
-                    "{online} of {} groups online on a after {LAYOUT_TIMEOUT:?}: {:?}",
+                    "{online} of {} groups online on a after {LAYOUT_TIMEOUT:?}; not yet: {}; \
+                     decisions: {}",
                     self.s.groups,
-                    groups.values().take(3).collect::<Vec<_>>()
+                    stuck.join("; "),
+                    decided.join("; ")
                 );
             }
             harness::sleep(POLL)?;
@@ -844,7 +898,7 @@ impl Lab {
             }
             harness::sleep(POLL)?;
         };
-        let mut parts: [Vec<f64>; 5] = Default::default();
+        let mut parts: [Vec<f64>; 6] = Default::default();
         #[allow(clippy::cast_precision_loss)]
         for (g, done) in answered.iter().enumerate() {
             let Some(steps) = steps_of(&journal, &group_name(g), t0_ms) else {
@@ -856,9 +910,20 @@ impl Lab {
                 parts[1].push(steps.assigned as f64 - v as f64);
             }
             let onlining = steps.onlining as f64;
-            parts[2].push(steps.waiting.map_or(0.0, |w| onlining - w as f64));
-            parts[3].push(steps.online as f64 - onlining);
-            parts[4].push(done - steps.online as f64);
+            // A queued group's turn came with its `waiting` (the rest of the fence) or, when
+            // the fence passed meanwhile, with its `onlining`.
+            let turn = steps.waiting.unwrap_or(steps.onlining) as f64;
+            parts[2].push(steps.queued.map_or(0.0, |q| turn - q as f64));
+            parts[3].push(steps.waiting.map_or(0.0, |w| onlining - w as f64));
+            parts[4].push(steps.online as f64 - onlining);
+            parts[5].push(done - steps.online as f64);
+        }
+
+        if n > 1 {
+            eprintln!(
+                "failover-bench:     per resource, p50 from its onlining to online (ms): {}",
+                resource_times(&journal, n, t0_ms)
+            );
         }
 
         self.check_recovered()?;
@@ -1015,6 +1080,7 @@ fn preloaded_entries(bytes: u64) -> u64 {
 #[derive(Debug)]
 struct Steps {
     assigned: u64,
+    queued: Option<u64>,
     waiting: Option<u64>,
     onlining: u64,
     online: u64,
@@ -1045,10 +1111,70 @@ fn steps_of(journal: &[Value], group: &str, t0_ms: f64) -> Option<Steps> {
     };
     Some(Steps {
         assigned: owned["time_ms"].as_u64()?,
+        queued: at("queued"),
         waiting: at("waiting"),
         onlining: at("onlining")?,
         online: at("online")?,
     })
+}
+
+/// Per kind of resource (the suffix of its name), the p50 over groups of the time from its
+/// `onlining` to its `online` record in b's journal after `t0_ms`: where the onlining of many
+/// groups at once spends its time.
+fn resource_times(journal: &[Value], groups: usize, t0_ms: f64) -> String {
+    let mut by_kind: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut started: HashMap<String, u64> = HashMap::new();
+    let mut failed: BTreeMap<String, (usize, String)> = BTreeMap::new();
+    #[allow(clippy::cast_precision_loss)]
+    for r in journal {
+        let (Some(t), Some(name)) = (r["time_ms"].as_u64(), r["resource"].as_str()) else {
+            continue;
+        };
+        if r["kind"] != "resource" || (t as f64) < t0_ms.floor() {
+            continue;
+        }
+        match r["state"].as_str() {
+            Some("onlining") => {
+                started.entry(name.to_owned()).or_insert(t);
+            }
+            Some("online") => {
+                if let Some(from) = started.remove(name) {
+                    let kind = name.rsplit('-').next().unwrap_or(name).to_owned();
+                    by_kind
+                        .entry(kind)
+                        .or_default()
+                        .push(t.saturating_sub(from) as f64);
+                }
+            }
+            Some("failed") => {
+                started.remove(name);
+                let kind = name.rsplit('-').next().unwrap_or(name).to_owned();
+                let (count, first) = failed.entry(kind).or_default();
+                *count += 1;
+                if first.is_empty() {
+                    r["detail"].as_str().unwrap_or_default().clone_into(first);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut out: Vec<String> = by_kind
+        .iter_mut()
+        .map(|(kind, v)| {
+            v.sort_by(f64::total_cmp);
+            format!(
+                "{kind} {:.0} ({} runs, {groups} groups)",
+                v[v.len() / 2],
+                v.len()
+            )
+        })
+        .collect();
+    out.extend(
+        failed
+            .iter()
+            .map(|(kind, (count, first))| format!("{kind} failed {count}× (first: {first})")),
+    );
+    out.join(", ")
 }
 
 /// The newest cluster event's sequence number on node `i`.

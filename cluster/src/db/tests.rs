@@ -1122,3 +1122,108 @@ fn group_policies_and_resource_kinds_are_validated() {
     let e = refused(Update::SetResource(resource("ip", "web", &["httpd"])));
     assert!(e.to_string().contains("cycle"), "{e}");
 }
+
+#[test]
+fn a_batch_applies_all_its_updates_under_one_sequence_number_or_none() {
+    let mut s = populated();
+    s.apply(3, &Update::AddGroup(group("db"))).expect("valid");
+    let seq = s.seq;
+    // Two assignments and a property in one batch: one sequence number, all applied in order.
+    let batch = Update::Batch {
+        updates: vec![
+            assign("web", 1, Some("n1"), 10, false),
+            assign("db", 1, Some("n1"), 10, false),
+            report("web", 1, GroupState::Online),
+            set("ftkit.note", "batched"),
+        ],
+    };
+    let checked = s.clone();
+    checked
+        .check_next(&batch)
+        .expect("a valid batch passes the sequencer's check");
+    s.apply(4, &batch).expect("valid batch");
+    assert_eq!(s.seq, seq + 1);
+    assert_eq!(s.epoch, 4);
+    assert_eq!(s.content.ownership_of("web").state, GroupState::Online);
+    assert_eq!(s.content.ownership_of("db").epoch, 1);
+    assert_eq!(s.content.properties["ftkit.note"], "batched");
+
+    // One refused update refuses the batch: nothing changes, and the error names it.
+    let before = s.clone();
+    let bad = Update::Batch {
+        updates: vec![
+            assign("db", 2, Some("n1"), 20, false),
+            assign("web", 7, Some("n1"), 20, false),
+        ],
+    };
+    let e = s.apply(5, &bad).expect_err("stale epoch inside");
+    assert!(
+        matches!(&e, UpdateError::InBatch { index: 1, source } if matches!(**source, UpdateError::StaleEpoch { .. })),
+        "{e}"
+    );
+    assert!(e.to_string().contains("update 1 of the batch"), "{e}");
+    assert_eq!(s, before, "a refused batch changed the database");
+    assert!(s.check_next(&bad).is_err());
+
+    // Empty and nested batches are refused.
+    for bad in [
+        Update::Batch {
+            updates: Vec::new(),
+        },
+        Update::Batch {
+            updates: vec![Update::Batch {
+                updates: vec![set("k", "v")],
+            }],
+        },
+    ] {
+        let e = s.apply(5, &bad).expect_err("refused");
+        assert!(matches!(e, UpdateError::BadBatch { .. }), "{e}");
+        assert_eq!(s, before);
+    }
+
+    // The store applies a batch in one transaction, like any update.
+    let dir = TempDir::new("batch");
+    let mut db = ClusterDb::open(&dir.0.join("cluster.redb")).expect("created");
+    db.install(&before).expect("installed");
+    let next = Update::Batch {
+        updates: vec![
+            report("db", 1, GroupState::Online),
+            set("ftkit.note", "stored"),
+        ],
+    };
+    let got = db.apply(before.seq + 1, 5, &next).expect("applied");
+    assert_eq!(got.content.ownership_of("db").state, GroupState::Online);
+    let reopened = db.snapshot().expect("read");
+    assert_eq!(reopened, got);
+    assert!(
+        db.apply(before.seq + 2, 5, &bad).is_err(),
+        "a refused batch is an error of the store too"
+    );
+    assert_eq!(db.snapshot().expect("read"), got, "and writes nothing");
+}
+
+#[test]
+fn updates_are_cut_into_runs_that_fit_a_batch() {
+    assert_eq!(Update::batch(Vec::new()), None);
+    assert_eq!(Update::batch(vec![set("k", "v")]), Some(set("k", "v")));
+    // 40 properties of 4 KiB: about 160 KiB, more than one batch holds.
+    let big: Vec<Update> = (0..40)
+        .map(|i| set(&format!("p{i}"), &"x".repeat(4096)))
+        .collect();
+    let runs = Update::runs_for_batches(big.clone());
+    assert!(runs.len() >= 3, "{} runs", runs.len());
+    assert_eq!(runs.concat(), big, "order and content kept");
+    let mut s = DbSnapshot::default();
+    for run in runs {
+        let u = Update::batch(run).expect("a run is never empty");
+        assert!(u.encoded_len().expect("encodes") <= MAX_UPDATE_BYTES);
+        s.check_next(&u).expect("each batch fits");
+        s.apply(1, &u).expect("applies");
+    }
+    assert_eq!(s.content.properties.len(), 40);
+    // An update too large for any batch forms a run of its own.
+    let huge = set("huge", &"y".repeat(MAX_VALUE_LEN));
+    let runs = Update::runs_for_batches(vec![set("a", "1"), huge.clone(), set("b", "2")]);
+    assert_eq!(runs.len(), 3);
+    assert_eq!(runs[1], [huge]);
+}

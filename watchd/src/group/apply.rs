@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use cluster::db::{
-    DbContent, Desired, Failback, Group, GroupState, MINUTES_PER_DAY, Resource, ResourceKind,
-    Update,
+    DbContent, Desired, Failback, Group, GroupState, MAX_UPDATE_BYTES, MINUTES_PER_DAY, Resource,
+    ResourceKind, Update,
 };
 use serde::{Deserialize, Serialize};
 
@@ -523,11 +523,25 @@ pub async fn serve(groups: &GroupsHandle, request: GroupRequest) -> Response {
             }
             Ok(updates) => {
                 let n = updates.len();
+                // The whole file in one update when it fits (it applies whole or not at all,
+                // in one global update round); else in as few batches as fit.
+                let whole = Update::batch(updates.clone())
+                    .filter(|u| u.encoded_len().is_ok_and(|len| len <= MAX_UPDATE_BYTES));
+                let runs: Vec<(usize, Update)> = match whole {
+                    Some(u) => vec![(n, u)],
+                    None => Update::runs_for_batches(updates)
+                        .into_iter()
+                        .filter_map(|run| {
+                            let len = run.len();
+                            Update::batch(run).map(|u| (len, u))
+                        })
+                        .collect(),
+                };
                 let mut done = 0;
                 let mut failure = None;
-                for u in updates {
+                for (len, u) in runs {
                     match groups.node.update(u).await {
-                        Ok(_) => done += 1,
+                        Ok(_) => done += len,
                         Err(e) => {
                             failure = Some(e);
                             break;

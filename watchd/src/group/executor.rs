@@ -40,6 +40,7 @@ use cluster::gum::GumError;
 use cluster::membership::NodeState;
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 use serde::{Deserialize, Serialize};
+use tokio::sync::Semaphore;
 use tokio::task::{JoinHandle, JoinSet};
 
 use self::plan::{Facts, ForcedBounds, ForcedPhase, Plan, PlanConfig, ReportOutcome, Step};
@@ -76,6 +77,11 @@ pub const FORCED_BOUNDS: ForcedBounds = ForcedBounds {
     ip: FORCED_STOP_IP,
     fileset: FORCED_STOP_FILESET,
 };
+/// How many groups a node brings online (or starts standby instances of) at once; more wait
+/// their turn (an onlining journals `queued`). A node that takes over many groups at once (its peer died, one batch assigned
+/// them all) would otherwise start every service, fileset role change and address together:
+/// on a small host the supervisors then answer too late and the onlinings fail and bounce.
+pub const ONLINE_CONCURRENCY: usize = 8;
 /// How often the cluster node's database and view are looked at for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// How often the plan and the policy run without any change (failback windows open, failover
@@ -473,6 +479,8 @@ pub struct ExecState {
     /// The in-sync report of this node's primary filesets ([`super::in_sync`]).
     reporter: Option<JoinHandle<()>>,
     deadline: Option<JoinHandle<()>>,
+    /// Turns to bring a group online or start its standbys ([`ONLINE_CONCURRENCY`]).
+    turns: Arc<Semaphore>,
 }
 
 impl Actor for GroupExecutor {
@@ -507,6 +515,7 @@ impl Actor for GroupExecutor {
             watcher: Some(watcher),
             reporter: Some(reporter),
             deadline: None,
+            turns: Arc::new(Semaphore::new(ONLINE_CONCURRENCY)),
         })
     }
 
@@ -700,7 +709,8 @@ fn step(myself: &ActorRef<ExecMsg>, st: &mut ExecState) {
     }
 }
 
-/// Hands the policy's decisions to the global update manager, one after the other.
+/// Hands the policy's decisions to the global update manager: together, as few batches as
+/// fit (one global update round for a policy run, however many groups it moves).
 fn propose(myself: &ActorRef<ExecMsg>, st: &mut ExecState, decisions: Vec<Decision>) {
     if decisions.is_empty() {
         return;
@@ -717,12 +727,40 @@ fn propose(myself: &ActorRef<ExecMsg>, st: &mut ExecState, decisions: Vec<Decisi
     let notes = st.notes.clone();
     let me = myself.clone();
     tokio::spawn(async move {
-        for d in decisions {
-            let outcome = match node.update(d.to_update()).await {
-                Ok(seq) => format!("committed as update {seq}"),
-                Err(e) => format!("not applied: {e}"),
+        let updates = decisions.iter().map(Decision::to_update).collect();
+        let mut decided = decisions.iter();
+        for run in Update::runs_for_batches(updates) {
+            let these: Vec<&Decision> = decided.by_ref().take(run.len()).collect();
+            let Some(update) = Update::batch(run) else {
+                continue;
             };
-            notes.decision(&d, &outcome);
+            match node.update(update).await {
+                Ok(seq) => {
+                    let outcome = match these.len() {
+                        1 => format!("committed as update {seq}"),
+                        n => format!("committed as update {seq}, a batch of {n}"),
+                    };
+                    for d in these {
+                        notes.decision(d, &outcome);
+                    }
+                }
+                // One of them no longer applies (the database moved on since the policy read
+                // it, e.g. an operator's move): the others go on their own.
+                Err(e) if these.len() > 1 && is_refusal(&e).is_some() => {
+                    for d in these {
+                        let outcome = match node.update(d.to_update()).await {
+                            Ok(seq) => format!("committed as update {seq}"),
+                            Err(e) => format!("not applied: {e}"),
+                        };
+                        notes.decision(d, &outcome);
+                    }
+                }
+                Err(e) => {
+                    for d in these {
+                        notes.decision(d, &format!("not applied: {e}"));
+                    }
+                }
+            }
         }
         let _ = me.cast(ExecMsg::Proposed);
     });
@@ -780,6 +818,7 @@ fn carry_out(myself: &ActorRef<ExecMsg>, st: &mut ExecState, db: &DbContent, s: 
             let task = tokio::spawn(online(
                 myself.clone(),
                 st.notes.clone(),
+                st.turns.clone(),
                 group.clone(),
                 epoch,
                 wait,
@@ -881,7 +920,13 @@ fn carry_out(myself: &ActorRef<ExecMsg>, st: &mut ExecState, db: &DbContent, s: 
             if let Some(t) = st.standbys.remove(&group) {
                 t.abort();
             }
-            let task = tokio::spawn(standby(st.notes.clone(), group.clone(), epoch, built));
+            let task = tokio::spawn(standby(
+                st.notes.clone(),
+                st.turns.clone(),
+                group.clone(),
+                epoch,
+                built,
+            ));
             st.standbys.insert(group, task);
         }
         Step::StandbyOff { group, resources } => {
@@ -970,6 +1015,7 @@ fn build(db: &DbContent, name: &str, context: &ResourceContext) -> Result<Built,
 async fn online(
     actor: ActorRef<ExecMsg>,
     notes: Arc<Notes>,
+    turns: Arc<Semaphore>,
     group: String,
     epoch: u64,
     wait: Duration,
@@ -978,16 +1024,31 @@ async fn online(
     resources: Arc<BTreeMap<String, Arc<Built>>>,
     broken: Option<String>,
 ) {
+    // The fence counts from the assignment, also while the group waits for its turn.
     let fence_end = tokio::time::Instant::now() + wait;
-    let mut fenced = !wait.is_zero();
+    let _turn = match turns.clone().try_acquire_owned() {
+        Ok(turn) => Some(turn),
+        Err(_) => {
+            notes.group(
+                &group,
+                epoch,
+                "queued",
+                &format!("{ONLINE_CONCURRENCY} groups are onlining on this node"),
+            );
+            // The semaphore is never closed; were it, the group would go on without a turn.
+            turns.acquire_owned().await.ok()
+        }
+    };
+    let left = fence_end.saturating_duration_since(tokio::time::Instant::now());
+    let mut fenced = !left.is_zero();
     if fenced {
         notes.group(
             &group,
             epoch,
             "waiting",
             &format!(
-                "{} for the previous owner to stop (filesets and checkpoints come online meanwhile)",
-                humantime::format_duration(wait)
+                "{} ms for the previous owner to stop (filesets and checkpoints come online meanwhile)",
+                left.as_millis()
             ),
         );
     }
@@ -1089,10 +1150,14 @@ async fn online(
 /// Starts (or keeps) the standby instances of a group's warm service resources.
 async fn standby(
     notes: Arc<Notes>,
+    turns: Arc<Semaphore>,
     group: String,
     epoch: u64,
     resources: Vec<(String, Result<Built, String>)>,
 ) {
+    // Standby instances take turns with the onlinings (a group's onlining aborts its standby
+    // task, turn and all); the semaphore is never closed.
+    let _turn = turns.acquire_owned().await.ok();
     for (name, r) in resources {
         let r = match r {
             Ok(r) => r,

@@ -65,24 +65,27 @@ pub async fn run(node: Arc<NodeHandle>, shared: Arc<Shared>) {
                 continue;
             }
         };
-        for r in reports.iter().filter(|r| named.contains(r.name.as_str())) {
-            let Some(value) = value_of(r) else {
+        // Every change of this round in one update: a node that just became the primary of
+        // many filesets reports them in one global update round, not one round each.
+        let changed: Vec<Update> = reports
+            .iter()
+            .filter(|r| named.contains(r.name.as_str()))
+            .filter_map(|r| {
+                let value = value_of(r)?;
+                let key = in_sync_key(&shared.node, &r.name);
+                (db.properties.get(&key) != Some(&value))
+                    .then_some(Update::SetProperty { key, value })
+            })
+            .collect();
+        for run in Update::runs_for_batches(changed) {
+            let n = run.len();
+            let Some(update) = Update::batch(run) else {
                 continue;
-            };
-            let key = in_sync_key(&shared.node, &r.name);
-            if db.properties.get(&key) == Some(&value) {
-                continue;
-            }
-            let update = Update::SetProperty {
-                key,
-                value: value.clone(),
             };
             match node.update(update).await {
-                Ok(_) => {
-                    tracing::debug!(fileset = %r.name, %value, "in-sync backups reported");
-                }
+                Ok(_) => tracing::debug!(filesets = n, "in-sync backups reported"),
                 Err(e) => {
-                    tracing::debug!(fileset = %r.name, error = %e, "in-sync report not committed; trying again");
+                    tracing::debug!(filesets = n, error = %e, "in-sync report not committed; trying again");
                 }
             }
         }
