@@ -9,6 +9,7 @@
 //! loses the local change because of replication: errors are reported after the fact.
 
 use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -22,6 +23,8 @@ const DEFAULT_FILE_MODE: u32 = 0o666;
 const IMPORT_CHUNK: usize = 1 << 20;
 /// Permission bits of `st_mode` (what `Op::Chmod` and `Op::Create` carry).
 const PERMISSION_BITS: u32 = 0o7777;
+/// What the kernel appends to the `/proc/self/fd` link of a directory that was removed.
+const DELETED_SUFFIX: &[u8] = b" (deleted)";
 
 /// The process-wide filesets, read from the environment on first use.
 static FILESETS: RwLock<Option<Arc<Filesets>>> = RwLock::new(None);
@@ -124,10 +127,29 @@ fn canonical_entry(path: &Path) -> Option<PathBuf> {
             } else {
                 parent
             };
-            Some(std::fs::canonicalize(parent).ok()?.join(name))
+            Some(canonical_dir(parent)?.join(name))
         }
         // `/`, `..` or a path ending in `..`: there is no final name to keep.
         _ => std::fs::canonicalize(path).ok(),
+    }
+}
+
+/// The canonical path of a directory, as the kernel names it: one path walk (an `O_PATH` open)
+/// and a readlink of its `/proc/self/fd` entry, where `realpath` walks the path again for each
+/// of its components. Falls back to `realpath` without /proc.
+fn canonical_dir(dir: &Path) -> Option<PathBuf> {
+    let opened = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
+        .open(dir);
+    let Ok(handle) = opened else {
+        return std::fs::canonicalize(dir).ok();
+    };
+    let link = format!("/proc/self/fd/{}", handle.as_raw_fd());
+    match std::fs::read_link(link) {
+        // The kernel marks a directory removed meanwhile with " (deleted)": not canonical.
+        Ok(p) if p.is_absolute() && !p.as_os_str().as_bytes().ends_with(DELETED_SUFFIX) => Some(p),
+        _ => std::fs::canonicalize(dir).ok(),
     }
 }
 
@@ -279,11 +301,26 @@ impl File {
     pub fn open(path: impl AsRef<Path>, options: &OpenOptions) -> io::Result<File> {
         let path = path.as_ref();
         let sets = filesets();
-        let target = if sets.is_empty() {
-            None
-        } else {
-            classify(&sets, canonical_file(path))
-        };
+        if sets.is_empty() {
+            let file = options.to_std().open(path)?;
+            return Ok(Self::wrap(file, options, None));
+        }
+        // The file an open reaches is the entry itself unless that is a symlink. Rather than
+        // look first (one more path walk per open), open with O_NOFOLLOW: it fails, with no
+        // effect, exactly when the entry is a symlink, which then takes the long way.
+        if options.custom_flags & libc::O_NOFOLLOW == 0 {
+            let mut direct = options.clone();
+            direct.custom_flags |= libc::O_NOFOLLOW;
+            match Self::open_as(path, &direct, classify(&sets, canonical_entry(path))) {
+                Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {}
+                other => return other,
+            }
+        }
+        Self::open_as(path, options, classify(&sets, canonical_file(path)))
+    }
+
+    /// Opens `path`, which reaches the file of `target` (`None`: outside every fileset).
+    fn open_as(path: &Path, options: &OpenOptions, target: Option<Target>) -> io::Result<File> {
         let Some(target) = target else {
             let file = options.to_std().open(path)?;
             return Ok(Self::wrap(file, options, None));

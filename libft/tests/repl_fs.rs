@@ -333,6 +333,11 @@ fn paths_reached_through_symlinks_are_classified_by_their_canonical_path() {
     std::os::unix::fs::symlink("x/f", s.root.join("alias")).expect("file symlink");
     let g = File::open(s.root.join("alias"), OpenOptions::new().write(true)).expect("open");
     g.write_at(b"2", 1).expect("write");
+    // So does a final symlink outside every fileset that points at a file inside one.
+    std::os::unix::fs::symlink(s.root.join("x/f"), s.outside.join("in")).expect("symlink");
+    let h = File::open(s.outside.join("in"), OpenOptions::new().write(true)).expect("open");
+    assert_eq!(h.replicated_as(), Some(("data", &b"x/f"[..])));
+    h.write_at(b"3", 2).expect("write");
     let ops = s.ops();
     assert_eq!(
         ops[2..],
@@ -346,6 +351,11 @@ fn paths_reached_through_symlinks_are_classified_by_their_canonical_path() {
                 path: rp("x/f"),
                 offset: 1,
                 data: b"2".to_vec()
+            },
+            Op::Write {
+                path: rp("x/f"),
+                offset: 2,
+                data: b"3".to_vec()
             },
         ]
     );

@@ -6,7 +6,9 @@
 //! event loop. The bcplog thread never acknowledges a record before it is durable in the log;
 //! replay never trims a record before the replica's applied seq covering it is durable.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -25,6 +27,12 @@ pub const REPLAY_BATCH: usize = 4096;
 pub const REPLAY_COMMIT_EVERY: Duration = Duration::from_millis(500);
 /// Replay looks at the log at least this often even without a wake-up.
 pub const REPLAY_IDLE_CHECK: Duration = Duration::from_millis(200);
+/// Most bytes of appended records the bcplog keeps in memory for replay, which then applies
+/// them without reading them back from the log and decoding them again. Beyond it (replay
+/// lags far behind) replay reads the log, as it does after a restart.
+pub const REPLAY_MEMORY_BYTES: usize = 64 << 20;
+/// Bytes a record kept for replay is counted as beyond its data (path, headers).
+const RECORD_OVERHEAD: usize = 64;
 
 /// Errors of the backup side. A protocol error closes the connection; the pump reconnects.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +128,23 @@ pub struct Shared {
     pub replica: Mutex<Replica>,
     /// Set when the log's durable seq moved (replay waits on it).
     wake: (Mutex<bool>, Condvar),
+    /// Records appended to the log, in memory for replay (see [`REPLAY_MEMORY_BYTES`]).
+    recent: Mutex<Recent>,
+    /// Bumped, with the replica locked, whenever the replica's seqs stop following the log
+    /// (a resync, a promotion): replay drops records it fetched before.
+    rebases: AtomicU64,
+}
+
+/// A run of consecutive records the bcplog appended, oldest first, and their weight. Only a
+/// copy: the log stays the record of truth (replay falls back to it for anything missing).
+#[derive(Debug, Default)]
+struct Recent {
+    records: VecDeque<OpRecord>,
+    bytes: usize,
+}
+
+fn weight(rec: &OpRecord) -> usize {
+    rec.op.data_len() + RECORD_OVERHEAD
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -131,6 +156,59 @@ impl Shared {
     pub fn wake_replay(&self) {
         *lock(&self.wake.0) = true;
         self.wake.1.notify_one();
+    }
+
+    /// Keeps appended records for replay: those continuing the run held, while it stays
+    /// within [`REPLAY_MEMORY_BYTES`].
+    fn keep_for_replay(&self, records: impl IntoIterator<Item = OpRecord>) {
+        let mut recent = lock(&self.recent);
+        for rec in records {
+            let follows = recent.records.back().is_none_or(|b| b.seq + 1 == rec.seq);
+            let w = weight(&rec);
+            if !follows || recent.bytes + w > REPLAY_MEMORY_BYTES {
+                return;
+            }
+            recent.bytes += w;
+            recent.records.push_back(rec);
+        }
+    }
+
+    /// Forgets the records kept for replay and makes replay drop what it fetched: the
+    /// replica's seqs are about to stop following the log. Call with the replica locked.
+    fn rebase(&self) {
+        self.rebases.fetch_add(1, Ordering::AcqRel);
+        let mut recent = lock(&self.recent);
+        recent.records.clear();
+        recent.bytes = 0;
+    }
+
+    /// The kept records from `applied + 1` on, through `durable`, at most `max`; empty when
+    /// the next record is not in memory.
+    fn take_recent(&self, applied: u64, durable: u64, max: usize) -> Vec<OpRecord> {
+        let mut recent = lock(&self.recent);
+        while let Some(front) = recent.records.front() {
+            if front.seq > applied {
+                break;
+            }
+            let w = weight(front);
+            recent.bytes -= w;
+            recent.records.pop_front();
+        }
+        let mut out = Vec::new();
+        if recent.records.front().is_none_or(|f| f.seq != applied + 1) {
+            return out;
+        }
+        while out.len() < max {
+            match recent.records.front() {
+                Some(f) if f.seq <= durable => {
+                    let w = weight(f);
+                    recent.bytes -= w;
+                    out.extend(recent.records.pop_front());
+                }
+                _ => break,
+            }
+        }
+        out
     }
 
     fn wait_for_work(&self, timeout: Duration) {
@@ -229,6 +307,8 @@ impl Bcplog {
                 log: Mutex::new(log),
                 replica: Mutex::new(replica),
                 wake: (Mutex::new(false), Condvar::new()),
+                recent: Mutex::new(Recent::default()),
+                rebases: AtomicU64::new(0),
             }),
             meta,
             phase: Phase::Greeting,
@@ -285,6 +365,7 @@ impl Bcplog {
             let mut log = lock(&self.shared.log);
             log.sync()?;
             let mut replica = lock(&self.shared.replica);
+            self.shared.rebase();
             let consistent = log_continues(&log, replica.applied_seq());
             let applied = if consistent {
                 replay::drain(&mut log, &mut replica)?
@@ -339,7 +420,7 @@ impl Bcplog {
                 },
             ) => self.on_hello(fileset, generation, epoch, mode),
             (Phase::Streaming, ToBackup::Ops { records }) => {
-                self.append(&records)?;
+                self.append(records)?;
                 Ok(Vec::new())
             }
             (Phase::AwaitResync { generation }, ToBackup::ResyncBegin { next_seq }) => {
@@ -410,23 +491,29 @@ impl Bcplog {
         }])
     }
 
-    fn append(&mut self, records: &[OpRecord]) -> Result<(), BackupError> {
-        let mut log = lock(&self.shared.log);
-        for rec in records {
-            let last = log.last_seq();
-            if rec.seq <= last {
-                continue; // a resumed stream may repeat what we already hold
-            }
-            if rec.seq != last + 1 {
-                return Err(BackupError::Protocol(format!(
-                    "record {} after {last}: records in between are missing",
-                    rec.seq
-                )));
-            }
-            log.append(rec.seq, &replay::encode_record(rec))?;
-            self.received += 1;
-        }
-        Ok(())
+    fn append(&mut self, records: Vec<OpRecord>) -> Result<(), BackupError> {
+        let mut appended = Vec::with_capacity(records.len());
+        let result = {
+            let mut log = lock(&self.shared.log);
+            records.into_iter().try_for_each(|rec| {
+                let last = log.last_seq();
+                if rec.seq <= last {
+                    return Ok(()); // a resumed stream may repeat what we already hold
+                }
+                if rec.seq != last + 1 {
+                    return Err(BackupError::Protocol(format!(
+                        "record {} after {last}: records in between are missing",
+                        rec.seq
+                    )));
+                }
+                log.append_with(rec.seq, |buf| replay::encode_record_into(&rec, buf))?;
+                self.received += 1;
+                appended.push(rec);
+                Ok(())
+            })
+        };
+        self.shared.keep_for_replay(appended);
+        result
     }
 
     /// Makes what was appended durable; returns the ack to send when it moved.
@@ -463,6 +550,7 @@ impl Bcplog {
             // recent state and the primary sends only what is really missing.
             let mut log = lock(&self.shared.log);
             let mut replica = lock(&self.shared.replica);
+            self.shared.rebase();
             // A log that does not continue the replica (a crash between the log's reset and
             // the replica's rebase at the end of an earlier resync) holds nothing usable: the
             // resync replaces it.
@@ -520,6 +608,7 @@ impl Bcplog {
             // A crash anywhere in here leaves generation 0 behind: the next greeting resyncs.
             let mut log = lock(&self.shared.log);
             let mut replica = lock(&self.shared.replica);
+            self.shared.rebase();
             log.reset(next_seq)?;
             replica.rebase(next_seq - 1)?;
         }
@@ -557,8 +646,15 @@ fn msg_kind(msg: &ToBackup) -> &'static str {
 /// most [`REPLAY_BATCH`] records), commits when due or when caught up, and trims the log
 /// through the committed seq. Returns whether it applied anything.
 pub fn replay_step(shared: &Shared, last_commit: &mut Instant) -> Result<bool, BackupError> {
+    let rebases = shared.rebases.load(Ordering::Acquire);
     let applied = lock(&shared.replica).applied_seq();
-    let batch: Vec<(u64, Vec<u8>)> = {
+    let durable = lock(&shared.log).durable_seq();
+    // Records the bcplog kept in memory, else the log (after a restart, or when replay fell
+    // further behind than the memory holds).
+    let kept = shared.take_recent(applied, durable, REPLAY_BATCH);
+    let batch: Vec<(u64, Vec<u8>)> = if !kept.is_empty() {
+        Vec::new()
+    } else {
         let mut log = lock(&shared.log);
         let durable = log.durable_seq();
         if durable <= applied || log.first_seq().is_none_or(|f| f > applied + 1) {
@@ -570,15 +666,25 @@ pub fn replay_step(shared: &Shared, last_commit: &mut Instant) -> Result<bool, B
                 .collect::<Result<_, _>>()?
         }
     };
-    let worked = !batch.is_empty();
-    let caught_up = batch.len() < REPLAY_BATCH;
+    let fetched = kept.len() + batch.len();
+    let worked = fetched > 0;
+    let caught_up = fetched < REPLAY_BATCH;
     let mut replica = lock(&shared.replica);
-    for (seq, payload) in batch {
-        match replica.apply_encoded(seq, &payload) {
-            Ok(_) => {}
-            Err(e) if e.consumed() => {}
-            Err(e) => return Err(e.into()),
-        }
+    if shared.rebases.load(Ordering::Acquire) != rebases {
+        // A resync or promotion renumbered the replica meanwhile: what was fetched is stale.
+        return Ok(worked);
+    }
+    // An error that leaves a record unapplied stops the batch: nothing after it may go first.
+    let go_on = |outcome: Result<_, ReplayError>| match outcome {
+        Ok(_) => Ok(()),
+        Err(e) if e.consumed() => Ok(()),
+        Err(e) => Err(e),
+    };
+    for rec in &kept {
+        go_on(replica.apply(rec))?;
+    }
+    for (seq, payload) in &batch {
+        go_on(replica.apply_encoded(*seq, payload))?;
     }
     let due = last_commit.elapsed() >= REPLAY_COMMIT_EVERY;
     if replica.applied_seq() > replica.committed_seq() && (caught_up || due) {

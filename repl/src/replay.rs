@@ -1162,7 +1162,16 @@ impl Replica {
 
 /// The log payload of a record: MessagePack (rmp-serde) of the whole [`OpRecord`].
 pub fn encode_record(rec: &OpRecord) -> Vec<u8> {
-    rmp_serde::to_vec(rec).expect("an OpRecord is plain data and a Vec<u8> sink cannot fail")
+    let mut payload = Vec::new();
+    encode_record_into(rec, &mut payload);
+    payload
+}
+
+/// Appends the log payload of a record ([`encode_record`]) to `buf`: the bcplog encodes
+/// straight into the log's write buffer.
+pub fn encode_record_into(rec: &OpRecord, buf: &mut Vec<u8>) {
+    rmp_serde::encode::write(buf, rec)
+        .expect("an OpRecord is plain data and a Vec<u8> sink cannot fail");
 }
 
 /// Decodes a log payload; validates every path ([`RelPath`] rules).

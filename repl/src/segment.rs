@@ -586,6 +586,18 @@ impl SegmentLog {
         if payload.len() > MAX_RECORD_BYTES {
             return Err(LogError::TooLarge { len: payload.len() });
         }
+        self.append_with(seq, |buf| buf.extend_from_slice(payload))
+    }
+
+    /// Like [`SegmentLog::append`], with the payload written by `encode`, which appends it to
+    /// the buffer it is given (the log's write buffer: no copy of the payload is made).
+    pub fn append_with(
+        &mut self,
+        seq: u64,
+        encode: impl FnOnce(&mut Vec<u8>),
+    ) -> Result<(), LogError> {
+        self.check_usable()?;
+        check_seq(seq)?;
         match self.next {
             Some(next) if seq < next => {
                 return Err(LogError::Duplicate {
@@ -608,19 +620,34 @@ impl SegmentLog {
         if roll {
             self.start_segment(seq)?;
         }
-        let len = u32::try_from(payload.len()).expect("payload <= MAX_RECORD_BYTES fits in u32");
-        let Some(segment) = self.segments.last_mut() else {
+        if self.segments.is_empty() {
             return Err(self.poison(LogError::Poisoned {
                 reason: "no active segment after starting one".to_owned(),
             }));
-        };
+        }
         let start = self.pending.len();
-        self.pending.extend_from_slice(&len.to_le_bytes());
-        self.pending
-            .extend_from_slice(&record_crc(seq, payload).to_le_bytes());
-        self.pending.extend_from_slice(&seq.to_le_bytes());
-        self.pending.extend_from_slice(payload);
-        segment.bytes += (self.pending.len() - start) as u64;
+        self.pending.extend_from_slice(&[0; RECORD_HEADER_BYTES]);
+        encode(&mut self.pending);
+        let payload = &self.pending[start + RECORD_HEADER_BYTES..];
+        let Some(len) = u32::try_from(payload.len())
+            .ok()
+            .filter(|&l| l as usize <= MAX_RECORD_BYTES)
+        else {
+            let len = payload.len();
+            self.pending.truncate(start);
+            return Err(LogError::TooLarge { len });
+        };
+        let crc = record_crc(seq, payload);
+        let header = &mut self.pending[start..start + RECORD_HEADER_BYTES];
+        header[..4].copy_from_slice(&len.to_le_bytes());
+        header[4..8].copy_from_slice(&crc.to_le_bytes());
+        header[8..].copy_from_slice(&seq.to_le_bytes());
+        let written = (self.pending.len() - start) as u64;
+        let segment = self
+            .segments
+            .last_mut()
+            .expect("checked above that a segment exists");
+        segment.bytes += written;
         segment.records += 1;
         self.pending_records += 1;
         self.next = Some(seq + 1);

@@ -494,31 +494,49 @@ pub(crate) fn decode(body: &[u8]) -> Result<Op, DecodeError> {
     Ok(op)
 }
 
-/// Like [`decode`], taking the body by value so a write's data reuses its buffer instead of
-/// being copied again (the consumer's hot path).
-pub(crate) fn decode_owned(mut body: Vec<u8>) -> Result<Op, DecodeError> {
-    if body.first() != Some(&KIND_WRITE) {
-        return decode(&body);
+/// Decodes a body of `len` bytes that lies in memory other processes may write (the ring):
+/// `read(at, n, dst)` appends body bytes `at..at + n` to `dst` (`at + n <= len` always holds).
+/// Every byte is copied once into private memory and only the copies are decoded; a write's
+/// data is copied straight into its own buffer (the consumer's hot path: no second copy),
+/// everything else goes through `scratch`.
+pub(crate) fn decode_piecewise(
+    len: usize,
+    scratch: &mut Vec<u8>,
+    read: impl Fn(usize, usize, &mut Vec<u8>),
+) -> Result<Op, DecodeError> {
+    /// Kind, offset and path length of a write.
+    const HEAD: usize = 1 + 8 + PATH_PREFIX;
+    scratch.clear();
+    if len >= WRITE_FIXED {
+        read(0, HEAD, scratch);
     }
-    let (offset, path, data_at) = {
-        let mut r = Reader { rest: &body };
-        r.u8()?;
-        let offset = r.u64()?;
-        let path = r.path()?;
-        let len = usize::try_from(r.u32()?).map_err(|_| DecodeError::Truncated)?;
-        match r.rest.len() {
-            n if n < len => return Err(DecodeError::Truncated),
-            n if n > len => return Err(DecodeError::TrailingBytes(n - len)),
-            _ => {}
-        }
-        (offset, path, body.len() - len)
+    if scratch.first() != Some(&KIND_WRITE) {
+        scratch.clear();
+        read(0, len, scratch);
+        return decode(scratch);
+    }
+    let mut r = Reader { rest: scratch };
+    r.u8()?;
+    let offset = r.u64()?;
+    let path_len = usize::from(u16::from_le_bytes(r.array()?));
+    let data_at = HEAD + path_len + 4;
+    if data_at > len {
+        return Err(DecodeError::Truncated);
+    }
+    read(HEAD, path_len + 4, scratch);
+    let mut r = Reader {
+        rest: &scratch[HEAD..],
     };
-    body.drain(..data_at);
-    Ok(Op::Write {
-        path,
-        offset,
-        data: body,
-    })
+    let path = RelPath::new(r.take(path_len)?)?;
+    let data_len = usize::try_from(r.u32()?).map_err(|_| DecodeError::Truncated)?;
+    match len - data_at {
+        n if n < data_len => return Err(DecodeError::Truncated),
+        n if n > data_len => return Err(DecodeError::TrailingBytes(n - data_len)),
+        _ => {}
+    }
+    let mut data = Vec::with_capacity(data_len);
+    read(data_at, data_len, &mut data);
+    Ok(Op::Write { path, offset, data })
 }
 
 struct Reader<'b> {
@@ -656,6 +674,14 @@ mod tests {
         RelPath::new(s.as_bytes()).expect("valid test path")
     }
 
+    /// [`decode_piecewise`] over a slice, with a scratch buffer holding garbage.
+    fn piecewise(body: &[u8]) -> Result<Op, DecodeError> {
+        let mut scratch = vec![0xaa; 7];
+        decode_piecewise(body.len(), &mut scratch, |at, n, dst| {
+            dst.extend_from_slice(&body[at..at + n]);
+        })
+    }
+
     #[test]
     fn every_kind_round_trips() {
         for op in sample_ops() {
@@ -664,19 +690,16 @@ mod tests {
             let mut buf = vec![0u8; r.encoded_len()];
             assert!(r.encode(&mut buf), "{op:?}");
             assert_eq!(decode(&buf).expect("decodes"), op);
-            assert_eq!(decode_owned(buf.clone()).expect("decodes"), op);
+            assert_eq!(piecewise(&buf).expect("decodes"), op);
             // Every strict prefix is refused, never a panic.
             for cut in 0..buf.len() {
                 assert!(decode(&buf[..cut]).is_err(), "{op:?} cut at {cut}");
-                assert!(
-                    decode_owned(buf[..cut].to_vec()).is_err(),
-                    "{op:?} cut at {cut}"
-                );
+                assert!(piecewise(&buf[..cut]).is_err(), "{op:?} cut at {cut}");
             }
             let mut longer = buf.clone();
             longer.push(0);
             assert_eq!(decode(&longer), Err(DecodeError::TrailingBytes(1)));
-            assert_eq!(decode_owned(longer), Err(DecodeError::TrailingBytes(1)));
+            assert_eq!(piecewise(&longer), Err(DecodeError::TrailingBytes(1)));
             // A wrong destination size is reported, not a panic.
             let mut short = vec![0u8; buf.len().saturating_sub(1)];
             assert!(!r.encode(&mut short));

@@ -50,7 +50,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::Once;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering, fence};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering, fence};
 use std::time::{Duration, Instant};
 
 use super::codec::{self, DecodeError, OpRef, WRITE_FIXED};
@@ -123,6 +123,17 @@ const MAX_RECORD_DIVISOR: u64 = 4;
 const URGENT_FILL_DIVISOR: u64 = 4;
 /// Consumer: how often it re-examines a record that stays reserved (abandon and stuck checks).
 const PENDING_RECHECK: Duration = Duration::from_millis(10);
+/// Producers map the data area into their page tables this many bytes at a time, before they
+/// first write there (`MADV_POPULATE_WRITE`): one syscall per chunk instead of one page fault
+/// per 4 KiB page, which cost a fresh process about as much as copying its data into the ring.
+/// Small enough that a process logging one operation maps little it does not use.
+const POPULATE_CHUNK: u64 = 256 * 1024;
+/// The size of a huge page that maps with one page-table entry (PMD) on x86-64 and arm64 with
+/// 4 KiB pages: the ring file is backed with such pages where possible.
+const HUGE_PAGE: usize = 2 << 20;
+/// `madvise` advice: collapse the range into huge pages (the asm-generic value, which x86-64
+/// and arm64 use; the libc crate does not have it yet).
+const MADV_COLLAPSE: libc::c_int = 25;
 
 /// Why a ring operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -237,25 +248,92 @@ impl Drop for Mapping {
     }
 }
 
+/// Maps the whole file. A file of at least [`HUGE_PAGE`] bytes is mapped at an address aligned
+/// to it, so that the huge pages [`back_with_huge_pages`] gave the file can be mapped whole:
+/// a producer then takes one page fault per 2 MiB of the ring it writes, not one per 4 KiB.
 fn map_file(file: &File, len: usize, path: &Path) -> Result<Mapping, RingError> {
-    // SAFETY: mapping a file we hold open, at an address the kernel chooses; the result is
+    let fail = |e: io::Error| io_err("cannot map", path, e);
+    let align = if len >= HUGE_PAGE { HUGE_PAGE } else { 0 };
+    // An inaccessible reservation with room to align inside it; the file goes over its
+    // aligned part and the rest is given back.
+    let span = len
+        .checked_add(align)
+        .ok_or_else(|| fail(io::ErrorKind::InvalidInput.into()))?;
+    // SAFETY: a fresh anonymous, inaccessible mapping at an address the kernel chooses;
     // checked for MAP_FAILED before use.
-    let ptr = unsafe {
+    let hole = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
+            span,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if hole == libc::MAP_FAILED {
+        return Err(fail(io::Error::last_os_error()));
+    }
+    let start = hole.cast::<u8>();
+    let lead = if align == 0 {
+        0
+    } else {
+        (align - (start as usize) % align) % align
+    };
+    // SAFETY: `lead + len <= span`, so the file is mapped over part of the reservation made
+    // above, which nothing else uses (MAP_FIXED replaces only those pages).
+    let ptr = unsafe {
+        libc::mmap(
+            start.add(lead).cast(),
             len,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
+            libc::MAP_SHARED | libc::MAP_FIXED,
             file.as_raw_fd(),
             0,
         )
     };
-    if ptr == libc::MAP_FAILED {
-        return Err(io_err("cannot map", path, io::Error::last_os_error()));
+    let mapped = ptr != libc::MAP_FAILED;
+    let error = io::Error::last_os_error();
+    // SAFETY: the parts of the reservation before and after the file's mapping (or all of it
+    // when mapping failed) belong to this function alone; nothing points into them.
+    unsafe {
+        if !mapped {
+            libc::munmap(hole, span);
+        } else {
+            if lead > 0 {
+                libc::munmap(hole, lead);
+            }
+            if span > lead + len {
+                libc::munmap(start.add(lead + len).cast(), span - lead - len);
+            }
+        }
+    }
+    if !mapped {
+        return Err(fail(error));
     }
     let base = NonNull::new(ptr.cast::<u8>())
-        .ok_or_else(|| io_err("cannot map", path, io::Error::other("mmap returned NULL")))?;
+        .ok_or_else(|| fail(io::Error::other("mmap returned NULL")))?;
     Ok(Mapping { base, len })
+}
+
+/// Asks the kernel to back the (new, still sparse) ring file with huge pages: `MADV_COLLAPSE`
+/// (Linux 6.1) does so on tmpfs also when its `huge` option is off. It refuses a range with no
+/// page at all, so one byte of each 2 MiB is written first (a zero, as the hole would read).
+/// A kernel or a file system that cannot does nothing, and the ring works with small pages.
+fn back_with_huge_pages(file: &File, map: &Mapping) {
+    let whole = map.len - map.len % HUGE_PAGE;
+    if whole == 0 {
+        return;
+    }
+    for at in (0..whole).step_by(HUGE_PAGE) {
+        if file.write_all_at(&[0], at as u64).is_err() {
+            return;
+        }
+    }
+    // SAFETY: the range is the start of the live mapping of `file`, which nobody else has
+    // mapped yet; MADV_COLLAPSE moves the file's pages into huge pages without changing what
+    // they hold. Its failure leaves the small pages in place, which is fine.
+    unsafe { libc::madvise(map.base.as_ptr().cast(), whole, MADV_COLLAPSE) };
 }
 
 /// Gives the file its size with its memory reserved up front (fallocate): a sparse ring on a
@@ -296,6 +374,30 @@ pub struct Ring {
     dev: u64,
     ino: u64,
     full_timeout: Duration,
+    populated: Populated,
+}
+
+/// Which chunks of the data area this process has mapped in ([`POPULATE_CHUNK`]). Only a
+/// speed-up: a chunk marked here whose pages are not mapped (a forked child, memory reclaim)
+/// is faulted in page by page as usual.
+struct Populated {
+    chunk: u64,
+    /// One bit per chunk.
+    done: Box<[AtomicU64]>,
+    /// The kernel lacks `MADV_POPULATE_WRITE` (before Linux 5.14).
+    unsupported: AtomicBool,
+}
+
+impl Populated {
+    fn new(capacity: u64) -> Populated {
+        let chunk = POPULATE_CHUNK.min(capacity);
+        let words = (capacity / chunk).div_ceil(64);
+        Populated {
+            chunk,
+            done: (0..words).map(|_| AtomicU64::new(0)).collect(),
+            unsupported: AtomicBool::new(false),
+        }
+    }
 }
 
 impl std::fmt::Debug for Ring {
@@ -328,12 +430,15 @@ impl Ring {
             .open(&tmp)
             .map_err(|e| io_err("cannot create", &tmp, e))?;
         let cleanup = TempGuard(Some(tmp.clone()));
+        let len = usize::try_from(total).map_err(|_| RingError::Capacity(capacity))?;
+        file.set_len(total)
+            .map_err(|e| io_err("cannot size", &tmp, e))?;
+        let map = map_file(&file, len, &tmp)?;
+        back_with_huge_pages(&file, &map);
         allocate(&file, total).map_err(|e| io_err("cannot allocate", &tmp, e))?;
         let meta = file
             .metadata()
             .map_err(|e| io_err("cannot stat", &tmp, e))?;
-        let len = usize::try_from(total).map_err(|_| RingError::Capacity(capacity))?;
-        let map = map_file(&file, len, &tmp)?;
         let ring = Ring {
             map,
             file,
@@ -343,6 +448,7 @@ impl Ring {
             dev: meta.dev(),
             ino: meta.ino(),
             full_timeout: DEFAULT_FULL_TIMEOUT,
+            populated: Populated::new(capacity),
         };
         ring.u32_at(OFF_VERSION)
             .store(LAYOUT_VERSION, Ordering::Relaxed);
@@ -420,6 +526,7 @@ impl Ring {
             dev: meta.dev(),
             ino: meta.ino(),
             full_timeout: DEFAULT_FULL_TIMEOUT,
+            populated: Populated::new(capacity),
         })
     }
 
@@ -591,6 +698,7 @@ impl Ring {
             stall: None,
             lingered: false,
             abandoned: BTreeSet::new(),
+            scratch: Vec::new(),
         };
         consumer.publish_head(head);
         Ok(consumer)
@@ -739,6 +847,13 @@ impl Ring {
                 tail = self.tail().load(Ordering::Relaxed);
                 continue;
             }
+            // Before the reservation, so the header stores right after it do not fault.
+            if pad > 0 {
+                self.populate(tail & self.mask(), pad);
+                self.populate(0, rec_len);
+            } else {
+                self.populate(tail & self.mask(), rec_len);
+            }
             match self
                 .tail()
                 .compare_exchange_weak(tail, end, Ordering::AcqRel, Ordering::Relaxed)
@@ -811,6 +926,44 @@ impl Ring {
         };
         if wanted && waiting.swap(CONSUMER_AWAKE, Ordering::SeqCst) != CONSUMER_AWAKE {
             futex_wake(waiting, 1);
+        }
+    }
+
+    /// Maps the chunks of data offsets `[off, off + len)` into this process's page tables,
+    /// those it has not mapped yet.
+    fn populate(&self, off: u64, len: u64) {
+        let p = &self.populated;
+        if len == 0 || p.unsupported.load(Ordering::Relaxed) {
+            return;
+        }
+        let end = off.saturating_add(len).min(self.capacity);
+        let mut chunk = off / p.chunk;
+        while chunk * p.chunk < end {
+            let (word, bit) = (chunk / 64, 1u64 << (chunk % 64));
+            let Some(done) = usize::try_from(word).ok().and_then(|w| p.done.get(w)) else {
+                return;
+            };
+            // Whoever sets the bit maps the chunk; the others fault in what they touch first.
+            if done.load(Ordering::Relaxed) & bit == 0
+                && done.fetch_or(bit, Ordering::Relaxed) & bit == 0
+            {
+                let start = chunk * p.chunk;
+                let n = usize::try_from(p.chunk.min(self.capacity - start))
+                    .expect("a chunk is at most the capacity, which was mapped");
+                // SAFETY: [start, start + n) lies inside the data area of the live mapping,
+                // and data offsets that are multiples of the chunk are page-aligned (the
+                // mapping and the header are). MADV_POPULATE_WRITE only faults the pages in
+                // as writable, as a write would, without changing their contents, so bytes
+                // that other producers or the consumer are using meanwhile are unaffected.
+                let rc = unsafe {
+                    libc::madvise(self.data_ptr(start).cast(), n, libc::MADV_POPULATE_WRITE)
+                };
+                if rc != 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EINVAL) {
+                    p.unsupported.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+            chunk += 1;
         }
     }
 
@@ -936,6 +1089,8 @@ pub struct Consumer {
     lingered: bool,
     /// Positions of records already declared abandoned (re-delivered at once after a seek).
     abandoned: BTreeSet<u64>,
+    /// Private copies of record bodies being decoded (kept to reuse its allocation).
+    scratch: Vec<u8>,
 }
 
 impl std::fmt::Debug for Consumer {
@@ -1236,17 +1391,27 @@ impl Consumer {
         }
         let n = usize::try_from(body).map_err(|_| RecordError::BodyLength { body, len })?;
         let off = (pos & self.ring.mask()) + RECORD_HEADER;
-        let mut copy = Vec::with_capacity(n);
-        // SAFETY: [off, off + n) lies inside the data area (the header was validated to fit
-        // before the end of the area) and `copy` has room for n bytes, which are all
-        // initialised by the copy before set_len. The bytes are copied once into private
-        // memory and only that copy is decoded, so a producer changing them concurrently can
-        // only make the decoded operation wrong, never the reads unsafe.
-        unsafe {
-            std::ptr::copy_nonoverlapping(self.ring.data_ptr(off), copy.as_mut_ptr(), n);
-            copy.set_len(n);
-        }
-        Ok(codec::decode_owned(copy)?)
+        let ring = &self.ring;
+        let read = |at: usize, count: usize, dst: &mut Vec<u8>| {
+            let count = count.min(n.saturating_sub(at));
+            dst.reserve(count);
+            let spare = dst.spare_capacity_mut();
+            // SAFETY: [off + at, off + at + count) lies inside the body, which lies inside the
+            // data area (the header was validated to fit before the end of the area), and
+            // `spare` has room for `count` bytes (reserved above), which the copy initialises
+            // before set_len. The bytes are copied into private memory and only the copy is
+            // decoded, so a producer changing them concurrently can only make the decoded
+            // operation wrong, never the reads unsafe.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    ring.data_ptr(off + at as u64),
+                    spare.as_mut_ptr().cast::<u8>(),
+                    count,
+                );
+                dst.set_len(dst.len() + count);
+            }
+        };
+        Ok(codec::decode_piecewise(n, &mut self.scratch, read)?)
     }
 
     fn advance(&mut self, len: u64, counts: bool) {

@@ -967,3 +967,56 @@ fn bench_append_4k_write() {
         );
     }
 }
+
+#[test]
+fn a_large_ring_is_mapped_aligned_for_huge_pages_and_every_chunk_round_trips() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("ring");
+    let cap = 4 * HUGE_PAGE as u64;
+    let ring = Ring::create(&path, cap, false).expect("create ring");
+    let producer = Ring::open(&path).expect("open");
+    for r in [&ring, &producer] {
+        assert_eq!(
+            r.map.base.as_ptr() as usize % HUGE_PAGE,
+            0,
+            "huge-page aligned"
+        );
+    }
+    let mut consumer = ring.consumer(quick()).expect("consumer");
+    // Writes of a quarter chunk wrap the area more than once, so every chunk is populated
+    // (and every record crosses from populated bytes into the next chunk at some point).
+    let data: Vec<u8> = (0..POPULATE_CHUNK / 4 + 8)
+        .map(|i| (i % 251) as u8)
+        .collect();
+    let rounds = 3 * cap / (POPULATE_CHUNK / 4);
+    for i in 0..rounds {
+        producer
+            .append(OpRef::Write {
+                path: b"f",
+                offset: i,
+                data: &data,
+            })
+            .expect("append");
+        let (seq, op) = expect_op(&mut consumer);
+        assert_eq!(seq, i + 1);
+        assert_eq!(
+            op,
+            Op::Write {
+                path: rp("f"),
+                offset: i,
+                data: data.clone()
+            }
+        );
+        consumer.release_through(seq).expect("release");
+    }
+    let words = &producer.populated.done;
+    let chunks = cap / POPULATE_CHUNK;
+    let marked: u64 = words
+        .iter()
+        .map(|w| u64::from(w.load(Ordering::Relaxed).count_ones()))
+        .sum();
+    assert!(
+        producer.populated.unsupported.load(Ordering::Relaxed) || marked == chunks,
+        "{marked} of {chunks} chunks populated"
+    );
+}

@@ -273,7 +273,7 @@ pub(crate) fn write_tracked(fd: c_int, buf: *const c_void, count: size_t) -> ssi
         if n == 0 {
             return;
         }
-        if let Some(offset) = rec::written_at(fd, n, None) {
+        if let Some(offset) = rec::written_at(s, fd, n, None) {
             // SAFETY: the kernel just read `n` bytes from `buf`, so they are valid.
             let data = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), n) };
             s.emit(fileset, OpRef::Write { path, offset, data });
@@ -300,7 +300,7 @@ fn pwrite_common(
         if n == 0 {
             return;
         }
-        if let Some(at) = rec::written_at(fd, n, Some(offset)) {
+        if let Some(at) = rec::written_at(s, fd, n, Some(offset)) {
             // SAFETY: the kernel just read `n` bytes from `buf`.
             let data = unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), n) };
             s.emit(
@@ -363,7 +363,7 @@ fn writev_common(
         let at = if force_append {
             rec::size(fd).and_then(|size| size.checked_sub(n as u64))
         } else {
-            rec::written_at(fd, n, offset)
+            rec::written_at(s, fd, n, offset)
         };
         if let Some(at) = at {
             // SAFETY: the caller passed `iovcnt` valid iovecs, which the kernel just read.
@@ -665,7 +665,7 @@ fn sendfile_common(
                 return;
             };
             if n > 0
-                && let Some(dst) = rec::written_at(out_fd, n, None)
+                && let Some(dst) = rec::written_at(s, out_fd, n, None)
                 && let Some(reader) = Reader::new(in_fd)
             {
                 rec::copy_back(s, fileset, path, &reader, src, dst, n as u64);
@@ -953,6 +953,15 @@ pub unsafe extern "C" fn dup3(old: c_int, new: c_int, flags: c_int) -> c_int {
 fn fcntl_common(fd: c_int, cmd: c_int, call: impl FnOnce() -> c_int) -> c_int {
     if cmd == libc::F_DUPFD || cmd == libc::F_DUPFD_CLOEXEC {
         dup_common(fd, None, call)
+    } else if cmd == libc::F_SETFL && fdbits::is_set(fd) {
+        // O_APPEND may have changed: the tracked description keeps it (see `Desc::appends`).
+        on_tracked(fd, call, |s, _, _, rc| {
+            if rc == 0
+                && let Some(desc) = s.tracked().desc(fd)
+            {
+                desc.appends.set(rec::appends(fd));
+            }
+        })
     } else {
         call()
     }

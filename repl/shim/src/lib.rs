@@ -22,7 +22,9 @@
 //!   order is the order in which the calls took effect. Sync-mode durability waits happen
 //!   after it is released. A thread-local guard makes the shim's own I/O pass straight through.
 //! * Writes are located by `lseek(fd, 0, SEEK_CUR)` after the call minus the bytes written
-//!   (O_APPEND included); an appending `pwrite` by the file size. A truncating open logs
+//!   (O_APPEND included); an appending `pwrite` by the file size. Whether a descriptor appends
+//!   is read once when tracking starts and after each `fcntl(F_SETFL)` through the shim, so a
+//!   `pwrite` costs no syscall besides itself. A truncating open logs
 //!   `Create` + `Truncate{0}`. `copy_file_range`, `sendfile`, `splice` and reflink clones are
 //!   logged as writes of the bytes read back from the source (or the file).
 //! * fork: the lock is taken in `pthread_atfork`'s prepare handler (after glibc's stdio list
@@ -57,7 +59,9 @@
 //!   symbols and stdio internals such as `fopencookie` and the stdio list lock);
 //! * concurrent writers on one file in several processes: each process logs its own writes in
 //!   its own order, and an O_APPEND write's offset is read after the write, so interleaved
-//!   appends from two processes may be logged at the wrong offsets;
+//!   appends from two processes may be logged at the wrong offsets; likewise a `pwrite` after
+//!   another process (sharing the open file description since a fork) or a raw syscall
+//!   switched `O_APPEND` on or off;
 //! * a signal handler that writes to a tracked file while its thread is inside the shim (that
 //!   one write is not logged; reported once).
 

@@ -172,10 +172,21 @@ pub(crate) fn appends(fd: c_int) -> bool {
 /// Where `n` bytes just written through `fd` landed. `explicit` is the offset of a
 /// positioned write (pwrite); position-based and appending writes are located from the file
 /// position (or, for an appending pwrite, which leaves the position alone, the file size).
-pub(crate) fn written_at(fd: c_int, n: usize, explicit: Option<i64>) -> Option<u64> {
+/// Whether `fd` appends is the tracked description's flag (see [`crate::state::Desc`]).
+pub(crate) fn written_at(
+    s: &Session<'_>,
+    fd: c_int,
+    n: usize,
+    explicit: Option<i64>,
+) -> Option<u64> {
     let n = u64::try_from(n).ok()?;
+    let appending = || {
+        s.tracked()
+            .desc(fd)
+            .map_or_else(|| appends(fd), |d| d.appends.get())
+    };
     match explicit {
-        Some(offset) if !appends(fd) => u64::try_from(offset).ok(),
+        Some(offset) if !appending() => u64::try_from(offset).ok(),
         Some(_) => size(fd)?.checked_sub(n),
         None => position(fd)?.checked_sub(n),
     }

@@ -135,6 +135,10 @@ pub(crate) struct Desc {
     pub(crate) fileset: usize,
     /// Path relative to the fileset's root.
     pub(crate) path: Vec<u8>,
+    /// Whether writes through it append (`O_APPEND`): read when tracking starts and again
+    /// after every `fcntl(F_SETFL)` through the shim, so that positioned writes are located
+    /// without a syscall each. See [`crate::rec::written_at`].
+    pub(crate) appends: Cell<bool>,
 }
 
 /// A stdio stream the shim knows.
@@ -191,7 +195,15 @@ impl Tracked {
         }
         let id = self.next_desc;
         self.next_desc += 1;
-        self.descs.insert(id, Desc { fileset, path });
+        let appends = Cell::new(crate::rec::appends(fd));
+        self.descs.insert(
+            id,
+            Desc {
+                fileset,
+                path,
+                appends,
+            },
+        );
         self.fds.insert(fd, id);
         true
     }

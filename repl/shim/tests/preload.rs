@@ -499,6 +499,14 @@ int main(void) {
     for (int i = 0; i < 10; i++) CHECK(write(fd, "appendline\n", 11) == 11);
     CHECK(pwrite(fd, "P", 1, 0) == 1); /* O_APPEND: lands at the end */
     CHECK(close(fd) == 0);
+    /* O_APPEND switched on and off with fcntl: positioned writes follow the current flag */
+    fd = open("setfl.log", O_CREAT | O_WRONLY, 0644);
+    CHECK(fd >= 0 && pwrite(fd, "0123456789", 10, 0) == 10);
+    CHECK(fcntl(fd, F_SETFL, O_APPEND) == 0);
+    CHECK(pwrite(fd, "A", 1, 2) == 1); /* appended */
+    CHECK(fcntl(fd, F_SETFL, 0) == 0);
+    CHECK(pwrite(fd, "B", 1, 3) == 1); /* at offset 3 */
+    CHECK(close(fd) == 0);
 
     CHECK(mkdir("dir", 0755) == 0);
     CHECK(mkdir("dir/sub", 0700) == 0);

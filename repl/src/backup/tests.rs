@@ -320,3 +320,95 @@ fn admission_follows_the_highest_epoch() {
     );
     assert!(b.admits("other", 9).is_err());
 }
+
+fn kept_seqs(b: &Bcplog) -> Vec<u64> {
+    let shared = b.shared();
+    let recent = lock(&shared.recent);
+    recent.records.iter().map(|r| r.seq).collect()
+}
+
+fn replica_file(dir: &Path, name: &str) -> Vec<u8> {
+    std::fs::read(dir.join("replica").join(name)).expect("replayed")
+}
+
+#[test]
+fn replay_takes_kept_records_once_durable_and_reads_the_log_for_what_memory_lacks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut b = resynced(dir.path(), 1, Vec::new());
+    b.handle(ToBackup::Ops {
+        records: vec![write(1, "a", b"one"), write(2, "b", b"two")],
+    })
+    .expect("append");
+    assert_eq!(kept_seqs(&b), [1, 2]);
+    let mut last = Instant::now();
+    assert!(
+        !replay_step(&b.shared(), &mut last).expect("replay"),
+        "nothing is applied before it is durable in the log"
+    );
+    assert_eq!(b.status().applied, 0);
+    b.sync().expect("sync");
+    replay_all(&b);
+    assert_eq!(kept_seqs(&b), Vec::<u64>::new(), "taken by replay");
+    assert_eq!(replica_file(dir.path(), "a"), b"one");
+    assert_eq!(replica_file(dir.path(), "b"), b"two");
+
+    // Memory lost record 3 (a lagging replay, a restart): replay reads 3 and 4 from the log,
+    // and the kept copy of 4 is then dropped unused.
+    b.handle(ToBackup::Ops {
+        records: vec![write(3, "c", b"three")],
+    })
+    .expect("append");
+    lock(&b.shared().recent).records.clear();
+    b.handle(ToBackup::Ops {
+        records: vec![write(4, "d", b"four")],
+    })
+    .expect("append");
+    assert_eq!(kept_seqs(&b), [4]);
+    b.sync().expect("sync");
+    replay_all(&b);
+    assert_eq!(replica_file(dir.path(), "c"), b"three");
+    assert_eq!(replica_file(dir.path(), "d"), b"four");
+    let st = b.status();
+    assert_eq!((st.applied, st.committed), (4, 4));
+
+    // Kept records follow each other: after a gap nothing more is kept until replay took
+    // the run.
+    b.shared()
+        .keep_for_replay([write(5, "e", b"5"), write(7, "g", b"7")]);
+    assert_eq!(kept_seqs(&b), [5]);
+}
+
+#[test]
+fn a_resync_forgets_the_records_kept_for_replay() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut b = resynced(dir.path(), 1, Vec::new());
+    b.handle(ToBackup::Ops {
+        records: vec![write(1, "a", b"old")],
+    })
+    .expect("append");
+    b.sync().expect("sync");
+    let before = b.shared().rebases.load(Ordering::Relaxed);
+    // The primary resyncs and starts its stream over at seq 1: the kept old record 1 must
+    // never be applied in place of the new one.
+    b.handle(ToBackup::ResyncBegin { next_seq: 1 })
+        .expect("begin");
+    b.handle(ToBackup::ResyncOps {
+        ops: vec![Op::Write {
+            path: p("base"),
+            offset: 0,
+            data: b"resynced".to_vec(),
+        }],
+    })
+    .expect("ops");
+    b.handle(ToBackup::ResyncEnd { next_seq: 1 }).expect("end");
+    assert!(b.shared().rebases.load(Ordering::Relaxed) > before);
+    assert_eq!(kept_seqs(&b), Vec::<u64>::new());
+    b.handle(ToBackup::Ops {
+        records: vec![write(1, "a", b"new")],
+    })
+    .expect("append");
+    b.sync().expect("sync");
+    replay_all(&b);
+    assert_eq!(replica_file(dir.path(), "a"), b"new");
+    assert_eq!(replica_file(dir.path(), "base"), b"resynced");
+}
