@@ -13,8 +13,9 @@
 //! was started as a standby (its `/proc/PID/environ` says so) and registered with libft;
 //! otherwise it falls back to a cold start. A standby that said READY (`ft_ready`, sd_notify)
 //! says it again once it serves as the primary: the resource is online then (so the group's
-//! address does not come before the service serves), or after [`PROMOTE_READY_WAIT`] with a
-//! warning; an instance that exits meanwhile failed its promotion, and a cold start follows.
+//! address does not come before the service serves). An instance that exits meanwhile, or
+//! stays silent for [`PROMOTE_READY_WAIT`], failed its promotion: a cold start follows (the
+//! instance is restarted as the primary).
 //!
 //! It only asks the service's supervisor actor; it never spawns a process itself, signals one
 //! only in a forced offline, and refuses a service that watchd would also start on its own
@@ -203,11 +204,11 @@ impl ServiceResource {
                 return Ok(pid);
             }
             if tokio::time::Instant::now() >= deadline {
-                tracing::warn!(
-                    service = %self.service, pid,
-                    "the promoted standby did not say READY again within {PROMOTE_READY_WAIT:?}; counting it online"
-                );
-                return Ok(pid);
+                // It may still answer as a standby: counting it online would bring the group's
+                // address up in front of a service that refuses to serve.
+                return Err(format!(
+                    "pid {pid} did not say READY again within {PROMOTE_READY_WAIT:?} of its promotion"
+                ));
             }
             tokio::time::sleep(PROMOTE_POLL).await;
         }
