@@ -572,6 +572,56 @@ fn the_owner_host_dies_and_the_next_owner_promotes_its_warm_standby() {
     assert!(runs.len() >= 3, "the checker saw runs: {runs:?}");
 }
 
+/// The next owner's standby hangs (SIGSTOP) just before the owner host dies: it cannot take
+/// the promotion. Whichever comes first decides how b recovers: watchd's hang detection
+/// restarts the stopped instance (before the promotion: a new standby is promoted; during it:
+/// the promotion failed, a cold start follows), or the promotion fails after 5 s without
+/// READY and the instance is restarted as the primary. Either way kv serves on b with every
+/// acknowledged write, and the group's address never comes up in front of a standby (the
+/// writer's writes would get `ERR standby` until its deadline).
+#[test]
+fn a_hung_standby_does_not_keep_the_group_from_serving() {
+    let mut t = Kv::new("kvhung");
+    let e1 = t.wait_online(1, 0, 0);
+    t.wait_up();
+    let standby_b = t.wait_standby(1);
+    t.wait_applied_preload(1, standby_b);
+    t.start_writer();
+    t.wait_progress(PROGRESS);
+    t.wait_in_sync(0, 1);
+
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(standby_b).expect("a pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP b's standby");
+    let took = t.kill_owner_and_time(0);
+    let e2 = t.wait_online(1, 1, e1);
+    println!(
+        "a hung standby on b, a dies: kv answering on b after {} ms",
+        took.as_millis()
+    );
+    println!("{}", t.timeline(1, e2));
+    let serving = t.kv_pid(1);
+    assert_ne!(
+        serving, standby_b,
+        "the stopped standby cannot serve, yet it is b's kv"
+    );
+    assert!(
+        started_as(serving, "primary") || t.promoted(1, e2),
+        "b's kv {serving} neither started as the primary nor was promoted\njournals:\n{}",
+        t.journals_text()
+    );
+    t.wait_progress(PROGRESS);
+    let n = {
+        t.assert_writer_alive();
+        t.writer = None;
+        t.verify()
+    };
+    assert!(n >= 2 * PROGRESS, "only {n} acknowledged writes");
+    // The writer treats `ERR standby` as a failed write: none was acknowledged by a standby,
+    // and verify found every acknowledged one.
+    let runs = ftkit_tests::groups::check_invariants(&t.journals(), &t.deaths, "kv");
+    assert!(runs.len() >= 2, "the checker saw runs: {runs:?}");
+}
+
 /// kv crashes on the owner: its supervisor restarts it there as the primary (same owner, same
 /// epoch) and the standbys stay as they are; then it crashes beyond its restart budget: the
 /// group moves to the next owner, which promotes its standby in place, and the old owner runs a
