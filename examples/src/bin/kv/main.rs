@@ -415,6 +415,8 @@ fn maintenance(server: &Arc<Server>, watch: Option<Arc<Watch>>, timeout: Duratio
     let mut stuck_said = false;
     let mut next_status = Instant::now();
     let mut last = Instant::now();
+    // watchd's checkpoint requests not yet taken (the store was busy).
+    let mut checkpoints = Vec::new();
     loop {
         // A request from watchd (a promotion, on a failover) wakes the loop at once.
         match watch {
@@ -448,6 +450,35 @@ fn maintenance(server: &Arc<Server>, watch: Option<Arc<Watch>>, timeout: Duratio
                 }
             }
         }
+        // watchd's requests first, without the store: a standby applying shipped checkpoints
+        // back to back holds the store most of the time, and a promotion must not wait for a
+        // moment it is free (it takes the store on a thread of its own).
+        if let Some(w) = watch {
+            let mut promoted = None;
+            while let Ok(Some(message)) = w.poll_command() {
+                match message {
+                    WatchdMessage::CheckpointNow { stream } => checkpoints.push(stream),
+                    WatchdMessage::Promote { epoch } => promoted = Some(epoch),
+                }
+            }
+            if let Some(epoch) = promoted
+                && server.role() == Role::Standby
+                && !server.promoting.swap(true, Ordering::AcqRel)
+            {
+                say!("promoted by watchd (epoch {epoch})");
+                // Taking over (a large shipped image, a long log, a preload) may outlast the
+                // heartbeat deadline: this thread keeps heartbeating meanwhile.
+                let promoting = Arc::clone(server);
+                let told = Arc::clone(w);
+                let spawned = std::thread::Builder::new()
+                    .name("kv-promote".into())
+                    .spawn(move || take_over(&promoting, &told));
+                if let Err(e) = spawned {
+                    say!("cannot start the promotion thread ({e}); promoting here");
+                    take_over(server, w);
+                }
+            }
+        }
         let mut store = match server.store.try_lock() {
             Ok(s) => s,
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
@@ -456,20 +487,16 @@ fn maintenance(server: &Arc<Server>, watch: Option<Arc<Watch>>, timeout: Duratio
         if server.role() == Role::Primary {
             store.safe_point();
         }
-        let Some(w) = watch else { continue };
-        let mut promoted = None;
-        while let Ok(Some(message)) = w.poll_command() {
-            match message {
-                WatchdMessage::CheckpointNow { stream } if server.role() == Role::Primary => {
-                    store.checkpoint(stream);
-                }
-                WatchdMessage::CheckpointNow { stream } => {
-                    say!("checkpoint of stream {stream} not taken: a standby writes none");
-                }
-                WatchdMessage::Promote { epoch } => promoted = Some(epoch),
+        for stream in checkpoints.drain(..) {
+            if server.role() == Role::Primary {
+                store.checkpoint(stream);
+            } else {
+                say!("checkpoint of stream {stream} not taken: a standby writes none");
             }
         }
-        if Instant::now() >= next_status {
+        if let Some(w) = watch
+            && Instant::now() >= next_status
+        {
             next_status = Instant::now() + STATUS_INTERVAL;
             let _ = w.status(&format!(
                 "{}: seq {}, {} keys",
@@ -477,24 +504,6 @@ fn maintenance(server: &Arc<Server>, watch: Option<Arc<Watch>>, timeout: Duratio
                 store.seq(),
                 store.count()
             ));
-        }
-        drop(store);
-        if let Some(epoch) = promoted
-            && server.role() == Role::Standby
-            && !server.promoting.swap(true, Ordering::AcqRel)
-        {
-            say!("promoted by watchd (epoch {epoch})");
-            // Taking over (a large shipped image, a long log, a preload) may outlast the
-            // heartbeat deadline: this thread keeps heartbeating meanwhile.
-            let promoting = Arc::clone(server);
-            let told = Arc::clone(w);
-            let spawned = std::thread::Builder::new()
-                .name("kv-promote".into())
-                .spawn(move || take_over(&promoting, &told));
-            if let Err(e) = spawned {
-                say!("cannot start the promotion thread ({e}); promoting here");
-                take_over(server, w);
-            }
         }
     }
 }
