@@ -439,6 +439,56 @@ fn an_interface_carrying_hundreds_of_addresses_is_read_whole() {
     assert!(!has_address(&lab, 0, "10.252.0.1"));
 }
 
+/// An offline that cannot finish within its bound (1 ms: `ip` cannot even start) is an error,
+/// and the address still goes away, in the background: a forced stop on a busy host must not
+/// leave a group's address behind. An online of the address cancels such a removal.
+#[test]
+fn an_address_an_overrun_offline_left_is_removed_in_the_background() {
+    let lab = Lab::new(1);
+    let o = lab.addr(0).octets();
+    let vip = format!("{}.{}.{}.101", o[0], o[1], o[2]);
+    let properties = props(&[("address", &format!("{vip}/24")), ("interface", "eth0")]);
+    let hasty = Timeouts {
+        offline: Duration::from_millis(1),
+        ..RELAXED
+    };
+    let r = Resource::from_properties("vip", "ip", &properties, RELAXED).expect("valid");
+    let r_hasty = Resource::from_properties("vip", "ip", &properties, hasty).expect("valid");
+    // The background removal lives on the node's runtime: the checks run inside it.
+    on_node(&lab, 0, async {
+        r.online(1).await.expect("online");
+        assert!(has_address(&lab, 0, &vip));
+        let err = r_hasty
+            .offline()
+            .await
+            .expect_err("1 ms is too short for `ip`");
+        assert!(err.to_string().contains("timed out"), "{err}");
+        let end = Instant::now() + Duration::from_secs(10);
+        while has_address(&lab, 0, &vip) {
+            assert!(
+                Instant::now() < end,
+                "the address is still there after 10 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+
+        // Again, and an online comes first: the address stays.
+        r.online(2).await.expect("online");
+        r_hasty
+            .offline()
+            .await
+            .expect_err("1 ms is too short for `ip`");
+        r.online(3).await.expect("online again");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            has_address(&lab, 0, &vip),
+            "a removal left from before took the address of a later online"
+        );
+        r.offline().await.expect("offline");
+    });
+    assert!(!has_address(&lab, 0, &vip));
+}
+
 #[test]
 fn an_unknown_interface_fails_online_but_not_offline() {
     let lab = Lab::new(1);

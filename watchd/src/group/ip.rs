@@ -27,6 +27,13 @@ pub const IP_COMMAND: &str = "ip";
 pub const ANNOUNCEMENTS: u32 = 3;
 /// The pause between two announcements.
 pub const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(200);
+/// Each background attempt to remove an address an offline left behind
+/// ([`IpResource::offline`]) may take this long.
+const LEFTOVER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The pause between two background attempts.
+const LEFTOVER_PAUSE: Duration = Duration::from_millis(200);
+/// How many background attempts are made before giving up (with an error in the log).
+const LEFTOVER_TRIES: u32 = 100;
 /// The longest interface name Linux accepts (IFNAMSIZ - 1).
 const MAX_INTERFACE_NAME: usize = 15;
 /// The most of `ip -j addr show dev IF` that is read: some 150 bytes per address, so room
@@ -49,6 +56,28 @@ const NDP_OPTION_TARGET_LLADDR: u8 = 2;
 /// Neighbour discovery packets must arrive with hop limit 255 (RFC 4861 7.1.2).
 const NDP_HOP_LIMIT: libc::c_int = 255;
 const BROADCAST_MAC: [u8; 6] = [0xff; 6];
+
+/// Removals of addresses that an offline could not finish within its bound, per (interface,
+/// address): they go on in the background until the address is gone. A forced stop on a host
+/// too busy to run `ip` in time must not leave the address behind, answering for a group that
+/// another node owns by then. An online of the same address cancels its removal.
+static LEFTOVERS: Mutex<BTreeMap<(String, IpAddr), JoinHandle<()>>> = Mutex::new(BTreeMap::new());
+
+fn leftovers() -> std::sync::MutexGuard<'static, BTreeMap<(String, IpAddr), JoinHandle<()>>> {
+    // Plain data: consistent whatever a panicking holder did.
+    LEFTOVERS.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Hands the removal of its resource's address to the background when dropped armed.
+struct Unfinished<'a>(Option<&'a IpResource>);
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(r) = self.0.take() {
+            r.remove_in_background();
+        }
+    }
+}
 
 /// A validated `ip` resource.
 #[derive(Debug)]
@@ -118,6 +147,9 @@ impl IpResource {
     /// Adds the address unless present, then announces it (once now, [`ANNOUNCEMENTS`] - 1
     /// more times in the background). Each command is bounded by `timeout`.
     pub async fn online(&self, timeout: Duration) -> Result<(), ResourceError> {
+        if let Some(removal) = leftovers().remove(&(self.interface.clone(), self.address)) {
+            removal.abort();
+        }
         let link = self.link(timeout).await?;
         if !link.has(self.address) {
             let mut args = vec![
@@ -166,11 +198,55 @@ impl IpResource {
         Ok(())
     }
 
-    /// Removes the address if present; an absent address or interface is success.
+    /// Removes the address if present; an absent address or interface is success. A removal
+    /// that fails or overruns `timeout` is an error, and goes on in the background until the
+    /// address is gone (or an online of it comes).
     pub async fn offline(&self, timeout: Duration) -> Result<(), ResourceError> {
         if let Some(announcer) = self.announcer().take() {
             announcer.abort();
         }
+        // Failed, or dropped unfinished (the caller's bound ran out first): the removal goes
+        // on in the background.
+        let mut unfinished = Unfinished(Some(self));
+        let result = self.remove(timeout).await;
+        if result.is_ok() {
+            unfinished.0 = None;
+        }
+        result
+    }
+
+    /// Keeps trying to remove the address, each attempt within [`LEFTOVER_TIMEOUT`].
+    fn remove_in_background(&self) {
+        let me = IpResource {
+            address: self.address,
+            prefix: self.prefix,
+            interface: self.interface.clone(),
+            announcer: Mutex::new(None),
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(address = %self.address, interface = %self.interface, "an offline left the address, and no runtime is there to remove it");
+            return;
+        };
+        let task = runtime.spawn(async move {
+            for attempt in 1..=LEFTOVER_TRIES {
+                match me.remove(LEFTOVER_TIMEOUT).await {
+                    Ok(()) => {
+                        tracing::info!(address = %me.address, interface = %me.interface, attempt, "address left by an offline removed");
+                        return;
+                    }
+                    Err(e) if attempt == LEFTOVER_TRIES => {
+                        tracing::error!(address = %me.address, interface = %me.interface, error = %e, "cannot remove the address an offline left; giving up");
+                    }
+                    Err(_) => tokio::time::sleep(LEFTOVER_PAUSE).await,
+                }
+            }
+        });
+        if let Some(previous) = leftovers().insert((self.interface.clone(), self.address), task) {
+            previous.abort();
+        }
+    }
+
+    async fn remove(&self, timeout: Duration) -> Result<(), ResourceError> {
         let link = match self.link(timeout).await {
             Ok(link) => link,
             Err(ResourceError::UnknownInterface(_)) => return Ok(()),
