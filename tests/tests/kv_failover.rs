@@ -209,8 +209,19 @@ fn the_owner_host_dies_then_the_next_owner_is_partitioned() {
     assert!(t.has_vip(1));
     t.wait_progress(PROGRESS);
     t.verify();
+    // b's kv recovered from a shipped checkpoint, or, when the owner died while copy mode was
+    // replacing the images (removals go out at once, copies after the quiet interval: README,
+    // "Limits"), from the replicated log alone; verify() above found every acknowledged write
+    // either way.
     let log = t.c.node(1).service_log("kv");
-    assert!(log.contains("recovered seq"), "{log}");
+    let from_checkpoint = log.contains("recovered seq");
+    assert!(
+        from_checkpoint || (log.contains("no checkpoint") && log.contains("replayed")),
+        "{log}"
+    );
+    if !from_checkpoint {
+        println!("b found no whole shipped checkpoint image: it recovered from the log alone");
+    }
 
     // It boots again: it rejoins as a backup, the group stays on b. Its replicas catch up from
     // b meanwhile; b is cut off as soon as the writes go on, often before that.
