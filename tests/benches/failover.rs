@@ -643,6 +643,18 @@ impl Lab {
         Ok(lab)
     }
 
+    /// Every node's journaled policy decisions on group `g` (its status line), for an error.
+    fn decisions(&self, g: &Value) -> Vec<String> {
+        (0..3)
+            .flat_map(|i| {
+                read_journal(self.c.node(i).data_dir())
+                    .into_iter()
+                    .filter(|r| r["kind"] == "decision" && r["group"] == g["name"])
+                    .map(move |r| format!("{} at {}: {}", NAMES[i], r["time_ms"], r["detail"]))
+            })
+            .collect()
+    }
+
     fn vip(&self, g: usize) -> Ipv4Addr {
         let [x, y, z] = self.subnet;
         Ipv4Addr::new(x, y, z, octet(VIP_BASE + g))
@@ -683,6 +695,7 @@ impl Lab {
     /// for every group.
     fn wait_layout(&self) -> Result<()> {
         let end = Instant::now() + LAYOUT_TIMEOUT;
+        let on_a = |g: &Value| g["state"] == "online" && g["owner"] == NAMES[0];
         loop {
             harness::check_interrupted()?;
             // A node busy starting a hundred groups may answer late: ask again.
@@ -695,11 +708,7 @@ impl Lab {
                 Err(e) => return Err(e),
             };
             let online = (0..self.s.groups)
-                .filter(|g| {
-                    groups
-                        .get(&group_name(*g))
-                        .is_some_and(|s| s["state"] == "online" && s["owner"] == NAMES[0])
-                })
+                .filter(|g| groups.get(&group_name(*g)).is_some_and(on_a))
                 .count();
             if online == self.s.groups {
                 break;
@@ -723,16 +732,7 @@ impl Lab {
                         ))
                     })
                     .collect();
-                let decided: Vec<String> = (0..3)
-                    .flat_map(|i| {
-                        read_journal(self.c.node(i).data_dir())
-                            .into_iter()
-                            .filter(|r| r["kind"] == "decision" && r["group"] == g["name"])
-                            .map(move |r| {
-                                format!("{} at {}: {}", NAMES[i], r["time_ms"], r["detail"])
-                            })
-                    })
-                    .collect();
+                let decided = self.decisions(g);
                 bail!(
                     "group {} keeps failing ({} failovers; {online} of {} groups online on a): \
                      {}; decisions: {}",
@@ -745,9 +745,13 @@ impl Lab {
             }
             if Instant::now() >= end {
                 // The groups that are not there yet, with what the database says of them.
-                let stuck: Vec<String> = groups
-                    .values()
-                    .filter(|g| !(g["state"] == "online" && g["owner"] == NAMES[0]))
+                let mut not_yet = groups.values().filter(|g| !on_a(g)).peekable();
+                // The policy's word on the first of them, from the nodes' journals.
+                let decided = not_yet
+                    .peek()
+                    .map(|g| self.decisions(g))
+                    .unwrap_or_default();
+                let stuck: Vec<String> = not_yet
                     .take(5)
                     .map(|g| {
                         format!(
@@ -756,23 +760,6 @@ impl Lab {
                         )
                     })
                     .collect();
-                // The policy's last word on the first of them, from the nodes' journals.
-                let decided: Vec<String> = groups
-                    .values()
-                    .find(|g| !(g["state"] == "online" && g["owner"] == NAMES[0]))
-                    .map(|g| {
-                        (0..3)
-                            .filter_map(|i| {
-                                let journal = read_journal(self.c.node(i).data_dir());
-                                let last = journal
-                                    .iter()
-                                    .rev()
-                                    .find(|r| r["kind"] == "decision" && r["group"] == g["name"])?;
-                                Some(format!("{}: {}", NAMES[i], last["detail"]))
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
                 bail!(
                     "{online} of {} groups online on a after {LAYOUT_TIMEOUT:?}; not yet: {}; \
                      decisions: {}",

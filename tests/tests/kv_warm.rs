@@ -199,17 +199,7 @@ impl Kv {
     /// The resources node `i`'s run at `epoch` brought to `state`, in order (the two
     /// independent filesets sorted).
     fn resource_order(&self, i: usize, epoch: u64, state: &str) -> Vec<String> {
-        let mut order: Vec<String> = self
-            .journal(i)
-            .iter()
-            .filter(|r| {
-                r["kind"] == "resource"
-                    && r["group"] == "kv"
-                    && r["epoch"] == epoch
-                    && r["state"] == state
-            })
-            .filter_map(|r| r["resource"].as_str().map(str::to_owned))
-            .collect();
+        let mut order = self.0.resource_order(i, epoch, state);
         let first = order.len().min(2);
         order[..first].sort();
         order
@@ -562,14 +552,9 @@ fn the_owner_host_dies_and_the_next_owner_promotes_its_warm_standby() {
         "a's rebooted kv preloaded a table of its own: {lines_a:?}"
     );
     t.wait_progress(PROGRESS);
-    let n = {
-        t.assert_writer_alive();
-        t.writer = None;
-        t.verify()
-    };
+    let n = t.finish();
     assert!(n >= 3 * PROGRESS, "only {n} acknowledged writes");
-    let runs = ftkit_tests::groups::check_invariants(&t.journals(), &t.deaths, "kv");
-    assert!(runs.len() >= 3, "the checker saw runs: {runs:?}");
+    t.check_invariants(3);
 }
 
 /// The next owner's standby hangs (SIGSTOP) just before the owner host dies: it cannot take
@@ -610,16 +595,11 @@ fn a_hung_standby_does_not_keep_the_group_from_serving() {
         t.journals_text()
     );
     t.wait_progress(PROGRESS);
-    let n = {
-        t.assert_writer_alive();
-        t.writer = None;
-        t.verify()
-    };
-    assert!(n >= 2 * PROGRESS, "only {n} acknowledged writes");
     // The writer treats `ERR standby` as a failed write: none was acknowledged by a standby,
     // and verify found every acknowledged one.
-    let runs = ftkit_tests::groups::check_invariants(&t.journals(), &t.deaths, "kv");
-    assert!(runs.len() >= 2, "the checker saw runs: {runs:?}");
+    let n = t.finish();
+    assert!(n >= 2 * PROGRESS, "only {n} acknowledged writes");
+    t.check_invariants(2);
 }
 
 /// kv crashes on the owner: its supervisor restarts it there as the primary (same owner, same

@@ -525,17 +525,20 @@ pub async fn serve(groups: &GroupsHandle, request: GroupRequest) -> Response {
                 let n = updates.len();
                 // The whole file in one update when it fits (it applies whole or not at all,
                 // in one global update round); else in as few batches as fit.
-                let whole = Update::batch(updates.clone())
-                    .filter(|u| u.encoded_len().is_ok_and(|len| len <= MAX_UPDATE_BYTES));
-                let runs: Vec<(usize, Update)> = match whole {
-                    Some(u) => vec![(n, u)],
-                    None => Update::runs_for_batches(updates)
+                let runs: Vec<(usize, Update)> = match Update::batch(updates) {
+                    Some(u) if u.encoded_len().is_ok_and(|len| len <= MAX_UPDATE_BYTES) => {
+                        vec![(n, u)]
+                    }
+                    Some(Update::Batch { updates }) => Update::runs_for_batches(updates)
                         .into_iter()
                         .filter_map(|run| {
                             let len = run.len();
                             Update::batch(run).map(|u| (len, u))
                         })
                         .collect(),
+                    // One update too large on its own: the sequencer says so.
+                    Some(u) => vec![(1, u)],
+                    None => Vec::new(),
                 };
                 let mut done = 0;
                 let mut failure = None;

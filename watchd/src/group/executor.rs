@@ -78,9 +78,10 @@ pub const FORCED_BOUNDS: ForcedBounds = ForcedBounds {
     fileset: FORCED_STOP_FILESET,
 };
 /// How many groups a node brings online (or starts standby instances of) at once; more wait
-/// their turn (an onlining journals `queued`). A node that takes over many groups at once (its peer died, one batch assigned
-/// them all) would otherwise start every service, fileset role change and address together:
-/// on a small host the supervisors then answer too late and the onlinings fail and bounce.
+/// their turn (an onlining journals `queued`). A node that takes over many groups at once (its
+/// peer died, one batch assigned them all) would otherwise start every service, fileset role
+/// change and address together: on a small host the supervisors then answer too late and the
+/// onlinings fail and bounce.
 pub const ONLINE_CONCURRENCY: usize = 8;
 /// How often the cluster node's database and view are looked at for changes.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
@@ -735,35 +736,33 @@ fn propose(myself: &ActorRef<ExecMsg>, st: &mut ExecState, decisions: Vec<Decisi
                 continue;
             };
             match node.update(update).await {
-                Ok(seq) => {
-                    let outcome = match these.len() {
-                        1 => format!("committed as update {seq}"),
-                        n => format!("committed as update {seq}, a batch of {n}"),
-                    };
-                    for d in these {
-                        notes.decision(d, &outcome);
-                    }
-                }
                 // One of them no longer applies (the database moved on since the policy read
                 // it, e.g. an operator's move): the others go on their own.
                 Err(e) if these.len() > 1 && is_refusal(&e).is_some() => {
                     for d in these {
-                        let outcome = match node.update(d.to_update()).await {
-                            Ok(seq) => format!("committed as update {seq}"),
-                            Err(e) => format!("not applied: {e}"),
-                        };
+                        let outcome = outcome(node.update(d.to_update()).await, 1);
                         notes.decision(d, &outcome);
                     }
                 }
-                Err(e) => {
+                result => {
+                    let outcome = outcome(result, these.len());
                     for d in these {
-                        notes.decision(d, &format!("not applied: {e}"));
+                        notes.decision(d, &outcome);
                     }
                 }
             }
         }
         let _ = me.cast(ExecMsg::Proposed);
     });
+}
+
+/// What became of a proposal of `n` decisions, for the journal.
+fn outcome(result: Result<u64, NodeRequestError>, n: usize) -> String {
+    match (result, n) {
+        (Ok(seq), 1) => format!("committed as update {seq}"),
+        (Ok(seq), n) => format!("committed as update {seq}, a batch of {n}"),
+        (Err(e), _) => format!("not applied: {e}"),
+    }
 }
 
 fn carry_out(myself: &ActorRef<ExecMsg>, st: &mut ExecState, db: &DbContent, s: Step) {
