@@ -730,6 +730,10 @@ pub struct Membership {
     coord: Coord,
     next_round: u64,
     quiet_until: Option<Instant>,
+    /// Nodes the last round found no quorum without because they still followed another
+    /// coordinator: a regroup request from one of them (it now follows this node) ends the
+    /// pause between rounds, as the next round may find quorum with it.
+    followed_another: BTreeSet<NodeId>,
     /// Since when this joining coordinator has deferred a view that would leave out members of
     /// the current view that a participant still reaches.
     join_wait_since: Option<Instant>,
@@ -799,6 +803,7 @@ impl Membership {
             coord: Coord::Idle,
             next_round: incarnation.wrapping_shl(ROUND_INCARNATION_SHIFT),
             quiet_until: None,
+            followed_another: BTreeSet::new(),
             join_wait_since: None,
             requested_by: BTreeSet::new(),
             last_request: None,
@@ -1233,6 +1238,13 @@ impl Membership {
                 self.on_heartbeat(now, &from, net, &hb, out);
             }
             Message::RegroupRequest => {
+                if self.followed_another.remove(&from) {
+                    // It left the last round out because it followed a coordinator it had not
+                    // yet suspected (a dead one, typically: suspicions come a few heartbeats
+                    // apart). With it, the next round may find quorum: no pause (a rate limit
+                    // only; each such node lifts it once per failed round).
+                    self.quiet_until = None;
+                }
                 self.requested_by.insert(from);
             }
             Message::Collect { round } => {
@@ -1962,6 +1974,7 @@ impl Membership {
     }
 
     fn start_round(&mut self, now: Instant, reasons: Vec<RegroupReason>, out: &mut Vec<Action>) {
+        self.followed_another.clear();
         let round = self.next_round;
         self.next_round = self.next_round.wrapping_add(1);
         out.push(Action::Event(Event::RegroupStarted { round, reasons }));
@@ -2155,6 +2168,11 @@ impl Membership {
             return;
         };
         let mine = self.report(now, round);
+        let followed_another: BTreeSet<NodeId> = reports
+            .iter()
+            .filter(|(n, r)| r.follows != self.me && !r.leaving && **n != self.me)
+            .map(|(n, _)| n.clone())
+            .collect();
         let mut parts: BTreeMap<NodeId, Report> = reports
             .into_iter()
             .filter(|(n, r)| r.follows == self.me && !r.leaving && *n != self.me)
@@ -2224,6 +2242,7 @@ impl Membership {
         let reachable = self.reachable(now);
         if !self.votes.has_quorum_of(&members, holder.as_deref()) {
             out.push(Action::Event(Event::NoQuorum { round, reachable }));
+            self.followed_another = followed_another;
             for n in parts.keys().filter(|n| **n != self.me) {
                 out.push(Action::Send {
                     to: n.clone(),

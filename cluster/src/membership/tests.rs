@@ -251,6 +251,47 @@ fn a_crashed_node_is_removed_within_a_second() {
     assert_eq!(m.node_states(sim.now)["n0"], NodeState::Offline);
 }
 
+/// n1 stops hearing the coordinator n0 first, n2 only a little later (n0 dies): n1's first
+/// round finds no quorum, as n2 still follows n0. n2's request when it suspects n0 starts
+/// the next round at once instead of after the pause between rounds.
+#[test]
+fn a_member_that_suspects_the_dead_coordinator_later_is_not_waited_for_a_whole_retry_interval() {
+    let mut sim = Sim::new(11, World::calm(3, 2, false), |_| {});
+    sim.run_until(secs(2.0));
+    let before = agreed(&sim).expect("formed");
+    sim.cut_between(0, 1);
+    // n2 hears one more heartbeat of n0 than n1 (they come every 100 ms).
+    sim.run_until(sim.elapsed() + Duration::from_millis(150));
+    sim.crash(0);
+    let crash = sim.elapsed();
+    let quorum_failures = sim.stats.no_quorum;
+    let mut no_quorum_at = None;
+    let mut view_at = None;
+    while sim.elapsed() < crash + secs(3.0) {
+        sim.run_until(sim.elapsed() + Duration::from_millis(5));
+        if no_quorum_at.is_none() && sim.stats.no_quorum > quorum_failures {
+            no_quorum_at = Some(sim.elapsed());
+        }
+        if let Some(v) = agreed(&sim)
+            && v.epoch > before.epoch
+        {
+            view_at = Some(sim.elapsed());
+            assert_eq!(members(&v), ["n1", "n2"]);
+            break;
+        }
+    }
+    let failed = no_quorum_at.expect("n1's first round should have found no quorum");
+    let view = view_at.expect("the survivors agreed on a new view");
+    // n2 suspects n0 one heartbeat (0.1 s) after n1 did; the view follows within a few
+    // message delays, not after the whole pause between rounds.
+    let retry = MembershipConfig::new(names(3), ["a".to_string()], false).retry_interval;
+    let took = view - failed;
+    assert!(
+        took + Duration::from_millis(100) < retry,
+        "the view came {took:?} after the failed round"
+    );
+}
+
 #[test]
 fn losing_one_network_raises_an_event_and_changes_no_view() {
     let mut sim = Sim::new(3, World::calm(3, 2, false), |_| {});

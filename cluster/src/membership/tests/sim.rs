@@ -775,6 +775,14 @@ impl Sim {
         }
     }
 
+    /// Cuts every link between nodes `a` and `b`, both ways.
+    pub(crate) fn cut_between(&mut self, a: usize, b: usize) {
+        for n in 0..self.nets.len() {
+            self.cut.insert((a, b, n));
+            self.cut.insert((b, a, n));
+        }
+    }
+
     pub(crate) fn cut_network(&mut self, net: usize) {
         for a in 0..self.nodes.len() {
             for b in 0..self.nodes.len() {
