@@ -43,7 +43,13 @@ use serde_json::Value;
 use harness::{Table, percentile, real_ns, sorted};
 
 const USAGE: &str = "usage: failover-bench [--quick] [--runs N] [--groups N] [--out FILE] \
-[--only cold,warm,one,many,state,backlog] [--heartbeat-ms MS]";
+[--only cold,warm,one,many,state,backlog] [--heartbeat-ms MS]; with FAILOVER_BENCH_TRACE=1 in \
+the environment, each sample prints b's and c's cluster events and b's group journal";
+/// The environment variable that asks for each sample's events and journal on stderr.
+const TRACE_VAR: &str = "FAILOVER_BENCH_TRACE";
+/// Events from this long before the kill are traced too (the survivors stop acting before
+/// they suspect the dead node).
+const TRACE_BEFORE_MS: f64 = 300.0;
 
 /// Repetitions of a one-group row (full run / --quick).
 const RUNS: usize = 20;
@@ -885,6 +891,9 @@ impl Lab {
             }
             harness::sleep(POLL)?;
         };
+        if std::env::var_os(TRACE_VAR).is_some() {
+            trace_sample(&self.c, t0_ms, &journal);
+        }
         let mut parts: [Vec<f64>; 6] = Default::default();
         #[allow(clippy::cast_precision_loss)]
         for (g, done) in answered.iter().enumerate() {
@@ -1162,6 +1171,26 @@ fn resource_times(journal: &[Value], groups: usize, t0_ms: f64) -> String {
             .map(|(kind, (count, first))| format!("{kind} failed {count}× (first: {first})")),
     );
     out.join(", ")
+}
+
+/// Prints the cluster events of b and c from just before the kill at `t0_ms` on, and b's
+/// group journal after it: where one sample's time went, step by step.
+fn trace_sample(c: &Cluster, t0_ms: f64, journal: &[Value]) {
+    #[allow(clippy::cast_precision_loss)]
+    let since = |r: &Value| r["time_ms"].as_u64().unwrap_or(0) as f64 - t0_ms;
+    for (i, name) in NAMES.iter().enumerate().take(3).skip(1) {
+        for e in c.events(i).iter().filter(|e| since(e) >= -TRACE_BEFORE_MS) {
+            eprintln!(
+                "failover-bench:     {name} {:+.0} ms {} {}",
+                since(e),
+                e["kind"].as_str().unwrap_or("?"),
+                e["detail"].as_str().unwrap_or("")
+            );
+        }
+    }
+    for r in journal.iter().filter(|r| since(r) >= 0.0) {
+        eprintln!("failover-bench:     b journal {:+.0} ms {r}", since(r));
+    }
 }
 
 /// The newest cluster event's sequence number on node `i`.
