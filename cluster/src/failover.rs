@@ -136,9 +136,12 @@ impl Decision {
 ///   locally): assign it to the best possible owner (preferred order, then with `any_owner`
 ///   the other members the database knows in name order; never a paused node, a non-member or
 ///   the node that just failed it; a graceful move's target first; in a failover, the nodes the
-///   owner reported in sync before the others). Replacing a lost or failed owner is a failover: one more than the threshold within the period gives up instead. With
-///   no possible owner it waits. A group the cluster gave up on stays failed until an operator
-///   sets its desired state again.
+///   owner reported in sync before the others). Replacing a lost or failed owner is a
+///   failover: one more than the threshold within the period gives up instead. An owner that
+///   failed the group and is its only possible owner gets it again (a failover in place, which
+///   counts the same: its local restart budget starts afresh, and a group that keeps failing
+///   is given up). With no possible owner it waits. A group the cluster gave up on stays
+///   failed until an operator sets its desired state again.
 /// - Desired online on a live owner: a paused owner is drained (released to the next owner, or
 ///   offline when there is none); a more preferred member that is back takes it over by the
 ///   group's failback policy (released to it), once the owner reports its replicas in sync
@@ -357,16 +360,30 @@ fn fail_over(
         });
     }
     let fresh = in_sync(input, g, loss.node(), own.epoch);
-    let (to, _) = place_among(input, g, own, Some(loss.node()), fresh.as_ref())?;
-    let behind = match &fresh {
-        Some(f) if !f.contains(&to) => " (no node was reported in sync)",
-        _ => "",
+    let (owner, reason) = match place_among(input, g, own, Some(loss.node()), fresh.as_ref()) {
+        Some((to, _)) => {
+            let behind = match &fresh {
+                Some(f) if !f.contains(&to) => " (no node was reported in sync)",
+                _ => "",
+            };
+            let reason = format!("{}: failover to {to}{behind}", loss.why());
+            (to, reason)
+        }
+        None => match loss {
+            // Nowhere else to go: the owner that failed it tries again rather than leave it
+            // failed until an operator or another node comes.
+            Loss::Failed(o) if candidates(input, g, None).iter().any(|c| c == o) => {
+                let reason = format!("{}; no other possible owner: {o} tries again", loss.why());
+                ((*o).to_owned(), reason)
+            }
+            _ => return None,
+        },
     };
     Some(Decision::Assign {
         group: g.name.clone(),
         epoch: next,
-        reason: format!("{}: failover to {to}{behind}", loss.why()),
-        owner: Some(to),
+        reason,
+        owner: Some(owner),
         at_ms: now,
         failover: true,
     })

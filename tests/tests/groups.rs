@@ -22,13 +22,15 @@ use serde_json::Value;
 const MOVE: Duration = Duration::from_secs(30);
 
 /// An OCF-style agent: `start` writes `<dir>/<instance>.<netns>` (the epoch), `stop` removes
-/// it, `monitor` checks it; with `OCF_RESKEY_hang=1` its start never ends.
+/// it, `monitor` checks it; with `OCF_RESKEY_hang=1` its start never ends, with
+/// `OCF_RESKEY_fail_once=1` its first start on each node fails.
 const AGENT: &str = r#"#!/bin/sh
 node=$(ip netns identify $$ 2>/dev/null)
 f="$OCF_RESKEY_dir/$OCF_RESOURCE_INSTANCE.$node"
 case "$1" in
 start)
     if [ "$OCF_RESKEY_hang" = "1" ]; then exec sleep 1000; fi
+    if [ "$OCF_RESKEY_fail_once" = "1" ] && [ ! -e "$f.failed" ]; then : > "$f.failed"; exit 1; fi
     echo "$FT_EPOCH" > "$f"; exit 0 ;;
 stop) rm -f "$f"; exit 0 ;;
 monitor) if [ -f "$f" ]; then exit 0; fi; exit 7 ;;
@@ -427,12 +429,48 @@ name = "stuck-data"
 kind = "exec"
 properties = {{ agent = "{agent}", dir = "{dir}", hang = "1" }}
 timeouts = {{ online = "1s", offline = "1s" }}
+
+[[group]]
+name = "lone"
+preferred_owners = ["a"]
+
+[[group.resource]]
+name = "lone-data"
+kind = "exec"
+properties = {{ agent = "{agent}", dir = "{dir}", fail_once = "1" }}
+timeouts = {{ online = "5s", offline = "1s" }}
 "#
     );
     let path = t.write_file("ops.toml", &file);
     t.c.node(0)
         .ftctl_ok(&["group", "apply", path.to_str().expect("utf-8")]);
     t.wait_online(0, "h", 0, MOVE);
+
+    // A group that fails on its only possible owner is tried there again (a failover in
+    // place), not left failed.
+    t.wait_online(0, "lone", 0, MOVE);
+    let runs: Vec<(String, u64)> = t
+        .journal(0)
+        .into_iter()
+        .filter(|r| r["kind"] == "group" && r["group"] == "lone")
+        .filter(|r| r["state"] == "failed" || r["state"] == "online")
+        .filter_map(|r| Some((r["state"].as_str()?.to_owned(), r["epoch"].as_u64()?)))
+        .collect();
+    match runs.as_slice() {
+        [(failed, e1), .., (online, e2)] if failed == "failed" && online == "online" => {
+            assert!(e2 > e1, "{runs:?}");
+        }
+        _ => panic!("expected a failed run, then an online one, on a: {runs:?}"),
+    }
+    assert!(
+        t.journal(0).iter().any(|r| r["kind"] == "ownership"
+            && r["group"] == "lone"
+            && r["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("no other possible owner: a tries again"))),
+        "{}",
+        t.journals_text()
+    );
 
     // Pausing the owner drains its group to the next preferred owner.
     let out = t.c.node(0).ftctl_ok(&["node", "pause", "a"]);

@@ -228,12 +228,45 @@ fn scenarios() -> Vec<Scenario> {
         )],
     );
     case(
-        "owner failed locally and no other possible owner: wait",
+        "owner failed locally and no other possible owner: it tries again",
         &failed_on_a,
         &["a", "c"],
         &[],
         NOW,
+        vec![assign(
+            "web",
+            2,
+            Some("a"),
+            true,
+            "a failed the group; no other possible owner: a tries again",
+        )],
+    );
+    case(
+        "owner failed locally, the other possible owner is paused and it is itself paused: wait",
+        &failed_on_a,
+        &["a", "b", "c"],
+        &["a", "b"],
+        NOW,
         vec![],
+    );
+    let mut failing_on_a = web_ab(|g| g.failover_threshold = 2);
+    failing_on_a
+        .online("web", "a")
+        .assign("web", "a", NOW - 2 * MINUTE, true)
+        .report("web", GroupState::Failed)
+        .assign("web", "a", NOW - MINUTE, true)
+        .report("web", GroupState::Failed);
+    case(
+        "tries in place count as failovers: one more than the threshold gives up",
+        &failing_on_a,
+        &["a", "c"],
+        &[],
+        NOW,
+        vec![give_up(
+            "web",
+            4,
+            "a failed the group: more than 2 failovers within 3600000 ms; giving up",
+        )],
     );
     case(
         "no possible owner: the others are absent or paused",
