@@ -38,6 +38,8 @@ use super::transport::{Inbound, Transport, Wire};
 
 /// Pause before a failed node actor is started again.
 pub const RESTART_PAUSE: Duration = Duration::from_secs(1);
+/// A durable write of the node's state that takes this long is an event (`slow_store`).
+pub const SLOW_STORE: Duration = Duration::from_millis(100);
 /// How long a stop of the node actor may take.
 const STOP_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -299,6 +301,26 @@ impl Actor for NodeActor {
     }
 }
 
+/// Records a `slow_store` event when a durable write that began at `since` took longer than
+/// [`SLOW_STORE`]: the node actor waits for its writes, so its heartbeats waited too, and a
+/// wait near `suspect_after` gets this node suspected by its peers.
+fn slow_store(shared: &NodeShared, what: &str, since: Instant) {
+    let took = since.elapsed();
+    if took >= SLOW_STORE {
+        tracing::warn!(
+            ms = took.as_millis(),
+            "writing {what} durably took long; heartbeats waited"
+        );
+        shared.record(
+            "slow_store",
+            format!(
+                "writing {what} durably took {} ms; heartbeats waited",
+                took.as_millis()
+            ),
+        );
+    }
+}
+
 /// Steps the machines until no glue input is left, performing every action in order.
 async fn drive(st: &mut NodeState, mut work: VecDeque<Work>) -> Result<(), ActorProcessingErr> {
     while let Some(w) = work.pop_front() {
@@ -360,15 +382,23 @@ async fn perform_gum(
 ) -> Result<(), ActorProcessingErr> {
     match action {
         GumAction::Send { to, msg } => st.setup.transport.send(&to, None, Wire::Gum(msg)),
-        GumAction::Persist(p) => st.setup.store.save_gum(p).await?,
+        GumAction::Persist(p) => {
+            let t = Instant::now();
+            st.setup.store.save_gum(p).await?;
+            slow_store(&st.setup.shared, "the update manager's state", t);
+        }
         GumAction::Apply { seq, epoch, update } => {
             // A failure means this node's database differs from the machine's: the actor
             // fails and restarts from the database.
+            let t = Instant::now();
             let db = st.setup.store.apply(seq, epoch, update).await?;
+            slow_store(&st.setup.shared, "a global update", t);
             st.setup.shared.set_db(db, st.gum.leader().cloned());
         }
         GumAction::Install(snapshot) => {
+            let t = Instant::now();
             st.setup.store.install(snapshot.clone()).await?;
+            slow_store(&st.setup.shared, "the cluster database", t);
             st.setup.shared.set_db(snapshot, st.gum.leader().cloned());
         }
         GumAction::ReadDisk { id } => match &st.area {
@@ -467,7 +497,9 @@ async fn perform(
         }
         Action::Persist(p) => {
             // Durable before anything after it: the later actions of the batch wait here.
+            let t = Instant::now();
             st.setup.store.persist(p).await?;
+            slow_store(&st.setup.shared, "the membership state", t);
         }
         Action::Committed(v) => {
             tracing::info!(
