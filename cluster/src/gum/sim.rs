@@ -18,13 +18,12 @@ use super::{
     GumPersisted, Update,
 };
 use crate::db::{DiskCopy, Group, Resource, encode_disk_copy, read_disk_area, write_disk_area};
-use crate::membership::tests::sim::{Rng, World};
+use crate::membership::tests::sim::{LeaseEv, PendingReads, Rng, World, lease_step, plan_lease_io};
 use crate::membership::{
     Action, Event, Input, Membership, MembershipConfig, Message, NodeId, Persisted, View,
 };
 use crate::quorum::{
-    DiskAction, DiskConfig, DiskEvent, DiskInput, DiskOp, DiskReply, MemDisk, QuorumDisk,
-    SECTOR_SIZE, Votes,
+    DiskAction, DiskConfig, DiskEvent, DiskInput, DiskOp, MemDisk, QuorumDisk, SECTOR_SIZE, Votes,
 };
 
 /// Both protocols on one connection, as the actor sends them.
@@ -46,26 +45,8 @@ enum Ev {
         node: usize,
         token: u64,
     },
-    /// A lease sector reaches the platter (maybe torn).
-    Land {
-        sector: u64,
-        data: Box<[u8; SECTOR_SIZE]>,
-        torn: bool,
-    },
-    /// A lease read samples the platter.
-    Sample {
-        node: usize,
-        incarnation: u64,
-        id: u64,
-        first: u64,
-        count: u64,
-    },
-    /// A lease I/O completes at the node.
-    IoDone {
-        node: usize,
-        incarnation: u64,
-        reply: DiskReply,
-    },
+    /// A quorum-disk lease I/O's step.
+    Lease(LeaseEv),
     /// A database record reaches the platter; `torn`: its writer crashed, so only part of it.
     DbLand {
         node: usize,
@@ -114,7 +95,7 @@ pub(crate) struct SimNode {
     gum_owner: bool,
     /// Committed views, in order, across restarts.
     pub history: Vec<View>,
-    reads: BTreeMap<u64, Vec<[u8; SECTOR_SIZE]>>,
+    reads: PendingReads,
     db_reads: BTreeMap<u64, Result<Option<DiskRecord>, String>>,
     /// The disk is cut off from this node.
     pub disk_cut: bool,
@@ -416,51 +397,17 @@ impl Sim {
                     self.tick(node);
                 }
             }
-            Ev::Land { sector, data, torn } => {
-                if torn {
-                    let mut cur = self.disk.sector(sector);
-                    let half = SECTOR_SIZE / 2;
-                    cur[..half].copy_from_slice(&data[..half]);
-                    self.disk.put(sector, &cur);
-                } else {
-                    self.disk.put(sector, &data);
+            Ev::Lease(ev) => {
+                let done = matches!(ev, LeaseEv::IoDone { .. });
+                let i = ev.node();
+                let node = i
+                    .map(|i| &mut self.nodes[i])
+                    .filter(|n| !done || n.alive())
+                    .map(|n| (&mut n.reads, n.incarnation));
+                if let (Some(i), Some(reply)) = (i, lease_step(&mut self.disk, ev, node)) {
+                    self.step_disk(i, DiskInput::Io(reply));
+                    self.reschedule(i);
                 }
-            }
-            Ev::Sample {
-                node,
-                incarnation,
-                id,
-                first,
-                count,
-            } => {
-                if self.nodes[node].incarnation == incarnation {
-                    let data = (first..first + count)
-                        .map(|s| self.disk.sector(s))
-                        .collect();
-                    self.nodes[node].reads.insert(id, data);
-                }
-            }
-            Ev::IoDone {
-                node,
-                incarnation,
-                reply,
-            } => {
-                let n = &mut self.nodes[node];
-                if n.incarnation != incarnation || !n.alive() {
-                    return;
-                }
-                let reply = match reply {
-                    DiskReply::Read { id, .. } => match n.reads.remove(&id) {
-                        Some(data) => DiskReply::Read {
-                            id,
-                            result: Ok(data),
-                        },
-                        None => return,
-                    },
-                    other => other,
-                };
-                self.step_disk(node, DiskInput::Io(reply));
-                self.reschedule(node);
             }
             Ev::DbLand { record, torn, .. } => {
                 if torn {
@@ -667,86 +614,20 @@ impl Sim {
     }
 
     fn start_io(&mut self, i: usize, id: u64, op: DiskOp) {
-        let incarnation = self.nodes[i].incarnation;
-        let late = self.rng.chance(10);
-        let hang = self.rng.chance(3);
-        let max = if late {
-            self.disk_cfg.io_timeout * 2
-        } else {
-            self.world.io_max
-        };
-        let latency = self.rng.between(self.world.io_min, max);
-        let done = self.now + latency;
-        let mid = self.now + self.rng.between(Duration::ZERO, latency);
-        if self.nodes[i].disk_cut {
-            let reply = match op {
-                DiskOp::Read { .. } => DiskReply::Read {
-                    id,
-                    result: Err("disk cut off".into()),
-                },
-                DiskOp::Write { .. } => DiskReply::Write {
-                    id,
-                    result: Err("disk cut off".into()),
-                },
-            };
-            if !hang {
-                self.push(
-                    done,
-                    Ev::IoDone {
-                        node: i,
-                        incarnation,
-                        reply,
-                    },
-                );
-            }
-            return;
-        }
-        match op {
-            DiskOp::Read { first, count } => {
-                self.push(
-                    mid,
-                    Ev::Sample {
-                        node: i,
-                        incarnation,
-                        id,
-                        first,
-                        count,
-                    },
-                );
-                if !hang {
-                    self.push(
-                        done,
-                        Ev::IoDone {
-                            node: i,
-                            incarnation,
-                            reply: DiskReply::Read {
-                                id,
-                                result: Ok(Vec::new()),
-                            },
-                        },
-                    );
-                }
-            }
-            DiskOp::Write { sector, data } => {
-                self.push(
-                    mid,
-                    Ev::Land {
-                        sector,
-                        data,
-                        torn: false,
-                    },
-                );
-                if !hang {
-                    self.push(
-                        done,
-                        Ev::IoDone {
-                            node: i,
-                            incarnation,
-                            reply: DiskReply::Write { id, result: Ok(()) },
-                        },
-                    );
-                }
-            }
+        let n = &self.nodes[i];
+        let who = (i, n.incarnation);
+        let steps = plan_lease_io(
+            &mut self.rng,
+            &self.world,
+            self.disk_cfg.io_timeout,
+            self.now,
+            who,
+            n.disk_cut,
+            id,
+            op,
+        );
+        for (at, step) in steps {
+            self.push(at, Ev::Lease(step));
         }
     }
 

@@ -100,6 +100,16 @@ enum Ev {
         node: usize,
         token: u64,
     },
+    /// A quorum-disk lease I/O's step.
+    Lease(LeaseEv),
+}
+
+/// A node's lease reads in flight: id → the sectors sampled.
+pub(crate) type PendingReads = BTreeMap<u64, Vec<[u8; SECTOR_SIZE]>>;
+
+/// The steps of a quorum-disk lease I/O in the simulated world (the GUM simulation's too).
+#[derive(Debug)]
+pub(crate) enum LeaseEv {
     /// A write reaches the platter (maybe torn).
     Land {
         sector: u64,
@@ -122,6 +132,139 @@ enum Ev {
     },
 }
 
+impl LeaseEv {
+    /// The node whose I/O this is (`None`: a write landing concerns only the platter).
+    pub(crate) fn node(&self) -> Option<usize> {
+        match self {
+            LeaseEv::Land { .. } => None,
+            LeaseEv::Sample { node, .. } | LeaseEv::IoDone { node, .. } => Some(*node),
+        }
+    }
+}
+
+/// The steps of lease I/O `op` (`id`) of `node` at `incarnation`, started at `now`, and when
+/// each comes: latency between the world's bounds (1 % late, up to twice the disk's I/O
+/// timeout), 0.3 % never completing, errors when the node's disk is `cut`; a read samples and
+/// a write lands at a random moment before completion.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn plan_lease_io(
+    rng: &mut Rng,
+    world: &World,
+    io_timeout: Duration,
+    now: Instant,
+    (node, incarnation): (usize, u64),
+    cut: bool,
+    id: u64,
+    op: DiskOp,
+) -> Vec<(Instant, LeaseEv)> {
+    let late = rng.chance(10);
+    let hang = rng.chance(3);
+    let max = if late { io_timeout * 2 } else { world.io_max };
+    let latency = rng.between(world.io_min, max);
+    let done = now + latency;
+    let mid = now + rng.between(Duration::ZERO, latency);
+    let (step, reply) = match op {
+        DiskOp::Read { .. } if cut => (
+            None,
+            DiskReply::Read {
+                id,
+                result: Err("disk cut off".into()),
+            },
+        ),
+        DiskOp::Write { .. } if cut => (
+            None,
+            DiskReply::Write {
+                id,
+                result: Err("disk cut off".into()),
+            },
+        ),
+        DiskOp::Read { first, count } => (
+            Some(LeaseEv::Sample {
+                node,
+                incarnation,
+                id,
+                first,
+                count,
+            }),
+            DiskReply::Read {
+                id,
+                result: Ok(Vec::new()),
+            },
+        ),
+        DiskOp::Write { sector, data } => (
+            Some(LeaseEv::Land {
+                sector,
+                data,
+                torn: false,
+            }),
+            DiskReply::Write { id, result: Ok(()) },
+        ),
+    };
+    let mut out: Vec<(Instant, LeaseEv)> = step.map(|s| (mid, s)).into_iter().collect();
+    if !hang {
+        out.push((
+            done,
+            LeaseEv::IoDone {
+                node,
+                incarnation,
+                reply,
+            },
+        ));
+    }
+    out
+}
+
+/// Carries out a lease I/O step on the shared `disk`; `reads` and `incarnation` are the
+/// node's (`None`: it is not running). Returns the reply to hand the node's disk machine.
+pub(crate) fn lease_step(
+    disk: &mut MemDisk,
+    ev: LeaseEv,
+    node: Option<(&mut PendingReads, u64)>,
+) -> Option<DiskReply> {
+    match ev {
+        LeaseEv::Land { sector, data, torn } => {
+            if torn {
+                let mut cur = disk.sector(sector);
+                let half = SECTOR_SIZE / 2;
+                cur[..half].copy_from_slice(&data[..half]);
+                disk.put(sector, &cur);
+            } else {
+                disk.put(sector, &data);
+            }
+            None
+        }
+        LeaseEv::Sample {
+            incarnation,
+            id,
+            first,
+            count,
+            ..
+        } => {
+            if let Some((reads, running)) = node
+                && running == incarnation
+            {
+                reads.insert(id, (first..first + count).map(|s| disk.sector(s)).collect());
+            }
+            None
+        }
+        LeaseEv::IoDone {
+            incarnation, reply, ..
+        } => {
+            let (reads, running) = node?;
+            if running != incarnation {
+                return None;
+            }
+            match reply {
+                DiskReply::Read { id, .. } => Some(DiskReply::Read {
+                    id,
+                    result: Ok(reads.remove(&id)?),
+                }),
+                other => Some(other),
+            }
+        }
+    }
+}
+
 #[derive(Debug)]
 pub(crate) struct SimNode {
     pub name: NodeId,
@@ -137,7 +280,7 @@ pub(crate) struct SimNode {
     /// Committed views, in order, across restarts (what the node persisted as history).
     pub history: Vec<View>,
     /// Pending reads: id → sampled sectors.
-    reads: BTreeMap<u64, Vec<[u8; SECTOR_SIZE]>>,
+    reads: PendingReads,
     /// Disk cut off from this node (I/O errors).
     pub disk_cut: bool,
 }
@@ -321,50 +464,16 @@ impl Sim {
                     self.step_node(node, Input::Tick);
                 }
             }
-            Ev::Land { sector, data, torn } => {
-                if torn {
-                    let mut cur = self.disk.sector(sector);
-                    let half = SECTOR_SIZE / 2;
-                    cur[..half].copy_from_slice(&data[..half]);
-                    self.disk.put(sector, &cur);
-                } else {
-                    self.disk.put(sector, &data);
+            Ev::Lease(ev) => {
+                let done = matches!(ev, LeaseEv::IoDone { .. });
+                let i = ev.node();
+                let node = i
+                    .map(|i| &mut self.nodes[i])
+                    .filter(|n| !done || n.alive())
+                    .map(|n| (&mut n.reads, n.incarnation));
+                if let (Some(i), Some(reply)) = (i, lease_step(&mut self.disk, ev, node)) {
+                    self.step_disk(i, DiskInput::Io(reply));
                 }
-            }
-            Ev::Sample {
-                node,
-                incarnation,
-                id,
-                first,
-                count,
-            } => {
-                if self.nodes[node].incarnation == incarnation {
-                    let data = (first..first + count)
-                        .map(|s| self.disk.sector(s))
-                        .collect();
-                    self.nodes[node].reads.insert(id, data);
-                }
-            }
-            Ev::IoDone {
-                node,
-                incarnation,
-                reply,
-            } => {
-                let n = &mut self.nodes[node];
-                if n.incarnation != incarnation || !n.alive() {
-                    return;
-                }
-                let reply = match reply {
-                    DiskReply::Read { id, .. } => match n.reads.remove(&id) {
-                        Some(data) => DiskReply::Read {
-                            id,
-                            result: Ok(data),
-                        },
-                        None => return,
-                    },
-                    other => other,
-                };
-                self.step_disk(node, DiskInput::Io(reply));
             }
         }
     }
@@ -447,86 +556,20 @@ impl Sim {
     }
 
     fn start_io(&mut self, i: usize, id: u64, op: DiskOp) {
-        let incarnation = self.nodes[i].incarnation;
-        let late = self.rng.chance(10);
-        let hang = self.rng.chance(3);
-        let max = if late {
-            self.disk_cfg.io_timeout * 2
-        } else {
-            self.world.io_max
-        };
-        let latency = self.rng.between(self.world.io_min, max);
-        let done = self.now + latency;
-        let mid = self.now + self.rng.between(Duration::ZERO, latency);
-        if self.nodes[i].disk_cut {
-            let reply = match op {
-                DiskOp::Read { .. } => DiskReply::Read {
-                    id,
-                    result: Err("disk cut off".into()),
-                },
-                DiskOp::Write { .. } => DiskReply::Write {
-                    id,
-                    result: Err("disk cut off".into()),
-                },
-            };
-            if !hang {
-                self.push(
-                    done,
-                    Ev::IoDone {
-                        node: i,
-                        incarnation,
-                        reply,
-                    },
-                );
-            }
-            return;
-        }
-        match op {
-            DiskOp::Read { first, count } => {
-                self.push(
-                    mid,
-                    Ev::Sample {
-                        node: i,
-                        incarnation,
-                        id,
-                        first,
-                        count,
-                    },
-                );
-                if !hang {
-                    self.push(
-                        done,
-                        Ev::IoDone {
-                            node: i,
-                            incarnation,
-                            reply: DiskReply::Read {
-                                id,
-                                result: Ok(Vec::new()),
-                            },
-                        },
-                    );
-                }
-            }
-            DiskOp::Write { sector, data } => {
-                self.push(
-                    mid,
-                    Ev::Land {
-                        sector,
-                        data,
-                        torn: false,
-                    },
-                );
-                if !hang {
-                    self.push(
-                        done,
-                        Ev::IoDone {
-                            node: i,
-                            incarnation,
-                            reply: DiskReply::Write { id, result: Ok(()) },
-                        },
-                    );
-                }
-            }
+        let n = &self.nodes[i];
+        let who = (i, n.incarnation);
+        let steps = plan_lease_io(
+            &mut self.rng,
+            &self.world,
+            self.disk_cfg.io_timeout,
+            self.now,
+            who,
+            n.disk_cut,
+            id,
+            op,
+        );
+        for (at, step) in steps {
+            self.push(at, Ev::Lease(step));
         }
     }
 
@@ -535,11 +578,11 @@ impl Sim {
         let seqs: Vec<u64> = self
             .events
             .iter()
-            .filter(|(_, e)| matches!(e, Ev::Land { .. }))
+            .filter(|(_, e)| matches!(e, Ev::Lease(LeaseEv::Land { .. })))
             .map(|(s, _)| *s)
             .collect();
         if let Some(s) = seqs.first()
-            && let Some(Ev::Land { torn, .. }) = self.events.get_mut(s)
+            && let Some(Ev::Lease(LeaseEv::Land { torn, .. })) = self.events.get_mut(s)
         {
             *torn = true;
         }
