@@ -1021,6 +1021,16 @@ mod tests {
         .expect("assign");
     }
 
+    /// Assigns `g` to a (epoch 1), and has `a`'s plan bring it online and report it.
+    fn online_on_a(a: &mut Plan, db: &mut DbContent, t: Instant, m: &BTreeMap<NodeId, u64>) {
+        assign(db, "a");
+        run(a, t, db, true, m);
+        a.onlined("g", 1, Ok(()));
+        run(a, t, db, true, m);
+        report(db, GroupState::Online);
+        a.reported("g", 1, GroupState::Online, ReportOutcome::Settled);
+    }
+
     fn report(db: &mut DbContent, state: GroupState) {
         let epoch = db.ownership_of("g").epoch;
         db.apply(&Update::ReportGroup {
@@ -1155,12 +1165,7 @@ mod tests {
         let m = members(&[("a", 1), ("b", 1)]);
         let mut db = db();
         let mut p = plan("a");
-        assign(&mut db, "a");
-        run(&mut p, t, &db, true, &m);
-        p.onlined("g", 1, Ok(()));
-        run(&mut p, t, &db, true, &m);
-        report(&mut db, GroupState::Online);
-        p.reported("g", 1, GroupState::Online, ReportOutcome::Settled);
+        online_on_a(&mut p, &mut db, t, &m);
         p.check_failed("g", 1, "resource svc: gone".into());
         assert_eq!(
             run(&mut p, t, &db, true, &m),
@@ -1329,12 +1334,7 @@ mod tests {
         let m = members(&[("a", 1), ("b", 1)]);
         let mut db = db();
         let mut a = plan("a");
-        assign(&mut db, "a");
-        run(&mut a, t, &db, true, &m);
-        a.onlined("g", 1, Ok(()));
-        run(&mut a, t, &db, true, &m);
-        report(&mut db, GroupState::Online);
-        a.reported("g", 1, GroupState::Online, ReportOutcome::Settled);
+        online_on_a(&mut a, &mut db, t, &m);
         // A view change (c joins): the verdict blinks, a stays a member since epoch 1.
         assert_eq!(run(&mut a, t, &db, false, &m), vec![]);
         assert_eq!(a.next_deadline(), Some(t + GRACE));
@@ -1410,12 +1410,7 @@ mod tests {
         let m = members(&[("a", 1), ("b", 1)]);
         let mut db = db();
         let mut a = plan("a");
-        assign(&mut db, "a");
-        run(&mut a, t, &db, true, &m);
-        a.onlined("g", 1, Ok(()));
-        run(&mut a, t, &db, true, &m);
-        report(&mut db, GroupState::Online);
-        a.reported("g", 1, GroupState::Online, ReportOutcome::Settled);
+        online_on_a(&mut a, &mut db, t, &m);
         db.apply(&Update::ReleaseGroup {
             group: "g".into(),
             epoch: 1,
@@ -1836,12 +1831,7 @@ mod tests {
         let m = members(&[("a", 1), ("b", 1), ("c", 1)]);
         let mut db = db();
         let mut a = plan("a");
-        assign(&mut db, "a");
-        run(&mut a, t, &db, true, &m);
-        a.onlined("g", 1, Ok(()));
-        run(&mut a, t, &db, true, &m);
-        report(&mut db, GroupState::Online);
-        a.reported("g", 1, GroupState::Online, ReportOutcome::Settled);
+        online_on_a(&mut a, &mut db, t, &m);
         // A check fails (the partition took the interface's carrier): a graceful offline.
         a.check_failed("g", 1, "resource addr: no carrier".into());
         assert_eq!(
