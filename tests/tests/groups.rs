@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ftkit_tests::cluster::{Cluster, NAMES, SETTLE};
+use ftkit_tests::cluster::{Cluster, NAMES, SETTLE, pids_in_netns};
 use ftkit_tests::{json_lines, q, unix_ms, wait_until};
 use serde_json::Value;
 
@@ -137,17 +137,7 @@ impl Groups {
 
     /// The host of node `i` dies: watchd and its processes are killed, its network is gone.
     fn kill_host(&mut self, i: usize) -> u64 {
-        let ns = self.c.lab.netns(i).to_owned();
-        let pids = pids_in_netns(&ns);
-        self.c.kill9(i);
-        for pid in pids {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(i32::try_from(pid).expect("pid")),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        self.c.lab.cut(i);
-        let at = unix_ms();
+        let at = self.c.kill_host(i);
         self.deaths.push((i, at));
         at
     }
@@ -172,8 +162,7 @@ impl Groups {
                 let _ = std::fs::remove_file(e.path());
             }
         }
-        self.c.lab.heal(i);
-        self.c.restart(i);
+        self.c.boot_host(i);
     }
 
     /// Whether node `i`'s interface holds the virtual address.
@@ -192,18 +181,6 @@ impl Groups {
 fn set_executable(path: &Path) {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-}
-
-/// Every process whose network namespace is `ns`.
-fn pids_in_netns(ns: &str) -> Vec<u32> {
-    let out = Command::new("ip")
-        .args(["netns", "pids", ns])
-        .output()
-        .expect("ip netns pids");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
 }
 
 fn group_file(name: &str, agent: &Path, dir: &Path, vip: &str, extra: &str) -> String {
