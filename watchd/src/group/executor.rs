@@ -247,79 +247,64 @@ struct Notes {
 
 impl Notes {
     fn group(&self, group: &str, epoch: u64, state: &str, detail: &str) {
-        let text = if detail.is_empty() {
-            format!("group {group} epoch {epoch} on {}: {state}", self.me)
-        } else {
-            format!(
-                "group {group} epoch {epoch} on {}: {state} ({detail})",
-                self.me
-            )
-        };
-        self.events.emit(None, EventKind::Group, text);
-        self.journal.append(&JournalRecord {
-            time_ms: unix_ms(),
-            node: self.me.clone(),
-            kind: "group".into(),
-            group: group.to_owned(),
-            epoch,
-            state: state.to_owned(),
-            resource: None,
-            owner: None,
-            detail: detail.to_owned(),
-        });
+        let what = format!("group {group} epoch {epoch} on {}", self.me);
+        self.note(
+            EventKind::Group,
+            "group",
+            &what,
+            (group, epoch, None),
+            state,
+            detail,
+        );
     }
 
     fn resource(&self, group: &str, epoch: u64, resource: &str, state: &str, detail: &str) {
-        let text = if detail.is_empty() {
-            format!(
-                "resource {resource} of group {group} epoch {epoch} on {}: {state}",
-                self.me
-            )
-        } else {
-            format!(
-                "resource {resource} of group {group} epoch {epoch} on {}: {state} ({detail})",
-                self.me
-            )
-        };
-        self.events.emit(None, EventKind::Resource, text);
+        let what = format!(
+            "resource {resource} of group {group} epoch {epoch} on {}",
+            self.me
+        );
         self.board
             .resource(group, epoch, resource, state, detail.to_owned());
-        self.journal.append(&JournalRecord {
-            time_ms: unix_ms(),
-            node: self.me.clone(),
-            kind: "resource".into(),
-            group: group.to_owned(),
-            epoch,
-            state: state.to_owned(),
-            resource: Some(resource.to_owned()),
-            owner: None,
-            detail: detail.to_owned(),
-        });
+        let at = (group, epoch, Some(resource));
+        self.note(EventKind::Resource, "resource", &what, at, state, detail);
     }
 
     /// A standby instance's state (`starting`, `standby`, `promoted`, `stopped`, `failed`):
     /// an event and a journal line of kind `standby` (not a run of the group).
     fn standby(&self, group: &str, epoch: u64, resource: &str, state: &str, detail: &str) {
+        let what = format!(
+            "standby of resource {resource} of group {group} on {}",
+            self.me
+        );
+        let at = (group, epoch, Some(resource));
+        self.note(EventKind::Resource, "standby", &what, at, state, detail);
+    }
+
+    /// The event `WHAT: STATE (DETAIL)` and a journal line of `kind` for (group, epoch,
+    /// resource).
+    fn note(
+        &self,
+        event: EventKind,
+        kind: &str,
+        what: &str,
+        (group, epoch, resource): (&str, u64, Option<&str>),
+        state: &str,
+        detail: &str,
+    ) {
         let text = if detail.is_empty() {
-            format!(
-                "standby of resource {resource} of group {group} on {}: {state}",
-                self.me
-            )
+            format!("{what}: {state}")
         } else {
-            format!(
-                "standby of resource {resource} of group {group} on {}: {state} ({detail})",
-                self.me
-            )
+            format!("{what}: {state} ({detail})")
         };
-        self.events.emit(None, EventKind::Resource, text);
+        self.events.emit(None, event, text);
         self.journal.append(&JournalRecord {
             time_ms: unix_ms(),
             node: self.me.clone(),
-            kind: "standby".into(),
+            kind: kind.into(),
             group: group.to_owned(),
             epoch,
             state: state.to_owned(),
-            resource: Some(resource.to_owned()),
+            resource: resource.map(str::to_owned),
             owner: None,
             detail: detail.to_owned(),
         });
