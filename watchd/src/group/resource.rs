@@ -158,16 +158,6 @@ pub enum ResourceError {
         /// The tail of its stderr (or stdout when stderr was empty).
         output: String,
     },
-    /// A helper command (such as `ip`) failed.
-    #[error("`{command}` failed with {status}{}", shown(.output))]
-    CommandFailed {
-        /// The command line.
-        command: String,
-        /// How it ended.
-        status: ExitStatus,
-        /// The tail of its stderr (or stdout when stderr was empty).
-        output: String,
-    },
     /// A program could not be started.
     #[error("cannot run {}: {source}", .program.display())]
     Spawn {
@@ -190,10 +180,10 @@ pub enum ResourceError {
     /// The network interface named by an `ip` resource does not exist.
     #[error("network interface `{0}` does not exist")]
     UnknownInterface(String),
-    /// A helper command answered something watchd cannot read.
+    /// A helper command or a kernel request (netlink) answered something watchd cannot read.
     #[error("cannot read the answer of `{command}`: {why}")]
     BadAnswer {
-        /// The command line.
+        /// The command line, or the request.
         command: String,
         /// What is wrong with it.
         why: String,
@@ -540,7 +530,7 @@ pub async fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Finishe
 }
 
 /// [`run_bounded`] keeping up to `keep` bytes of each stream (a command whose whole output is
-/// parsed, such as `ip -j`, needs more than a failing program's last words).
+/// parsed needs more than a failing program's last words).
 pub async fn run_bounded_keeping(
     cmd: &mut Command,
     timeout: Duration,
