@@ -6,6 +6,7 @@
 pub mod api;
 pub mod board;
 pub mod cgroup;
+mod command;
 pub mod config;
 pub mod control;
 pub mod ctl;

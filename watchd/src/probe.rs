@@ -6,16 +6,14 @@
 //! its process group) running or unreaped after it returns.
 
 use std::io;
-use std::os::unix::process::ExitStatusExt;
 use std::process::Stdio;
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::process::{Child, Command};
 
+use crate::command::{GroupKill, exit_status};
 use crate::config::{ProbeConfig, ProbeKind};
 use crate::machine::ExitStatus;
 
@@ -292,49 +290,6 @@ async fn exec(argv: &[String], timeout: Duration) -> Result<String, ProbeError> 
             }
             Err(ProbeError::Timeout(timeout))
         }
-    }
-}
-
-fn exit_status(status: std::process::ExitStatus) -> ExitStatus {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => ExitStatus::Code(code),
-        (None, Some(signal)) => ExitStatus::Signal(signal),
-        (None, None) => ExitStatus::Unknown,
-    }
-}
-
-/// SIGKILLs a probe command's process group when dropped or asked, unless disarmed.
-#[derive(Debug)]
-struct GroupKill {
-    group: Option<Pid>,
-}
-
-impl GroupKill {
-    fn of(child: &Child) -> GroupKill {
-        // The child called setpgid(0, 0) before exec, so its pid is its group id.
-        let group = child
-            .id()
-            .and_then(|pid| i32::try_from(pid).ok())
-            .filter(|&p| p > 0)
-            .map(Pid::from_raw);
-        GroupKill { group }
-    }
-
-    fn kill(&mut self) {
-        if let Some(group) = self.group.take() {
-            // ESRCH (everyone already gone) is fine.
-            let _ = killpg(group, Signal::SIGKILL);
-        }
-    }
-
-    fn disarm(&mut self) {
-        self.group = None;
-    }
-}
-
-impl Drop for GroupKill {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 

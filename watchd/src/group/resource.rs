@@ -7,13 +7,10 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::io;
-use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::process::{Child, Command};
 
@@ -21,6 +18,7 @@ use super::exec::ExecResource;
 use super::fileset::{FilesetResource, Replicated};
 use super::ip::IpResource;
 use super::service::{ServiceCatalog, ServiceResource};
+use crate::command::{GroupKill, exit_status};
 use crate::machine::ExitStatus;
 
 /// How long bringing a resource online may take by default (Pacemaker's default operation
@@ -656,14 +654,6 @@ async fn reap(child: &mut Child) {
     }
 }
 
-fn exit_status(status: std::process::ExitStatus) -> ExitStatus {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => ExitStatus::Code(code),
-        (None, Some(signal)) => ExitStatus::Signal(signal),
-        (None, None) => ExitStatus::Unknown,
-    }
-}
-
 /// The last `keep` bytes of a stream, and whether earlier ones were dropped.
 #[derive(Debug)]
 struct Tail {
@@ -727,41 +717,6 @@ pub fn excerpt(bytes: &[u8]) -> String {
         }
     }
     shown
-}
-
-/// SIGKILLs a command's process group when dropped or asked, unless disarmed.
-#[derive(Debug)]
-struct GroupKill {
-    group: Option<Pid>,
-}
-
-impl GroupKill {
-    fn of(child: &Child) -> GroupKill {
-        // The child called setpgid(0, 0) before exec, so its pid is its group id.
-        let group = child
-            .id()
-            .and_then(|pid| i32::try_from(pid).ok())
-            .filter(|&p| p > 0)
-            .map(Pid::from_raw);
-        GroupKill { group }
-    }
-
-    fn kill(&mut self) {
-        if let Some(group) = self.group.take() {
-            // ESRCH (everyone already gone) is fine.
-            let _ = killpg(group, Signal::SIGKILL);
-        }
-    }
-
-    fn disarm(&mut self) {
-        self.group = None;
-    }
-}
-
-impl Drop for GroupKill {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 #[cfg(test)]
