@@ -10,6 +10,7 @@
 
 pub mod actor;
 pub mod disk;
+pub mod lane;
 pub mod report;
 pub mod rt;
 pub mod store;

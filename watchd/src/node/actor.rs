@@ -3,12 +3,16 @@
 //!
 //! ```text
 //!  transport ──Inbound──►┐                          ┌──► transport.send (never waits)
-//!  timer ──────Tick─────►│   NodeActor (node        ├──► store: persist, apply, install
-//!  disk threads ─Reply──►│   thread, SCHED_FIFO)    │    (awaited: durable first)
-//!  ftctl ─Pause/Leave/──►┘   Membership ⇄ QuorumDisk├──► disk threads (lease, database area)
-//!        Propose               ⇣ views, acting      └──► NodeShared (status, events, acting, db)
-//!                             Gum (global updates)
+//!  timer ──────Tick─────►│   NodeActor (node        ├──► store: membership persist (awaited:
+//!  disk threads ─Reply──►│   thread, SCHED_FIFO)    │    durable first; rare)
+//!  ftctl ─Pause/Leave/──►┘   Membership ⇄ QuorumDisk├──► disk thread (lease)
+//!        Propose               ⇣ views, acting      ├──► NodeShared (status, events, acting)
+//!                             Gum (global updates) ─┴──► Lane: every GumAction, in order
 //! ```
+//!
+//! The global update manager's actions go to the [`Lane`], which performs them in order on a
+//! task of its own (its durable writes awaited there), so that no commit of a global update
+//! delays a heartbeat. The lane reports back only as messages (`Area`, `LaneFailed`).
 //!
 //! Glue: a tick right after creation; `WantDisk` → `Want`, `PublishEpoch` → `Publish`,
 //! `Published` → `EpochPublished`, every change of the disk's status → `DiskLease` (and, for
@@ -32,6 +36,7 @@ use tokio::runtime::Handle;
 use tokio::task::JoinHandle;
 
 use super::disk::{AreaExecutor, AreaReply, DiskExecutor};
+use super::lane::{Lane, LaneItem};
 use super::report::NodeShared;
 use super::store::Store;
 use super::transport::{Inbound, Transport, Wire};
@@ -93,6 +98,9 @@ pub enum NodeMsg {
     },
     /// The operator makes this node leave the cluster.
     Leave(RpcReplyPort<()>),
+    /// A durable write of the update lane failed: this node's database may differ from its
+    /// update manager's, so the actor fails and restarts from the database.
+    LaneFailed(String),
 }
 
 /// The node actor.
@@ -108,7 +116,8 @@ pub struct NodeState {
     disk: Option<QuorumDisk>,
     exec: Option<DiskExecutor>,
     gum: Gum,
-    area: Option<AreaExecutor>,
+    /// Performs the update manager's actions (see the module doc).
+    lane: Lane,
     /// Local callers waiting for their update, by request id.
     callers: BTreeMap<u64, RpcReplyPort<Result<u64, GumError>>>,
     next_request: u64,
@@ -157,7 +166,7 @@ impl Actor for NodeActor {
             boot.db.clone(),
         )?;
         setup.shared.set_db(boot.db, gum.leader().cloned());
-        let (disk, exec, area) = match &setup.disk {
+        let (disk, exec, area): (_, _, Option<AreaExecutor>) = match &setup.disk {
             Some((cfg, path)) => {
                 let machine = QuorumDisk::new(cfg.clone(), &setup.me, rand::random(), now)?;
                 // The file must hold the database area beyond the lease slots.
@@ -202,6 +211,7 @@ impl Actor for NodeActor {
                 membership.view().map_or(0, |v| v.epoch)
             ),
         );
+        let lane = Lane::start(setup.clone(), area, myself.clone());
         myself.cast(NodeMsg::Tick)?;
         Ok(NodeState {
             incarnation: boot.incarnation,
@@ -209,7 +219,7 @@ impl Actor for NodeActor {
             disk,
             exec,
             gum,
-            area,
+            lane,
             callers: BTreeMap::new(),
             next_request: 1,
             lease: None,
@@ -228,6 +238,7 @@ impl Actor for NodeActor {
         st: &mut NodeState,
     ) -> Result<(), ActorProcessingErr> {
         st.setup.transport.set_sink(None);
+        st.lane.stop();
         if let Some(t) = st.timer.take() {
             t.abort();
         }
@@ -290,6 +301,9 @@ impl Actor for NodeActor {
                 work.push_back(Work::Membership(Input::Leave));
                 let _ = reply.send(());
             }
+            NodeMsg::LaneFailed(why) => {
+                return Err(format!("the update lane failed: {why}").into());
+            }
         }
         drive(st, work).await?;
         arm(&myself, st);
@@ -302,21 +316,24 @@ impl Actor for NodeActor {
 }
 
 /// Records a `slow_store` event when a durable write that began at `since` took longer than
-/// [`SLOW_STORE`]: the node actor waits for its writes, so its heartbeats waited too, and a
-/// wait near `suspect_after` gets this node suspected by its peers.
-fn slow_store(shared: &NodeShared, what: &str, since: Instant) {
+/// [`SLOW_STORE`]. `heartbeats_waited`: the node actor waited for it (a membership persist),
+/// so did its heartbeats, and a wait near `suspect_after` gets this node suspected by its
+/// peers; otherwise only the update lane waited.
+pub(super) fn slow_store(shared: &NodeShared, what: &str, since: Instant, heartbeats_waited: bool) {
     let took = since.elapsed();
     if took >= SLOW_STORE {
+        let who = if heartbeats_waited {
+            "heartbeats waited"
+        } else {
+            "later global-update actions waited, heartbeats did not"
+        };
         tracing::warn!(
             ms = took.as_millis(),
-            "writing {what} durably took long; heartbeats waited"
+            "writing {what} durably took long; {who}"
         );
         shared.record(
             "slow_store",
-            format!(
-                "writing {what} durably took {} ms; heartbeats waited",
-                took.as_millis()
-            ),
+            format!("writing {what} durably took {} ms; {who}", took.as_millis()),
         );
     }
 }
@@ -353,6 +370,7 @@ async fn drive(st: &mut NodeState, mut work: VecDeque<Work>) -> Result<(), Actor
                 }
                 if st.lease != Some(status) {
                     st.lease = Some(status);
+                    st.lane.set_disk_owner_until(status.valid_until);
                     work.push_back(Work::Membership(Input::DiskLease {
                         valid_until: status.valid_until,
                         max_epoch: status.max_epoch,
@@ -365,8 +383,10 @@ async fn drive(st: &mut NodeState, mut work: VecDeque<Work>) -> Result<(), Actor
                 }
             }
             Work::Gum(input) => {
-                for a in st.gum.step(now, input) {
-                    perform_gum(st, now, a, &mut work).await?;
+                let actions = st.gum.step(now, input);
+                st.lane.set_leader(st.gum.leader());
+                for a in actions {
+                    perform_gum(st, a);
                 }
             }
         }
@@ -374,61 +394,19 @@ async fn drive(st: &mut NodeState, mut work: VecDeque<Work>) -> Result<(), Actor
     Ok(())
 }
 
-async fn perform_gum(
-    st: &mut NodeState,
-    now: Instant,
-    action: GumAction,
-    work: &mut VecDeque<Work>,
-) -> Result<(), ActorProcessingErr> {
+/// Hands a global update manager's action to the lane (a reply with its caller's port).
+fn perform_gum(st: &mut NodeState, action: GumAction) {
     match action {
-        GumAction::Send { to, msg } => st.setup.transport.send(&to, None, Wire::Gum(msg)),
-        GumAction::Persist(p) => {
-            let t = Instant::now();
-            st.setup.store.save_gum(p).await?;
-            slow_store(&st.setup.shared, "the update manager's state", t);
-        }
-        GumAction::Apply { seq, epoch, update } => {
-            // A failure means this node's database differs from the machine's: the actor
-            // fails and restarts from the database.
-            let t = Instant::now();
-            let db = st.setup.store.apply(seq, epoch, update).await?;
-            slow_store(&st.setup.shared, "a global update", t);
-            st.setup.shared.set_db(db, st.gum.leader().cloned());
-        }
-        GumAction::Install(snapshot) => {
-            let t = Instant::now();
-            st.setup.store.install(snapshot.clone()).await?;
-            slow_store(&st.setup.shared, "the cluster database", t);
-            st.setup.shared.set_db(snapshot, st.gum.leader().cloned());
-        }
-        GumAction::ReadDisk { id } => match &st.area {
-            Some(area) => area.read(id),
-            None => work.push_back(Work::Gum(GumInput::DiskRead {
-                id,
-                result: Err("no quorum disk is configured".into()),
-            })),
-        },
-        GumAction::WriteDisk { id, record } => {
-            let owner = st.disk.as_ref().is_some_and(|d| d.is_owner(now));
-            match &st.area {
-                Some(area) if owner => area.write(id, record),
-                _ => work.push_back(Work::Gum(GumInput::DiskWritten {
-                    id,
-                    result: Err("this node does not own the quorum disk".into()),
-                })),
-            }
-        }
         GumAction::Reply { request_id, result } => {
             if let Some(reply) = st.callers.remove(&request_id) {
-                let _ = reply.send(result);
+                st.lane.push(LaneItem::Reply(reply, result));
             }
         }
-        GumAction::Event(e) => gum_event(&st.setup.shared, &e),
+        other => st.lane.push(LaneItem::Gum(other)),
     }
-    Ok(())
 }
 
-fn gum_event(shared: &NodeShared, e: &GumEvent) {
+pub(super) fn gum_event(shared: &NodeShared, e: &GumEvent) {
     let (kind, detail) = match e {
         GumEvent::Ignored { from, why } => (
             "gum_ignored",
@@ -499,7 +477,7 @@ async fn perform(
             // Durable before anything after it: the later actions of the batch wait here.
             let t = Instant::now();
             st.setup.store.persist(p).await?;
-            slow_store(&st.setup.shared, "the membership state", t);
+            slow_store(&st.setup.shared, "the membership state", t, true);
         }
         Action::Committed(v) => {
             tracing::info!(

@@ -3,10 +3,11 @@
 //! data directory; and the cluster database with the global update manager's pending update
 //! (`cluster::db::ClusterDb`, a file of its own beside it).
 //!
-//! Every write is a durable (fsynced) redb commit made on the store's own thread; callers await
-//! the commit, so the node actor's event loop never blocks on an fsync yet performs nothing that
-//! must follow a persist before the persist is on disk. A record that does not decode is an
-//! error, never a default: forgetting an accepted epoch could let a view commit twice.
+//! Every write is a durable (fsynced) redb commit made on a thread of the store, never on the
+//! node thread: one thread per file, so that a membership persist never queues behind commits
+//! of global updates. Callers await the commit before anything that must follow it. A record
+//! that does not decode is an error, never a default: forgetting an accepted epoch could let
+//! a view commit twice.
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -20,6 +21,14 @@ use tokio::sync::oneshot;
 pub const STORE_FILE: &str = "cluster.redb";
 /// The cluster database's file inside the data directory.
 pub const CLUSTER_DB_FILE: &str = "clusterdb.redb";
+
+/// Test hook: with `WATCHD_TEST_HOOKS=1` in watchd's environment (read once at open), a file
+/// of this name in the data directory holding a number of milliseconds delays every write of
+/// the cluster database by that long, as a disk busy with other fsyncs would (read before each
+/// write, so a test can slow a running node). Ignored without the variable.
+pub const TEST_DELAY_FILE: &str = "test-clusterdb-delay-ms";
+/// The environment variable that enables watchd's test hooks.
+const TEST_HOOKS_ENV: &str = "WATCHD_TEST_HOOKS";
 
 const NODE: TableDefinition<&str, &[u8]> = TableDefinition::new("node");
 const KEY_MEMBERSHIP: &str = "membership";
@@ -75,9 +84,15 @@ pub struct Boot {
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
-enum Op {
+/// Work for the membership state's thread (`cluster.redb`).
+enum StateOp {
     Boot(Reply<Boot>),
     Persist(Persisted, Reply<()>),
+}
+
+/// Work for the cluster database's thread (`clusterdb.redb`).
+enum DbOp {
+    Open(Reply<(GumPersisted, DbSnapshot)>),
     SaveGum(GumPersisted, Reply<()>),
     Apply {
         seq: u64,
@@ -88,21 +103,31 @@ enum Op {
     Install(Box<DbSnapshot>, Reply<()>),
 }
 
-/// The store. Cloning shares it; the thread ends when the last clone is dropped.
+/// The store. Cloning shares it; the threads end when the last clone is dropped.
 #[derive(Debug, Clone)]
 pub struct Store {
     path: PathBuf,
-    tx: mpsc::Sender<Op>,
+    db_path: PathBuf,
+    state: mpsc::Sender<StateOp>,
+    db: mpsc::Sender<DbOp>,
 }
 
-impl std::fmt::Debug for Op {
+impl std::fmt::Debug for StateOp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Op::Boot(_) => f.write_str("Boot"),
-            Op::Persist(p, _) => write!(f, "Persist(accepted {})", p.accepted),
-            Op::SaveGum(..) => f.write_str("SaveGum"),
-            Op::Apply { seq, .. } => write!(f, "Apply({seq})"),
-            Op::Install(s, _) => write!(f, "Install({})", s.seq),
+            StateOp::Boot(_) => f.write_str("Boot"),
+            StateOp::Persist(p, _) => write!(f, "Persist(accepted {})", p.accepted),
+        }
+    }
+}
+
+impl std::fmt::Debug for DbOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DbOp::Open(_) => f.write_str("Open"),
+            DbOp::SaveGum(..) => f.write_str("SaveGum"),
+            DbOp::Apply { seq, .. } => write!(f, "Apply({seq})"),
+            DbOp::Install(s, _) => write!(f, "Install({})", s.seq),
         }
     }
 }
@@ -111,6 +136,11 @@ impl Store {
     /// Opens (or creates) the store in `data_dir` and starts its thread. Blocking: call it
     /// while the daemon starts.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with(data_dir, test_delay_file(data_dir))
+    }
+
+    /// [`Store::open`] with the delay hook's file given (unit tests need no environment).
+    fn open_with(data_dir: &Path, delay: Option<PathBuf>) -> Result<Store, StoreError> {
         let path = data_dir.join(STORE_FILE);
         let err = |e: redb::Error| StoreError::Db {
             path: path.clone(),
@@ -120,37 +150,66 @@ impl Store {
         let txn = db.begin_write().map_err(|e| err(e.into()))?;
         txn.open_table(NODE).map_err(|e| err(e.into()))?;
         txn.commit().map_err(|e| err(e.into()))?;
-        let (tx, rx) = mpsc::channel();
+        let (state, state_rx) = mpsc::channel();
         let tpath = path.clone();
-        let db_path = data_dir.join(CLUSTER_DB_FILE);
         std::thread::Builder::new()
             .name("node-store".into())
-            .spawn(move || serve(&db, &tpath, &db_path, &rx))
+            .spawn(move || serve_state(&db, &tpath, &state_rx))
             .map_err(|e| err(redb::Error::Io(e)))?;
-        Ok(Store { path, tx })
+        let (dbtx, db_rx) = mpsc::channel();
+        let db_path = data_dir.join(CLUSTER_DB_FILE);
+        let dpath = db_path.clone();
+        std::thread::Builder::new()
+            .name("node-db".into())
+            .spawn(move || serve_db(&dpath, delay.as_deref(), &db_rx))
+            .map_err(|e| err(redb::Error::Io(e)))?;
+        Ok(Store {
+            path,
+            db_path,
+            state,
+            db: dbtx,
+        })
     }
 
-    async fn ask<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T, StoreError> {
+    async fn ask_state<T>(&self, op: impl FnOnce(Reply<T>) -> StateOp) -> Result<T, StoreError> {
+        let gone = || StoreError::Gone {
+            path: self.path.clone(),
+        };
         let (tx, rx) = oneshot::channel();
-        self.tx.send(op(tx)).map_err(|_| self.gone())?;
-        rx.await.map_err(|_| self.gone())?
+        self.state.send(op(tx)).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    async fn ask_db<T>(&self, op: impl FnOnce(Reply<T>) -> DbOp) -> Result<T, StoreError> {
+        let gone = || StoreError::Gone {
+            path: self.db_path.clone(),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.db.send(op(tx)).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
     }
 
     /// Reads the durable state and makes the next incarnation durable. The cluster database
     /// is opened here (not in [`Store::open`]), so a broken one fails the node actor, which is
     /// retried, and not watchd's start.
     pub async fn boot(&self) -> Result<Boot, StoreError> {
-        self.ask(Op::Boot).await
+        // The database first: a broken one must not use up an incarnation. Queued behind
+        // every write submitted before, so a restarted actor reads what its predecessor wrote.
+        let (gum, db) = self.ask_db(DbOp::Open).await?;
+        let mut b = self.ask_state(StateOp::Boot).await?;
+        b.gum = gum;
+        b.db = db;
+        Ok(b)
     }
 
     /// Writes `p` durably; returns once it is on disk.
     pub async fn persist(&self, p: Persisted) -> Result<(), StoreError> {
-        self.ask(|r| Op::Persist(p, r)).await
+        self.ask_state(|r| StateOp::Persist(p, r)).await
     }
 
     /// Writes the global update manager's state durably.
     pub async fn save_gum(&self, p: GumPersisted) -> Result<(), StoreError> {
-        self.ask(|r| Op::SaveGum(p, r)).await
+        self.ask_db(|r| DbOp::SaveGum(p, r)).await
     }
 
     /// Applies update `seq` to the cluster database durably; returns the new database.
@@ -160,7 +219,7 @@ impl Store {
         epoch: u64,
         update: Update,
     ) -> Result<DbSnapshot, StoreError> {
-        self.ask(|reply| Op::Apply {
+        self.ask_db(|reply| DbOp::Apply {
             seq,
             epoch,
             update,
@@ -171,48 +230,70 @@ impl Store {
 
     /// Replaces the cluster database durably.
     pub async fn install(&self, snapshot: DbSnapshot) -> Result<(), StoreError> {
-        self.ask(|r| Op::Install(Box::new(snapshot), r)).await
+        self.ask_db(|r| DbOp::Install(Box::new(snapshot), r)).await
     }
+}
 
-    fn gone(&self) -> StoreError {
-        StoreError::Gone {
-            path: self.path.clone(),
+/// The delay hook's file, when test hooks are enabled.
+fn test_delay_file(data_dir: &Path) -> Option<PathBuf> {
+    std::env::var(TEST_HOOKS_ENV)
+        .is_ok_and(|v| v == "1")
+        .then(|| data_dir.join(TEST_DELAY_FILE))
+}
+
+/// Sleeps as long as the delay hook's file says (nothing without the file or with garbage).
+fn test_delay(file: Option<&Path>) {
+    let Some(file) = file else {
+        return;
+    };
+    let ms = std::fs::read_to_string(file)
+        .ok()
+        .and_then(|t| t.trim().parse::<u64>().ok());
+    if let Some(ms) = ms {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
+}
+
+fn serve_state(db: &Database, path: &Path, rx: &mpsc::Receiver<StateOp>) {
+    while let Ok(op) = rx.recv() {
+        match op {
+            StateOp::Boot(reply) => {
+                let _ = reply.send(boot(db, path));
+            }
+            StateOp::Persist(p, reply) => {
+                let _ = reply.send(write(db, path, KEY_MEMBERSHIP, &p));
+            }
         }
     }
 }
 
-fn serve(db: &Database, path: &Path, db_path: &Path, rx: &mpsc::Receiver<Op>) {
+fn serve_db(db_path: &Path, delay: Option<&Path>, rx: &mpsc::Receiver<DbOp>) {
     let mut cdb: Option<ClusterDb> = None;
     while let Ok(op) = rx.recv() {
         match op {
-            Op::Boot(reply) => {
-                let r = cluster_db(&mut cdb, db_path).and_then(|c| {
-                    let (gum, snapshot) = (c.gum_persisted()?, c.snapshot()?);
-                    let mut b = boot(db, path)?;
-                    b.gum = gum;
-                    b.db = snapshot;
-                    Ok(b)
-                });
+            DbOp::Open(reply) => {
+                let r = cluster_db(&mut cdb, db_path)
+                    .and_then(|c| Ok((c.gum_persisted()?, c.snapshot()?)));
                 let _ = reply.send(r);
             }
-            Op::Persist(p, reply) => {
-                let _ = reply.send(write(db, path, KEY_MEMBERSHIP, &p));
-            }
-            Op::SaveGum(p, reply) => {
+            DbOp::SaveGum(p, reply) => {
+                test_delay(delay);
                 let r = cluster_db(&mut cdb, db_path).and_then(|c| Ok(c.save_gum(&p)?));
                 let _ = reply.send(r);
             }
-            Op::Apply {
+            DbOp::Apply {
                 seq,
                 epoch,
                 update,
                 reply,
             } => {
+                test_delay(delay);
                 let r =
                     cluster_db(&mut cdb, db_path).and_then(|c| Ok(c.apply(seq, epoch, &update)?));
                 let _ = reply.send(r);
             }
-            Op::Install(snapshot, reply) => {
+            DbOp::Install(snapshot, reply) => {
+                test_delay(delay);
                 let r = cluster_db(&mut cdb, db_path).and_then(|c| Ok(c.install(&snapshot)?));
                 let _ = reply.send(r);
             }
@@ -357,6 +438,31 @@ mod tests {
         let s = Store::open(dir.path()).expect("open");
         let err = runtime().block_on(s.boot()).expect_err("corrupt");
         assert!(err.to_string().contains("unreadable"), "{err}");
+    }
+
+    #[test]
+    fn a_membership_persist_does_not_queue_behind_slow_database_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let delay = dir.path().join(TEST_DELAY_FILE);
+        let rt = runtime();
+        let s = Store::open_with(dir.path(), Some(delay.clone())).expect("open");
+        rt.block_on(s.boot()).expect("boot");
+        std::fs::write(&delay, "800").expect("write the delay");
+        rt.block_on(async {
+            let t = std::time::Instant::now();
+            let slow = s.save_gum(GumPersisted::default());
+            let fast = async {
+                s.persist(Persisted::default()).await.expect("persist");
+                t.elapsed()
+            };
+            let (saved, persisted_after) = tokio::join!(slow, fast);
+            saved.expect("save_gum");
+            assert!(
+                persisted_after < std::time::Duration::from_millis(400),
+                "the membership persist waited {persisted_after:?} for the database"
+            );
+            assert!(t.elapsed() >= std::time::Duration::from_millis(800));
+        });
     }
 
     #[test]
