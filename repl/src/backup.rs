@@ -244,6 +244,9 @@ pub struct Bcplog {
     spec: BackupSpec,
     shared: Arc<Shared>,
     meta: StreamMeta,
+    /// What the state file holds: a change of `meta` that leaves it as it is costs no write
+    /// (each write is two fsyncs, and a role change made three per backup).
+    stored: StreamMeta,
     phase: Phase,
     /// Seq to give the next resync op when it is applied (outside the stream's numbering).
     resync_seq: u64,
@@ -311,6 +314,7 @@ impl Bcplog {
                 rebases: AtomicU64::new(0),
             }),
             meta,
+            stored: meta,
             phase: Phase::Greeting,
             resync_seq: 0,
             received: 0,
@@ -379,13 +383,22 @@ impl Bcplog {
             (applied, consistent)
         };
         self.meta.generation = 0;
-        self.meta.store(&self.spec.state_dir)?;
+        self.store_meta()?;
         tracing::info!(fileset = %self.spec.fileset, applied, followed, "bcplog: replica drained for promotion");
         Ok(Promotion {
             applied,
             followed_generation: followed,
             log_consistent,
         })
+    }
+
+    /// Makes `meta` durable, unless the state file holds it already.
+    fn store_meta(&mut self) -> Result<(), BackupError> {
+        if self.meta != self.stored {
+            self.meta.store(&self.spec.state_dir)?;
+            self.stored = self.meta;
+        }
+        Ok(())
     }
 
     /// Counters.
@@ -456,9 +469,17 @@ impl Bcplog {
         mode: Mode,
     ) -> Result<Vec<ToPrimary>, BackupError> {
         self.admits(&fileset, epoch)?;
+        // The stream this replica follows, as the answer reports it (even when a resync is
+        // already certain and stored below).
+        let mut followed = self.meta.generation;
         if epoch > self.meta.epoch {
             self.meta.epoch = epoch;
-            self.meta.store(&self.spec.state_dir)?;
+            if generation != self.meta.generation {
+                // A resync follows: the replica follows no stream from here on, stored with
+                // the epoch at once (resync_begin then has nothing to write).
+                self.meta.generation = 0;
+            }
+            self.store_meta()?;
         }
         // Whatever was appended before a crash or a dropped link is made durable now, so the
         // answer is exactly what the log holds.
@@ -475,6 +496,7 @@ impl Bcplog {
         if !consistent {
             tracing::warn!(fileset = %self.spec.fileset, "bcplog: log and replica disagree; asking for a resync");
             self.meta.generation = 0;
+            followed = 0;
         }
         tracing::info!(
             fileset = %self.spec.fileset, generation, epoch, ?mode, durable,
@@ -486,7 +508,7 @@ impl Bcplog {
             Phase::AwaitResync { generation }
         };
         Ok(vec![ToPrimary::State {
-            generation: self.meta.generation,
+            generation: followed,
             durable,
         }])
     }
@@ -544,7 +566,7 @@ impl Bcplog {
         // Until the resync ends, this replica follows no stream: a crash in the middle makes
         // the next greeting ask for a resync again.
         self.meta.generation = 0;
-        self.meta.store(&self.spec.state_dir)?;
+        self.store_meta()?;
         let entries = {
             // Bring the replica up to everything it received, so the manifest shows the most
             // recent state and the primary sends only what is really missing.
@@ -613,7 +635,7 @@ impl Bcplog {
             replica.rebase(next_seq - 1)?;
         }
         self.meta.generation = generation;
-        self.meta.store(&self.spec.state_dir)?;
+        self.store_meta()?;
         self.phase = Phase::Streaming;
         self.acked = next_seq - 1;
         tracing::info!(fileset = %self.spec.fileset, generation, next_seq, "bcplog: resync done");

@@ -60,8 +60,8 @@ mod watch;
 mod tests;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -207,13 +207,44 @@ impl StopSignal {
     }
 }
 
+/// The watch thread's side of the event queue: it holds at most `capacity` events, counted
+/// rather than preallocated (a bounded std channel of [`DEFAULT_EVENT_QUEUE`] slots allocates
+/// and zeroes megabytes whenever a pump starts, which is at every role change).
+#[derive(Debug, Clone)]
+struct EventSender {
+    tx: Sender<Msg>,
+    /// Events sent and not yet taken by the copy thread.
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
+}
+
+impl EventSender {
+    /// Queues an event; false when the queue is full (the event is lost).
+    fn event(&self, res: notify::Result<notify::Event>) -> bool {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        if self.tx.send(Msg::Event(res)).is_err() {
+            // The copy thread is gone: nothing waits for the event.
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+        true
+    }
+
+    /// Wakes the copy thread to stop (never lost to a full queue).
+    fn stop(&self) {
+        let _ = self.tx.send(Msg::Stop);
+    }
+}
+
 /// Copy mode running for one fileset; dropping it stops the watcher and the copy thread (the
 /// drop waits for the thread, which stops within one chunk read).
 #[derive(Debug)]
 pub struct CopySource {
     root: PathBuf,
     stop: Arc<StopSignal>,
-    wake: SyncSender<Msg>,
+    wake: EventSender,
     thread: Option<JoinHandle<()>>,
     watch: WatchThread,
 }
@@ -269,9 +300,19 @@ impl CopySource {
         if !std::fs::metadata(&root).map_err(root_err)?.is_dir() {
             return Err(CopyError::NotADirectory(root));
         }
+        let strays = remove_stray_copies(&root);
+        if strays > 0 {
+            tracing::info!(root = %root.display(), strays, "copy mode: removed copies a previous primary left unfinished");
+        }
         let tree = FsTree::open(&root).map_err(root_err)?;
 
-        let (event_tx, events) = std::sync::mpsc::sync_channel(cfg.event_queue);
+        let (tx, events) = std::sync::mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let event_tx = EventSender {
+            tx,
+            queued: queued.clone(),
+            capacity: cfg.event_queue,
+        };
         let overflow = Arc::new(AtomicBool::new(false));
         let handler = {
             let tx = event_tx.clone();
@@ -285,7 +326,7 @@ impl CopySource {
                 }
                 // Never block the watch thread: a full queue loses events, which a rescan
                 // covers.
-                if let Err(std::sync::mpsc::TrySendError::Full(_)) = tx.try_send(Msg::Event(res)) {
+                if !tx.event(res) {
                     overflow.store(true, Ordering::Release);
                 }
             }
@@ -317,6 +358,7 @@ impl CopySource {
                 .with_exclude(cfg.exclude.clone()),
             tree,
             events,
+            queued,
             overflow,
             drain_limit: cfg.event_queue,
             out: Output {
@@ -359,12 +401,53 @@ impl CopySource {
     }
 }
 
+/// Removes, beneath `root` (symlinks not followed), the files whose name starts with
+/// [`engine::COPY_TEMP_PREFIX`]: copies that a previous primary was writing into this tree,
+/// when it was a replica, and never renamed into place (that primary died midway). This
+/// node is the primary now, and its copies must not spread them. Returns how many went; a
+/// directory or file that cannot be read or removed is skipped (logged).
+fn remove_stray_copies(root: &Path) -> usize {
+    let prefix = engine::COPY_TEMP_PREFIX.as_bytes();
+    let mut removed = 0;
+    let mut dirs = vec![root.to_owned()];
+    while let Some(dir) = dirs.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                tracing::warn!(dir = %dir.display(), error = %e, "copy mode: cannot list a directory for stray copies");
+                continue;
+            }
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => dirs.push(path),
+                Ok(t)
+                    if t.is_file()
+                        && std::os::unix::ffi::OsStrExt::as_bytes(
+                            entry.file_name().as_os_str(),
+                        )
+                        .starts_with(prefix) =>
+                {
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => removed += 1,
+                        Err(e) => {
+                            tracing::warn!(path = %path.display(), error = %e, "copy mode: cannot remove a stray copy");
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    removed
+}
+
 impl Drop for CopySource {
     fn drop(&mut self) {
         self.stop.flag.store(true, Ordering::Release);
         self.stop.notify.notify_one();
-        // If the queue is full the thread is busy with it and sees the flag soon.
-        let _ = self.wake.try_send(Msg::Stop);
+        self.wake.stop();
         if let Some(thread) = self.thread.take()
             && thread.join().is_err()
         {
@@ -380,6 +463,8 @@ struct Worker {
     engine: CopyEngine,
     tree: FsTree,
     events: Receiver<Msg>,
+    /// Events queued (see [`EventSender`]): counted down as they are taken.
+    queued: Arc<AtomicUsize>,
     overflow: Arc<AtomicBool>,
     drain_limit: usize,
     out: Output,
@@ -438,12 +523,16 @@ impl Worker {
     fn handle(&mut self, msg: Msg) -> Result<(), Stopped> {
         match msg {
             Msg::Stop => Err(Stopped),
-            Msg::Event(res) => match event::interpret(&self.root, res) {
-                Some(ev) => self
-                    .engine
-                    .on_event(Instant::now(), ev, &mut self.tree, &mut self.out),
-                None => Ok(()),
-            },
+            Msg::Event(res) => {
+                self.queued.fetch_sub(1, Ordering::AcqRel);
+                match event::interpret(&self.root, res) {
+                    Some(ev) => {
+                        self.engine
+                            .on_event(Instant::now(), ev, &mut self.tree, &mut self.out)
+                    }
+                    None => Ok(()),
+                }
+            }
         }
     }
 

@@ -23,8 +23,13 @@ use crate::{Op, RelPath};
 
 /// Largest `Write` a fetched file is cut into.
 pub const FETCH_CHUNK_BYTES: usize = 1 << 20;
-/// Read buffer for hashing file contents.
-const HASH_BUFFER_BYTES: usize = 1 << 20;
+/// Read buffer for hashing file contents (allocated, zeroed, once per scan: a scan of a small
+/// tree, as at every role change, must not cost more than its files).
+const HASH_BUFFER_BYTES: usize = 64 << 10;
+/// Smallest read of a fetched file: what is read where the file's length at its `stat` says
+/// it ends (it may have grown since). Reads are sized to the bytes expected, so a small file
+/// costs no [`FETCH_CHUNK_BYTES`] buffer.
+const FETCH_PROBE_BYTES: usize = 4 << 10;
 const MODE_BITS: u32 = 0o7777;
 const NANOS_PER_SEC: i64 = 1_000_000_000;
 
@@ -366,6 +371,8 @@ pub struct EntryOps {
     queue: VecDeque<Op>,
     file: Option<File>,
     offset: u64,
+    /// The file's length when it was opened: reads are sized to it.
+    expected: u64,
     tail: Vec<Op>,
 }
 
@@ -376,6 +383,7 @@ impl EntryOps {
             queue: VecDeque::new(),
             file: None,
             offset: 0,
+            expected: 0,
             tail: Vec::new(),
         };
         let shown = path.to_string();
@@ -403,6 +411,7 @@ impl EntryOps {
                     return Err(ManifestError::NotFetchable { path: path.clone() });
                 }
                 let mode = st.st_mode & MODE_BITS;
+                ops.expected = u64::try_from(st.st_size).unwrap_or(0);
                 ops.queue.push_back(Op::Create {
                     path: path.clone(),
                     mode,
@@ -440,7 +449,10 @@ impl EntryOps {
         let Some(file) = self.file.as_mut() else {
             return Ok(None);
         };
-        let mut data = vec![0u8; FETCH_CHUNK_BYTES];
+        let want = usize::try_from(self.expected.saturating_sub(self.offset))
+            .unwrap_or(FETCH_CHUNK_BYTES)
+            .clamp(FETCH_PROBE_BYTES, FETCH_CHUNK_BYTES);
+        let mut data = vec![0u8; want];
         let mut filled = 0usize;
         while filled < data.len() {
             match file.read(&mut data[filled..]) {

@@ -47,7 +47,7 @@ const REFUSED_PAUSE_INITIAL: Duration = Duration::from_millis(500);
 /// Longest pause between redials of a backup that keeps refusing.
 const REFUSED_PAUSE_MAX: Duration = Duration::from_secs(10);
 /// How often [`flush`] looks at the pump.
-const FLUSH_POLL: Duration = Duration::from_millis(10);
+const FLUSH_POLL: Duration = Duration::from_millis(5);
 /// Suffix of the file beside a ring that names the ownership epoch the ring was created for.
 const RING_EPOCH_SUFFIX: &str = ".epoch";
 
@@ -140,6 +140,9 @@ pub enum PumpMsg {
     },
     /// Report the state.
     Status(RpcReplyPort<PrimaryStatus>),
+    /// While set, the ring source looks at the ring with its short wait ([`flush`] counts
+    /// its empty reads: at the idle wait, a hand-over waited most of that for nothing).
+    Hurry(bool),
 }
 
 /// The pump's state for `ftctl repl status`.
@@ -255,6 +258,8 @@ pub struct PumpState {
     refusals: BTreeMap<String, (String, u64)>,
     /// Empty reads of the ring source (see [`PrimaryStatus::idle_reads`]).
     idle_reads: Arc<AtomicU64>,
+    /// See [`PumpMsg::Hurry`].
+    hurry: Arc<AtomicBool>,
 }
 
 impl Actor for PumpActor {
@@ -270,6 +275,7 @@ impl Actor for PumpActor {
         std::fs::create_dir_all(&spec.root)?;
         let release = Arc::new(AtomicU64::new(0));
         let idle_reads = Arc::new(AtomicU64::new(0));
+        let hurry = Arc::new(AtomicBool::new(false));
         let stop = Arc::new(AtomicBool::new(false));
         let (mut copy_task, mut copy_source) = (None, None);
         let (generation, head_seq, source_thread) = match &spec.source {
@@ -281,10 +287,15 @@ impl Actor for PumpActor {
                 let head_seq = consumer.head_seq();
                 release.store(head_seq - 1, Ordering::Relaxed);
                 let me = myself.clone();
-                let (rel, st, idle) = (release.clone(), stop.clone(), idle_reads.clone());
+                let (rel, st, idle, hurry) = (
+                    release.clone(),
+                    stop.clone(),
+                    idle_reads.clone(),
+                    hurry.clone(),
+                );
                 let thread = std::thread::Builder::new()
                     .name(format!("ring-{}", spec.fileset))
-                    .spawn(move || ring_source(consumer, me, rel, st, idle, sync))?;
+                    .spawn(move || ring_source(consumer, me, rel, st, idle, hurry, sync))?;
                 (generation, head_seq, Some(thread))
             }
             SourceSpec::Copy { quiet, exclude } => {
@@ -350,6 +361,7 @@ impl Actor for PumpActor {
             generation,
             refusals: BTreeMap::new(),
             idle_reads,
+            hurry,
         })
     }
 
@@ -462,6 +474,10 @@ impl Actor for PumpActor {
                         Input::Disconnected { backup }
                     }
                 }
+            }
+            PumpMsg::Hurry(on) => {
+                st.hurry.store(on, Ordering::Release);
+                return Ok(());
             }
             PumpMsg::Status(reply) => {
                 let (ops, bytes) = st.pump.retained();
@@ -640,6 +656,7 @@ fn ring_source(
     release: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     idle_reads: Arc<AtomicU64>,
+    hurry: Arc<AtomicBool>,
     sync: bool,
 ) {
     let capacity = consumer.ring().capacity();
@@ -657,11 +674,12 @@ fn ring_source(
             released = target;
         }
         let pending = consumer.delivered_seq() > released;
-        let wait = if (sync && pending) || consumer.producers_waiting() {
-            SOURCE_SYNC_WAIT
-        } else {
-            SOURCE_IDLE_WAIT
-        };
+        let wait =
+            if (sync && pending) || consumer.producers_waiting() || hurry.load(Ordering::Acquire) {
+                SOURCE_SYNC_WAIT
+            } else {
+                SOURCE_IDLE_WAIT
+            };
         let mut batch = Vec::new();
         let mut bytes = 0;
         let mut timeout = wait;
@@ -933,7 +951,10 @@ pub async fn flush(
         ractor::call_t!(pump, PumpMsg::Status, ask_ms).map_err(|e| FlushError::Pump(e.to_string()))
     };
     let ring = match source {
-        SourceSpec::Ring { .. } => true,
+        SourceSpec::Ring { .. } => {
+            let _ = pump.cast(PumpMsg::Hurry(true));
+            true
+        }
         SourceSpec::Copy { quiet, .. } => {
             let settle = (*quiet + crate::copy::EVENT_GRACE)
                 .min(deadline.saturating_duration_since(Instant::now()));
@@ -958,9 +979,11 @@ pub async fn flush(
             .map(|b| format!("{} acknowledged {} of {newest}", b.name, b.acked))
             .collect();
         if read_all && behind.is_empty() {
+            let _ = pump.cast(PumpMsg::Hurry(false));
             return Ok(s);
         }
         if Instant::now() >= deadline {
+            let _ = pump.cast(PumpMsg::Hurry(false));
             return Err(FlushError::Timeout {
                 after: timeout,
                 behind: if read_all {
