@@ -300,10 +300,6 @@ impl CopySource {
         if !std::fs::metadata(&root).map_err(root_err)?.is_dir() {
             return Err(CopyError::NotADirectory(root));
         }
-        let strays = remove_stray_copies(&root);
-        if strays > 0 {
-            tracing::info!(root = %root.display(), strays, "copy mode: removed copies a previous primary left unfinished");
-        }
         let tree = FsTree::open(&root).map_err(root_err)?;
 
         let (tx, events) = std::sync::mpsc::channel();
@@ -399,48 +395,6 @@ impl CopySource {
     pub fn is_running(&self) -> bool {
         self.thread.as_ref().is_some_and(|t| !t.is_finished())
     }
-}
-
-/// Removes, beneath `root` (symlinks not followed), the files whose name starts with
-/// [`engine::COPY_TEMP_PREFIX`]: copies that a previous primary was writing into this tree,
-/// when it was a replica, and never renamed into place (that primary died midway). This
-/// node is the primary now, and its copies must not spread them. Returns how many went; a
-/// directory or file that cannot be read or removed is skipped (logged).
-fn remove_stray_copies(root: &Path) -> usize {
-    let prefix = engine::COPY_TEMP_PREFIX.as_bytes();
-    let mut removed = 0;
-    let mut dirs = vec![root.to_owned()];
-    while let Some(dir) = dirs.pop() {
-        let entries = match std::fs::read_dir(&dir) {
-            Ok(entries) => entries,
-            Err(e) => {
-                tracing::warn!(dir = %dir.display(), error = %e, "copy mode: cannot list a directory for stray copies");
-                continue;
-            }
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            match entry.file_type() {
-                Ok(t) if t.is_dir() => dirs.push(path),
-                Ok(t)
-                    if t.is_file()
-                        && std::os::unix::ffi::OsStrExt::as_bytes(
-                            entry.file_name().as_os_str(),
-                        )
-                        .starts_with(prefix) =>
-                {
-                    match std::fs::remove_file(&path) {
-                        Ok(()) => removed += 1,
-                        Err(e) => {
-                            tracing::warn!(path = %path.display(), error = %e, "copy mode: cannot remove a stray copy");
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
-    }
-    removed
 }
 
 impl Drop for CopySource {

@@ -49,12 +49,6 @@ const MAX_REMOVED_DIRS: usize = 4096;
 /// Mode bits carried by `Create`, `Mkdir` and `Chmod`.
 const PERMISSION_BITS: u32 = 0o7777;
 
-/// Prefix of the name a file's copy is written under on the replica, beside its final name,
-/// before it is renamed into place (`<prefix><seq of its Create, 16 hex digits>`). A copy cut
-/// short leaves such a file behind on the replica only, where the next resync removes it (the
-/// primary has no such name), unless the fileset excludes the name.
-pub const COPY_TEMP_PREFIX: &str = ".ftkit-copy-";
-
 /// Kind of a removed entry, as the watcher reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EntryKind {
@@ -215,27 +209,6 @@ pub struct CopyEngine {
     deferred: VecDeque<WatchEvent>,
     removed_dirs: HashSet<Vec<u8>>,
     exclude: Exclude,
-    /// Removals waiting for the copies of earlier changes, in event order (see
-    /// [`CopyEngine::remove_after_copies`]).
-    removals: VecDeque<Removal>,
-    /// Files copied so far (renamed into place on the replica).
-    landed: u64,
-}
-
-/// Most removals held back at once; beyond it the oldest goes out (a tree whose files all
-/// live shorter than the quiet interval never gets a copy out to release them).
-const MAX_HELD_REMOVALS: usize = 4096;
-
-/// A removal held back until the copies pending when it happened have gone out.
-#[derive(Debug)]
-struct Removal {
-    op: Op,
-    /// Not before this: the latest due time of the copies pending at the removal.
-    due: Instant,
-    /// [`CopyEngine::landed`] when it happened: if those copies went away unsent (their
-    /// files were removed too), it waits for a later copy to land instead, so the replica
-    /// is not left with neither the old file nor a newer one.
-    landed: u64,
 }
 
 impl CopyEngine {
@@ -254,8 +227,6 @@ impl CopyEngine {
             deferred: VecDeque::new(),
             removed_dirs: HashSet::new(),
             exclude: Exclude::default(),
-            removals: VecDeque::new(),
-            landed: 0,
         }
     }
 
@@ -285,7 +256,6 @@ impl CopyEngine {
     pub fn next_wakeup(&self) -> Option<Instant> {
         match &self.held {
             Some(h) => Some(h.at + EVENT_GRACE),
-            // Held-back removals wait for copies and events, never for the clock alone.
             None => self.due.first_key_value().map(|(&(at, _), _)| at),
         }
     }
@@ -325,7 +295,6 @@ impl CopyEngine {
                 return Ok(());
             }
         }
-        self.remove_before(&ev, sink)?;
         match ev {
             WatchEvent::Created { path } => {
                 self.removed_dirs.remove(path.as_bytes());
@@ -381,21 +350,6 @@ impl CopyEngine {
             self.rescan(&why, sink)?;
             return Ok(true);
         }
-        // A held-back removal goes out once no copy due no later than it is pending (they
-        // went out, or their paths went away) and a copy landed since, or nothing is pending
-        // at all.
-        if let Some(r) = self.removals.front()
-            && self
-                .due
-                .first_key_value()
-                .is_none_or(|(&(at, _), _)| at > r.due)
-            && (self.landed > r.landed || self.pending.is_empty())
-        {
-            if let Some(r) = self.removals.pop_front() {
-                self.emit(r.op, sink)?;
-            }
-            return Ok(true);
-        }
         let Some((&(due, _), key)) = self.due.first_key_value() else {
             return Ok(false);
         };
@@ -439,71 +393,10 @@ impl CopyEngine {
         }
         // Children were removed (and their events turned into ops) before the directory.
         match kind {
-            Some(EntryKind::File) => self.remove_after_copies(Op::Unlink { path }, sink),
-            Some(EntryKind::Dir) => self.remove_after_copies(Op::Rmdir { path }, sink),
+            Some(EntryKind::File) => self.emit(Op::Unlink { path }, sink),
+            Some(EntryKind::Dir) => self.emit(Op::Rmdir { path }, sink),
             None => self.rescan(&format!("{path:?} was removed, kind unknown"), sink),
         }
-    }
-
-    /// Emits a removal once the copies pending now (changes made before it) have gone out,
-    /// so the replica never lacks the old version of something before it has the new version
-    /// of what replaced it (a checkpoint store keeping its last N images: the new image
-    /// arrives before the oldest one goes). A removal waits at most until the latest due time
-    /// of those copies; removals keep their order.
-    fn remove_after_copies<S: Sink>(&mut self, op: Op, sink: &mut S) -> Result<(), Stopped> {
-        let copies = self.due.last_key_value().map(|(&(at, _), _)| at);
-        let earlier = self.removals.back().map(|r| r.due);
-        let due = match (copies, earlier) {
-            (None, None) => return self.emit(op, sink),
-            (Some(c), Some(e)) => c.max(e),
-            (c, e) => match c.or(e) {
-                Some(d) => d,
-                None => return self.emit(op, sink),
-            },
-        };
-        self.removals.push_back(Removal {
-            op,
-            due,
-            landed: self.landed,
-        });
-        while self.removals.len() > MAX_HELD_REMOVALS {
-            if let Some(r) = self.removals.pop_front() {
-                self.emit(r.op, sink)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Emits the held-back removals that an event about to be handled must come after: those
-    /// through the last one at, above or beneath a path the event names (what the engine
-    /// assumes about the replica there counts the removal as done). Removals are not
-    /// reordered among themselves, so a removal event needs none of this.
-    fn remove_before<S: Sink>(&mut self, ev: &WatchEvent, sink: &mut S) -> Result<(), Stopped> {
-        if self.removals.is_empty() {
-            return Ok(());
-        }
-        let path = match ev {
-            WatchEvent::Created { path }
-            | WatchEvent::Changed { path }
-            | WatchEvent::RenameFrom { path, .. }
-            | WatchEvent::RenameTo { path, .. } => path,
-            WatchEvent::Removed { .. } | WatchEvent::Rescan { .. } => return Ok(()),
-        };
-        let mut named = vec![path.clone()];
-        if let (WatchEvent::RenameTo { .. }, Some(h)) = (ev, &self.held) {
-            named.push(h.path.clone());
-        }
-        let related = |a: &RelPath, b: &RelPath| a == b || a.starts_with(b) || b.starts_with(a);
-        let last = self
-            .removals
-            .iter()
-            .rposition(|r| named.iter().any(|p| related(r.op.path(), p)));
-        if let Some(last) = last {
-            for r in self.removals.drain(..=last).collect::<Vec<_>>() {
-                self.emit(r.op, sink)?;
-            }
-        }
-        Ok(())
     }
 
     fn on_renamed<T: Tree, S: Sink>(
@@ -653,7 +546,6 @@ impl CopyEngine {
         self.held = None;
         self.deferred.clear();
         self.removed_dirs.clear();
-        self.removals.clear();
         sink.rescan(self.next_seq)
     }
 
@@ -773,15 +665,9 @@ impl CopyEngine {
                 self.emit(Op::Symlink { target, path }, sink)?;
             }
             Observed::File(file) => {
-                let entry = if state == Replica::Stale {
+                if state == Replica::Stale {
                     self.emit(Op::Unlink { path: path.clone() }, sink)?;
-                    Pending {
-                        replica: Replica::Absent,
-                        ..entry
-                    }
-                } else {
-                    entry
-                };
+                }
                 self.copy_file(now, entry, file, sink)?;
             }
             Observed::Other => {
@@ -833,21 +719,16 @@ impl CopyEngine {
             }
         };
         let mode = before.mode & PERMISSION_BITS;
-        // Written beside its final name and renamed into place once complete, so the replica
-        // never holds a partial copy under the file's name (a reader there, or a standby
-        // promoted in the middle of a copy, sees the old version or the new one).
-        let temp = temp_path(&path, self.next_seq);
-        let target = temp.clone().unwrap_or_else(|| path.clone());
         self.emit(
             Op::Create {
-                path: target.clone(),
+                path: path.clone(),
                 mode,
             },
             sink,
         )?;
         self.emit(
             Op::Truncate {
-                path: target.clone(),
+                path: path.clone(),
                 len: before.len,
             },
             sink,
@@ -877,7 +758,7 @@ impl CopyEngine {
             if got > 0 {
                 self.emit(
                     Op::Write {
-                        path: target.clone(),
+                        path: path.clone(),
                         offset,
                         data,
                     },
@@ -893,53 +774,32 @@ impl CopyEngine {
         }
         self.emit(
             Op::Chmod {
-                path: target.clone(),
+                path: path.clone(),
                 mode,
             },
             sink,
         )?;
         self.emit(
             Op::SetTimes {
-                path: target.clone(),
+                path: path.clone(),
                 atime_ns: None,
                 mtime_ns: Some(before.mtime_ns),
             },
             sink,
         )?;
-        let changed = read_error.is_some()
-            || match file.meta() {
-                Ok(after) => after != before,
-                Err(_) => true,
-            };
-        let replica = match temp {
-            // A complete, unchanged copy replaces the replica's file at once; any other is
-            // dropped, and the replica keeps what it had (the copy is made again).
-            Some(temp) if torn || changed => {
-                self.emit(Op::Unlink { path: temp }, sink)?;
-                entry.replica
-            }
-            Some(temp) => {
-                self.emit(
-                    Op::Rename {
-                        from: temp,
-                        to: path.clone(),
-                    },
-                    sink,
-                )?;
-                self.landed += 1;
-                Replica::Present
-            }
-            // What was emitted made the replica's file exist, whatever state it had.
-            None => {
-                self.landed += 1;
-                Replica::Present
-            }
+        // What was emitted made the replica's file exist, whatever state it had.
+        let entry = Pending {
+            replica: Replica::Present,
+            ..entry
         };
-        let entry = Pending { replica, ..entry };
         if let Some(e) = read_error {
             self.failed(now, entry, &e);
             return Ok(());
         }
+        let changed = match file.meta() {
+            Ok(after) => after != before,
+            Err(_) => true,
+        };
         if torn || changed {
             tracing::debug!(%path, "copy mode: file changed while it was read; copying it again");
             let due = self.due_at(now, now);
@@ -1146,23 +1006,6 @@ impl CopyEngine {
 
 /// Positions of the separators in a relative path, i.e. the ends of its strict ancestors,
 /// shortest first.
-/// The name a copy of `path` is written under on the replica before it is renamed into place
-/// (see [`COPY_TEMP_PREFIX`]): beside it, so the rename stays in one directory. `None` when
-/// such a path would be too long (the file is then written in place).
-fn temp_path(path: &RelPath, seq: u64) -> Option<RelPath> {
-    let name = format!("{COPY_TEMP_PREFIX}{seq:016x}");
-    let bytes = match path.parent() {
-        Some(dir) => {
-            let mut b = dir.as_bytes().to_vec();
-            b.push(b'/');
-            b.extend_from_slice(name.as_bytes());
-            b
-        }
-        None => name.into_bytes(),
-    };
-    RelPath::new(bytes).ok()
-}
-
 fn slash_positions(bytes: &[u8]) -> impl Iterator<Item = usize> + '_ {
     bytes
         .iter()

@@ -314,33 +314,6 @@ impl Sink for Out {
     }
 }
 
-/// Whether `p` names a copy on its way to the replica (see [`COPY_TEMP_PREFIX`]).
-fn is_copy_temp(p: &RelPath) -> bool {
-    file_name_of(p.as_bytes()).starts_with(COPY_TEMP_PREFIX.as_bytes())
-}
-
-fn file_name_of(p: &[u8]) -> &[u8] {
-    p.rsplit(|&b| b == b'/').next().unwrap_or(p)
-}
-
-/// The paths `ops` name, a copy's temporary name counted as the name it is renamed to.
-fn final_names(ops: &[Op]) -> Vec<RelPath> {
-    let mut renamed: HashMap<RelPath, RelPath> = HashMap::new();
-    for op in ops {
-        if let Op::Rename { from, to } = op
-            && is_copy_temp(from)
-        {
-            renamed.insert(from.clone(), to.clone());
-        }
-    }
-    ops.iter()
-        .map(|op| {
-            let p = op.path();
-            renamed.get(p).cloned().unwrap_or_else(|| p.clone())
-        })
-        .collect()
-}
-
 fn rel(s: &[u8]) -> RelPath {
     RelPath::new(s).expect("valid test path")
 }
@@ -679,8 +652,6 @@ fn copy_engine_waits_for_the_quiet_interval_and_numbers_records_densely() {
     );
     w.advance(MS);
     let f = rel(b"f");
-    // Written beside its name, then renamed into place.
-    let t = rel(format!("{COPY_TEMP_PREFIX}{:016x}", 1).as_bytes());
     let Node::File { mtime, .. } = w.tree.map[&b"f"[..]] else {
         unreachable!()
     };
@@ -688,31 +659,30 @@ fn copy_engine_waits_for_the_quiet_interval_and_numbers_records_densely() {
         w.ops(),
         vec![
             Op::Create {
-                path: t.clone(),
+                path: f.clone(),
                 mode: 0o644
             },
             Op::Truncate {
-                path: t.clone(),
+                path: f.clone(),
                 len: 5
             },
             Op::Write {
-                path: t.clone(),
+                path: f.clone(),
                 offset: 0,
                 data: b"three".to_vec()
             },
             Op::Chmod {
-                path: t.clone(),
+                path: f.clone(),
                 mode: 0o644
             },
             Op::SetTimes {
-                path: t.clone(),
+                path: f,
                 atime_ns: None,
                 mtime_ns: Some(mtime)
             },
-            Op::Rename { from: t, to: f },
         ]
     );
-    assert_eq!(w.engine.next_seq(), 7);
+    assert_eq!(w.engine.next_seq(), 6);
     assert_eq!(w.engine.pending_len(), 0);
     w.assert_replica_matches();
 }
@@ -788,8 +758,8 @@ fn copy_engine_rename_of_a_copied_entry_is_a_rename_and_pending_copies_follow_it
     );
     w.settle();
     let ops = w.ops();
-    let copied = final_names(&ops[1..]);
-    assert!(copied.iter().all(|p| *p == rel(b"e/a")), "{copied:?}");
+    let copied: Vec<&RelPath> = ops[1..].iter().map(Op::path).collect();
+    assert!(copied.iter().all(|p| **p == rel(b"e/a")), "{copied:?}");
     w.assert_replica_matches();
 }
 
@@ -820,7 +790,7 @@ fn copy_engine_editor_save_pattern_replaces_the_target() {
 }
 
 #[test]
-fn copy_engine_removals_wait_for_earlier_copies_children_first() {
+fn copy_engine_removals_are_emitted_at_once_children_first() {
     let mut w = World::new(QUIET, None);
     w.preexisting(&[
         (b"t", dir()),
@@ -831,9 +801,6 @@ fn copy_engine_removals_wait_for_earlier_copies_children_first() {
     ]);
     w.write(b"t/s/new", b"never copied");
     w.remove(b"t");
-    // The only earlier change was beneath what went: nothing to wait for once the copy
-    // thread looks again (it does after every batch of events).
-    w.poll();
     assert_eq!(
         w.ops(),
         vec![
@@ -848,129 +815,6 @@ fn copy_engine_removals_wait_for_earlier_copies_children_first() {
     );
     w.settle();
     assert_eq!(w.ops().len(), 4);
-    w.assert_replica_matches();
-}
-
-/// A checkpoint store keeping its last three images: each new image is committed (a temp
-/// file renamed into place), then the oldest removed, faster than the quiet interval. The
-/// replica gets each new image before the removal that follows it, so it always holds a whole
-/// image, and each image lands under its name complete (renamed from its copy's temp name).
-#[test]
-fn copy_engine_removal_waits_for_the_copy_of_the_image_that_replaced_it() {
-    let mut w = World::excluding(QUIET, None, &[".tmp-*"]);
-    w.preexisting(&[
-        (&image(1), file(b"image one")),
-        (&image(2), file(b"image two")),
-        (&image(3), file(b"image three")),
-    ]);
-    for n in 4..=9u64 {
-        let temp = format!(".tmp-{n}-4242");
-        w.write(temp.as_bytes(), format!("image {n}").as_bytes());
-        w.rename(temp.as_bytes(), &image(n));
-        w.remove(&image(n - 3));
-        w.poll();
-        w.advance(QUIET / 4);
-    }
-    w.settle();
-    w.assert_replica_matches();
-    // Replay the ops in order against the replica's files as they were: at no point does it
-    // hold no whole image, and an image's name never holds a partial copy.
-    let mut replica: BTreeMap<RelPath, bool> = (1..=3).map(|n| (rel(&image(n)), true)).collect();
-    let mut partial: BTreeMap<RelPath, bool> = BTreeMap::new();
-    let ops = w.ops();
-    for op in &ops {
-        match op {
-            Op::Create { path, .. } => {
-                assert!(is_copy_temp(path), "a copy written under its name: {op:?}");
-                partial.insert(path.clone(), true);
-            }
-            Op::Rename { from, to } => {
-                assert!(
-                    partial.remove(from).is_some(),
-                    "renamed an unknown copy: {op:?}"
-                );
-                replica.insert(to.clone(), true);
-            }
-            Op::Unlink { path } => {
-                replica.remove(path);
-            }
-            _ => {}
-        }
-        assert!(
-            !replica.is_empty(),
-            "the replica held no whole image after {op:?}: {ops:?}"
-        );
-    }
-    assert_eq!(
-        replica.keys().cloned().collect::<Vec<_>>(),
-        (7..=9).map(|n| rel(&image(n))).collect::<Vec<_>>()
-    );
-    // Images that lived shorter than the quiet interval were never copied; each that was
-    // landed before the removal that followed its commit.
-    let position = |want: &Op| ops.iter().position(|op| op == want);
-    let mut landed_any = 0;
-    for n in 4..=9u64 {
-        let Some(landed) = ops
-            .iter()
-            .position(|op| matches!(op, Op::Rename { to, .. } if *to == rel(&image(n))))
-        else {
-            continue;
-        };
-        landed_any += 1;
-        if let Some(removed) = position(&Op::Unlink {
-            path: rel(&image(n - 3)),
-        }) {
-            assert!(
-                landed < removed,
-                "image {} removed before image {n} landed: {ops:?}",
-                n - 3
-            );
-        }
-    }
-    assert_eq!(landed_any, 3, "the last three images landed: {ops:?}");
-}
-
-/// Images committed more slowly than the quiet interval: each is copied, and the removal of
-/// the oldest waits for it, although the removal happened first.
-#[test]
-fn copy_engine_each_image_lands_before_the_oldest_goes() {
-    let mut w = World::excluding(QUIET, None, &[".tmp-*"]);
-    w.preexisting(&[
-        (&image(1), file(b"image one")),
-        (&image(2), file(b"image two")),
-        (&image(3), file(b"image three")),
-    ]);
-    for n in 4..=8u64 {
-        let before = w.ops().len();
-        let temp = format!(".tmp-{n}-4242");
-        w.write(temp.as_bytes(), format!("image {n}").as_bytes());
-        w.rename(temp.as_bytes(), &image(n));
-        w.remove(&image(n - 3));
-        w.poll();
-        let ops = w.ops().split_off(before);
-        assert!(
-            !ops.contains(&Op::Unlink {
-                path: rel(&image(n - 3))
-            }),
-            "image {} removed before image {n} was copied: {ops:?}",
-            n - 3
-        );
-        w.advance(QUIET * 2);
-        let ops = w.ops().split_off(before);
-        let landed = ops
-            .iter()
-            .position(|op| matches!(op, Op::Rename { to, .. } if *to == rel(&image(n))))
-            .expect("the image landed");
-        let removed = ops
-            .iter()
-            .position(|op| {
-                *op == Op::Unlink {
-                    path: rel(&image(n - 3)),
-                }
-            })
-            .expect("then the oldest went");
-        assert!(landed < removed, "{ops:?}");
-    }
     w.assert_replica_matches();
 }
 
@@ -1446,7 +1290,7 @@ fn copy_engine_excluded_names_are_never_copied_nor_named() {
     w.settle();
     let ops = w.ops();
     assert!(
-        final_names(&ops).iter().all(|p| *p == rel(b"kept")),
+        ops.iter().all(|op| *op.path() == rel(b"kept")),
         "only the kept file is named: {ops:?}"
     );
     assert_eq!(bytes_written(&ops), b"replicated".len());
@@ -1473,13 +1317,12 @@ fn copy_engine_temp_file_renamed_into_place_is_copied_once_at_its_final_name() {
         let ops = w.ops();
         assert!(
             !ops.iter().any(|op| matches!(op, Op::Rename { from, .. }
-                if w.exclude.excludes(from.as_bytes()) || (!is_copy_temp(from) && !patterns.is_empty()))),
+                if w.exclude.excludes(from.as_bytes()))),
             "renamed from a name the replica does not have: {ops:?}"
         );
         let creates = ops
             .iter()
-            .zip(final_names(&ops))
-            .filter(|(op, name)| matches!(op, Op::Create { .. }) && *name == rel(&image(2)))
+            .filter(|op| matches!(op, Op::Create { path, .. } if *path == rel(&image(2))))
             .count();
         if !patterns.is_empty() {
             assert_eq!(creates, 1, "the image is copied once: {ops:?}");
@@ -1572,7 +1415,7 @@ fn copy_engine_listing_a_directory_skips_excluded_names() {
     w.tree.map.insert(b"n/.tmp-6-1".to_vec(), file(b"t"));
     w.tree.map.insert(b"n/b".to_vec(), file(b"b"));
     w.settle();
-    let named = final_names(&w.ops());
+    let named: Vec<RelPath> = w.ops().iter().map(|op| op.path().clone()).collect();
     assert!(
         named
             .iter()
