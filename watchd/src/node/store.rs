@@ -172,21 +172,11 @@ impl Store {
     }
 
     async fn ask_state<T>(&self, op: impl FnOnce(Reply<T>) -> StateOp) -> Result<T, StoreError> {
-        let gone = || StoreError::Gone {
-            path: self.path.clone(),
-        };
-        let (tx, rx) = oneshot::channel();
-        self.state.send(op(tx)).map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        ask(&self.state, &self.path, op).await
     }
 
     async fn ask_db<T>(&self, op: impl FnOnce(Reply<T>) -> DbOp) -> Result<T, StoreError> {
-        let gone = || StoreError::Gone {
-            path: self.db_path.clone(),
-        };
-        let (tx, rx) = oneshot::channel();
-        self.db.send(op(tx)).map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())?
+        ask(&self.db, &self.db_path, op).await
     }
 
     /// Reads the durable state and makes the next incarnation durable. The cluster database
@@ -252,6 +242,21 @@ fn test_delay(file: Option<&Path>) {
     if let Some(ms) = ms {
         std::thread::sleep(std::time::Duration::from_millis(ms));
     }
+}
+
+/// Sends `op` to the store thread behind `to` (serving the file at `path`) and awaits its
+/// answer; a thread that is gone is [`StoreError::Gone`].
+async fn ask<O, T>(
+    to: &mpsc::Sender<O>,
+    path: &Path,
+    op: impl FnOnce(Reply<T>) -> O,
+) -> Result<T, StoreError> {
+    let gone = || StoreError::Gone {
+        path: path.to_owned(),
+    };
+    let (tx, rx) = oneshot::channel();
+    to.send(op(tx)).map_err(|_| gone())?;
+    rx.await.map_err(|_| gone())?
 }
 
 fn serve_state(db: &Database, path: &Path, rx: &mpsc::Receiver<StateOp>) {
